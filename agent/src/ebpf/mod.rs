@@ -1,0 +1,117 @@
+//! Everything that touches aya: loading the embedded object, filling in kernel offsets,
+//! forwarding kernel-side logs, attaching programs, reading maps and ring buffers.
+//! Nothing else in the agent imports aya.
+
+mod btf;
+mod connect;
+mod exec_trace;
+mod probe;
+
+use aya::{Ebpf, EbpfLoader};
+use tether_common::{globals, KernelOffsets};
+use thiserror::Error;
+
+pub use btf::{Btf, BtfError};
+pub use connect::{enable_run_stats, ConnectHook};
+pub use exec_trace::ExecTracer;
+pub use probe::{probe_kernel, EnforcementPath, KernelSupport};
+
+/// The kernel programs, built from `agent-ebpf` by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tether.bpf.o"));
+
+/// Failures of the kernel side.
+#[derive(Debug, Error)]
+pub enum EbpfError {
+    #[error("loading the eBPF object")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("kernel BTF")]
+    Btf(#[from] BtfError),
+    #[error("aya's view of kernel BTF")]
+    AyaBtf(#[from] aya::BtfError),
+    #[error("program {name}: {op}")]
+    Program {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {op}")]
+    Map {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("{0} not found in the eBPF object")]
+    Missing(&'static str),
+    #[error("{op}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+}
+
+/// Reads the offsets the exec program dereferences from the running kernel's BTF.
+pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
+    Ok(KernelOffsets {
+        bprm_file: btf.member_offset("linux_binprm", "file")?,
+        file_inode: btf.member_offset("file", "f_inode")?,
+        inode_ino: btf.member_offset("inode", "i_ino")?,
+        inode_sb: btf.member_offset("inode", "i_sb")?,
+        sb_dev: btf.member_offset("super_block", "s_dev")?,
+        valid: 1,
+    })
+}
+
+/// Loads the object into the kernel (no program attached yet) with offsets for this kernel,
+/// and starts forwarding the programs' aya-log messages to `tracing`.
+pub fn load() -> Result<Ebpf, EbpfError> {
+    let offsets = kernel_offsets(&Btf::from_kernel()?)?;
+    tracing::debug!(?offsets, "kernel struct offsets from BTF");
+    let mut ebpf = EbpfLoader::new()
+        .override_global(globals::KERNEL_OFFSETS, &offsets, true)
+        .load(OBJECT)
+        .map_err(|e| EbpfError::Load(Box::new(e)))?;
+    forward_kernel_logs(&mut ebpf);
+    Ok(ebpf)
+}
+
+/// aya-log records arrive through a ring buffer; aya-log hands them to the `log` crate,
+/// which tracing-subscriber's log bridge turns into tracing events.
+fn forward_kernel_logs(ebpf: &mut Ebpf) {
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => {
+            if tokio::runtime::Handle::try_current().is_err() {
+                tracing::warn!("kernel-side logs not forwarded: no tokio runtime");
+                return;
+            }
+            // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns it.
+            let registered =
+                unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+            let Ok(mut fd) = registered else {
+                tracing::warn!("kernel-side logs not forwarded: registering with tokio failed");
+                return;
+            };
+            tokio::spawn(async move {
+                loop {
+                    let Ok(mut guard) = fd.readable_mut().await else { break };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        // The object has no log statements reachable (or none kept by the compiler).
+        Err(e) => tracing::debug!("no kernel-side log buffer: {e}"),
+    }
+}
+
+fn program_err(name: &'static str, op: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> EbpfError {
+    move |source| EbpfError::Program { name, op, source }
+}
+
+fn map_err(name: &'static str, op: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
+    move |source| EbpfError::Map { name, op, source }
+}

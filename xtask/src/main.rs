@@ -1,0 +1,111 @@
+//! The project's commands: `cargo xtask setup | test | bench | demo`.
+
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build and the tests need (Debian packages, bpf-linker); a fast
+    /// no-op when everything is present.
+    Setup,
+    /// Everything CI runs: setup, fmt, clippy (host and eBPF), unit and privileged tests.
+    Test,
+    /// Benchmarks from ../shared/BENCHMARKS.md, as ratios against a same-run baseline.
+    Bench {
+        /// Which one (connect = B1).
+        #[arg(value_parser = ["connect"])]
+        name: String,
+        /// Passed to the benchmark (e.g. --rounds 11 --connects 10000).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// The main job: shows a workload's exec observed by the kernel in a demo cgroup.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::run(),
+        Cmd::Test => test(),
+        Cmd::Bench { name, args } => {
+            setup::run()?;
+            cargo(&["build", "--release", "-p", "tether-bench"])?;
+            run(Command::new(workspace().join("target/release/tether-bench")).arg(&name).args(&args))
+        }
+        Cmd::Demo => {
+            setup::run()?;
+            demo::run()
+        }
+    }
+}
+
+pub fn workspace() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(|p| p.to_path_buf()).unwrap_or_default()
+}
+
+fn step(what: &str) {
+    println!("\n==> {what}");
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.current_dir(workspace()).status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+}
+
+fn test() -> Result<()> {
+    let started = std::time::Instant::now();
+    setup::run()?;
+    // Privileged tests must fail loudly, not be skipped, when not root.
+    sandbox::require_root().context("the privileged tests load eBPF programs and create cgroups")?;
+    step("cargo fmt --check");
+    cargo(&["fmt", "--all", "--check"])?;
+    step("clippy, host crates");
+    cargo(&["clippy", "--workspace", "--exclude", "tether-agent-ebpf", "--all-targets", "--", "-D", "warnings"])?;
+    step("clippy, eBPF crate (Debian's clippy matching rustc 1.96)");
+    run(Command::new("/usr/bin/cargo-clippy")
+        .args([
+            "clippy",
+            "-p",
+            "tether-agent-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+            "target/ebpf-clippy",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .env("CARGO", "/usr/bin/cargo")
+        .env("RUSTC", "/usr/bin/rustc")
+        .env("RUSTC_BOOTSTRAP", "1"))?;
+    step("build (the agent embeds the eBPF object)");
+    cargo(&["build", "--workspace", "--exclude", "tether-agent-ebpf", "--all-targets"])?;
+    step("unit tests");
+    cargo(&["test", "--workspace", "--exclude", "tether-agent-ebpf", "--exclude", "tether-tests"])?;
+    step("privileged integration tests (real kernel, test-owned cgroups and namespaces)");
+    cargo(&["test", "-p", "tether-tests"])?;
+    println!("\nall checks passed in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}

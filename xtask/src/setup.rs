@@ -1,0 +1,107 @@
+//! Installs what building and testing Tether needs on Debian 12, as root. Idempotent and fast
+//! when everything is already there.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages, each with why it is needed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("rustc-web", "rustc 1.96 that builds core for bpfel-unknown-none (rustup has no rust-src)"),
+    ("rust-web-src", "the library source matching that rustc, for -Z build-std=core"),
+    ("cargo-web", "the cargo matching that rustc, for the nested eBPF build"),
+    ("rust-web-clippy", "clippy for the eBPF crate"),
+    ("llvm-22-dev", "libLLVM for bpf-linker"),
+    ("pkg-config", "native library discovery for -sys crates"),
+    ("iproute2", "network namespaces and veth pairs in tests"),
+    ("bash", "connect probes in tests (/dev/tcp)"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn manual_steps() -> String {
+    let pkgs: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).collect();
+    format!(
+        "install by hand:\n  apt-get install {}\n  LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker@{BPF_LINKER_VERSION} --locked --no-default-features --features llvm-22",
+        pkgs.join(" ")
+    )
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false)
+}
+
+pub fn run() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
+    let linker = bpf_linker_ok();
+    if missing.is_empty() && linker {
+        ensure_bpffs()?;
+        println!("setup: all build and test dependencies present");
+        return Ok(());
+    }
+    if !Path::new("/etc/debian_version").exists() {
+        bail!("setup: this is not a Debian host; {}", manual_steps());
+    }
+    if let Err(e) = sandbox::require_root() {
+        bail!("setup: {e}; or {}", manual_steps());
+    }
+    if !missing.is_empty() {
+        for (pkg, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+            println!("setup: installing {pkg}: {why}");
+        }
+        crate::run(Command::new("apt-get").args(["update", "-q"])).context("apt-get update")?;
+        crate::run(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .context("apt-get install")?;
+    }
+    if !linker {
+        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against Debian's LLVM 22 (about a minute)");
+        crate::run(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "install",
+                    &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                    "--locked",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        )
+        .context("installing bpf-linker")?;
+        if !bpf_linker_ok() {
+            bail!("setup: bpf-linker {BPF_LINKER_VERSION} installed but not on PATH; add ~/.cargo/bin to PATH");
+        }
+    }
+    ensure_bpffs()
+}
+
+/// Pinned programs and maps live in bpffs; mount it where the kernel expects it.
+fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")) {
+        return Ok(());
+    }
+    if sandbox::require_root().is_err() {
+        println!("setup: bpffs is not mounted (needs root: mount -t bpf bpf /sys/fs/bpf)");
+        return Ok(());
+    }
+    println!("setup: mounting bpffs at /sys/fs/bpf");
+    crate::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
