@@ -3,7 +3,7 @@
 #![no_std]
 #![no_main]
 
-mod exec;
+mod process;
 mod sockets;
 
 #[cfg(not(test))]

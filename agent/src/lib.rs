@@ -5,5 +5,5 @@
 
 pub mod cgroup;
 pub mod ebpf;
-pub mod exec;
+pub mod process;
 pub mod telemetry;

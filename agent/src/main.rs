@@ -1,8 +1,22 @@
-use std::path::PathBuf;
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use tether_agent::{cgroup::Cgroup, ebpf, telemetry};
+use tether_agent::{
+    cgroup::{cgroup2_root, Cgroup},
+    ebpf,
+    process::{
+        caller::Resolver,
+        manifest::{self, Manifest},
+        measure::{self, Measurer, Outcome},
+        ps::{ps, PsRow},
+        Record,
+    },
+    telemetry,
+};
 
 /// Tether node agent: kernel-observed workload identity and in-kernel enforcement.
 #[derive(Parser)]
@@ -26,6 +40,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the processes of a cgroup subtree with their kernel-observed selectors.
+    Ps {
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Executables larger than this are not hashed.
+        #[arg(long, default_value_t = measure::DEFAULT_MAX_BYTES)]
+        max_measure_bytes: u64,
+        /// Golden manifest (`path sha256` lines) to pre-measure and compare against.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Write a golden manifest (`path sha256` lines) of the executables under a root file
+    /// system, as an image builder would.
+    Measure {
+        /// Root of the file system (e.g. an unpacked image, or /).
+        dir: PathBuf,
+        /// Where to write the manifest (default: standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[arg(long, default_value_t = measure::DEFAULT_MAX_BYTES)]
+        max_measure_bytes: u64,
+    },
     /// Report which BPF program and map types this kernel accepts, and the path Tether uses.
     Probe,
 }
@@ -36,11 +74,16 @@ async fn main() -> Result<()> {
     telemetry::init(cli.log_json);
     match cli.command {
         Command::Probe => {
-            let support = ebpf::probe_kernel();
-            println!("{}", serde_json::to_string_pretty(&support)?);
+            println!("{}", serde_json::to_string_pretty(&ebpf::probe_kernel())?);
             Ok(())
         }
         Command::TraceExec { cgroup, json } => trace_exec(cgroup, json).await,
+        Command::Ps { cgroup, json, max_measure_bytes, manifest } => {
+            ps_command(&cgroup, json, max_measure_bytes, manifest.as_deref())
+        }
+        Command::Measure { dir, output, max_measure_bytes } => {
+            measure_command(&dir, output.as_deref(), max_measure_bytes)
+        }
     }
 }
 
@@ -58,25 +101,112 @@ fn log_kernel_support() {
     );
 }
 
+fn open_cgroup(path: &Path) -> Result<Cgroup> {
+    Cgroup::open(path).with_context(|| format!("--cgroup {}", path.display()))
+}
+
 async fn trace_exec(cgroup: Option<PathBuf>, json: bool) -> Result<()> {
     log_kernel_support();
-    let scope = cgroup.map(|p| Cgroup::open(&p).with_context(|| format!("--cgroup {}", p.display()))).transpose()?;
-    let mut tracer = ebpf::ExecTracer::start(ebpf::load()?, scope.as_ref())?;
+    let scope = cgroup.as_deref().map(open_cgroup).transpose()?;
+    let trace = scope.as_ref().map_or(ebpf::TraceScope::All, ebpf::TraceScope::Cgroup);
+    let mut monitor = ebpf::Monitor::start(ebpf::load()?, trace)?;
+    let mut events = monitor.take_events().context("exec events already taken")?;
     match &scope {
         Some(cg) => tracing::info!(cgroup = %cg.path.display(), cgroup_id = cg.id, "tracing execs"),
         None => tracing::info!("tracing every exec on this machine"),
     }
     loop {
         let batch = tokio::select! {
-            batch = tracer.next_batch() => batch?,
+            batch = events.next_batch() => batch?,
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
-        for record in batch {
+        for (raw, pid) in batch {
+            let record = Record::from(&raw);
             if json {
-                println!("{}", serde_json::to_string(&record)?);
+                let mut v = serde_json::to_value(&record)?;
+                v["pid"] = pid.into();
+                println!("{v}");
             } else {
-                println!("{record}");
+                println!("exec pid={pid} {record}");
             }
         }
     }
+}
+
+fn ps_command(cgroup: &Path, json: bool, max_bytes: u64, manifest_path: Option<&Path>) -> Result<()> {
+    let cg = open_cgroup(cgroup)?;
+    let monitor = ebpf::Monitor::start(ebpf::load()?, ebpf::TraceScope::Off)?;
+    let measurer = Measurer::new(max_bytes);
+    if let Some(path) = manifest_path {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let golden = Manifest::parse(&text, &path.display().to_string())?;
+        let report = manifest::seed(&measurer, &golden, Path::new("/"));
+        tracing::info!(
+            matched = report.matched,
+            mismatched = report.mismatched.len(),
+            missing = report.missing.len(),
+            "golden manifest pre-measured"
+        );
+    }
+    let resolver = Resolver::new(monitor, measurer, cgroup2_root()?);
+    let rows = ps(&resolver, &cg.path);
+    let mut out = std::io::stdout().lock();
+    for row in &rows {
+        if json {
+            writeln!(out, "{}", serde_json::to_string(row)?)?;
+            continue;
+        }
+        match row {
+            PsRow::Identified(id) => {
+                let measured = match &id.measurement {
+                    Some(Outcome::Measured { sha256 }) => format!("sha256 {}…", &measure::hex(sha256)[..16]),
+                    Some(Outcome::Unmeasurable(why)) => format!("unmeasured: {why}"),
+                    None => "no executable recorded".into(),
+                };
+                writeln!(
+                    out,
+                    "{:>7} {:<15} {:?} {} [{}]",
+                    id.pid, id.record.comm, id.record.origin, id.record, measured
+                )?;
+                for s in &id.selectors {
+                    writeln!(out, "        {s}")?;
+                }
+            }
+            PsRow::Failed { pid, error } => writeln!(out, "{pid:>7} (not identified: {error})")?,
+        }
+    }
+    Ok(())
+}
+
+fn measure_command(dir: &Path, output: Option<&Path>, max_bytes: u64) -> Result<()> {
+    let files = manifest::executables(dir).with_context(|| format!("walking {}", dir.display()))?;
+    let bar = indicatif::ProgressBar::new(files.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} executables, {elapsed} ({eta} left) {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let measurer = Measurer::new(max_bytes);
+    let mut golden = Manifest::default();
+    for file in &files {
+        bar.inc(1);
+        let Some(path) = manifest::manifest_path(dir, file) else {
+            tracing::warn!(file = %file.display(), "skipped: path cannot be written in a manifest");
+            continue;
+        };
+        match measurer.measure_path(file) {
+            Ok((_, Outcome::Measured { sha256 })) => {
+                golden.entries.insert(path, sha256);
+            }
+            Ok((_, Outcome::Unmeasurable(why))) => tracing::warn!(file = %file.display(), "skipped: {why}"),
+            Err(e) => tracing::warn!(file = %file.display(), "skipped: {e}"),
+        }
+    }
+    bar.finish_with_message("done");
+    let text = golden.render();
+    match output {
+        Some(path) => std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?,
+        None => std::io::stdout().write_all(text.as_bytes())?,
+    }
+    tracing::info!(executables = golden.entries.len(), "manifest written");
+    Ok(())
 }

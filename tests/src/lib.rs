@@ -19,3 +19,13 @@ pub fn bash_connect(port: u16) -> Command {
     cmd.args(["-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")]);
     cmd
 }
+
+/// A child process killed (by its PID, which we own) and reaped when dropped.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

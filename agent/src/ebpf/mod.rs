@@ -4,7 +4,7 @@
 
 mod btf;
 mod connect;
-mod exec_trace;
+mod monitor;
 mod probe;
 
 use aya::{Ebpf, EbpfLoader};
@@ -13,7 +13,7 @@ use thiserror::Error;
 
 pub use btf::{Btf, BtfError};
 pub use connect::{enable_run_stats, ConnectHook};
-pub use exec_trace::ExecTracer;
+pub use monitor::{ExecEvents, Monitor, TraceScope};
 pub use probe::{probe_kernel, EnforcementPath, KernelSupport};
 
 /// The kernel programs, built from `agent-ebpf` by build.rs.
@@ -54,14 +54,43 @@ pub enum EbpfError {
     Cgroup(#[from] crate::cgroup::CgroupError),
 }
 
-/// Reads the offsets the exec program dereferences from the running kernel's BTF.
+/// Reads the offsets the programs dereference from the running kernel's BTF. Members that
+/// were renamed across kernel versions are tried under each name.
 pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
+    // inode ctime: i_ctime_sec/i_ctime_nsec since 6.11, a timespec64 `__i_ctime` in 6.6-6.10,
+    // `i_ctime` before that (tv_sec at +0, tv_nsec at +8).
+    let (ctime_sec, ctime_nsec) =
+        match (btf.member_offset("inode", "i_ctime_sec"), btf.member_offset("inode", "i_ctime_nsec")) {
+            (Ok(sec), Ok(nsec)) => (sec, nsec),
+            _ => {
+                let ts = btf.member_offset("inode", "__i_ctime").or_else(|_| btf.member_offset("inode", "i_ctime"))?;
+                (ts, ts + 8)
+            }
+        };
     Ok(KernelOffsets {
+        task_pid: btf.member_offset("task_struct", "pid")?,
+        task_tgid: btf.member_offset("task_struct", "tgid")?,
+        task_real_parent: btf.member_offset("task_struct", "real_parent")?,
+        task_start_boottime: btf.member_offset("task_struct", "start_boottime")?,
+        task_cred: btf.member_offset("task_struct", "cred")?,
+        task_mm: btf.member_offset("task_struct", "mm")?,
+        task_cgroups: btf.member_offset("task_struct", "cgroups")?,
+        task_comm: btf.member_offset("task_struct", "comm")?,
+        cred_uid: btf.member_offset("cred", "uid")?,
+        cred_gid: btf.member_offset("cred", "gid")?,
+        cred_euid: btf.member_offset("cred", "euid")?,
+        cred_egid: btf.member_offset("cred", "egid")?,
+        mm_exe_file: btf.member_offset("mm_struct", "exe_file")?,
         bprm_file: btf.member_offset("linux_binprm", "file")?,
         file_inode: btf.member_offset("file", "f_inode")?,
         inode_ino: btf.member_offset("inode", "i_ino")?,
         inode_sb: btf.member_offset("inode", "i_sb")?,
+        inode_ctime_sec: ctime_sec,
+        inode_ctime_nsec: ctime_nsec,
         sb_dev: btf.member_offset("super_block", "s_dev")?,
+        css_set_dfl_cgrp: btf.member_offset("css_set", "dfl_cgrp")?,
+        cgroup_kn: btf.member_offset("cgroup", "kn")?,
+        kernfs_node_id: btf.member_offset("kernfs_node", "id")?,
         valid: 1,
     })
 }
@@ -73,6 +102,8 @@ pub fn load() -> Result<Ebpf, EbpfError> {
     tracing::debug!(?offsets, "kernel struct offsets from BTF");
     let mut ebpf = EbpfLoader::new()
         .override_global(globals::KERNEL_OFFSETS, &offsets, true)
+        // aya 0.14 has no type for task storage; it is used through its fd (records.rs).
+        .allow_unsupported_maps()
         .load(OBJECT)
         .map_err(|e| EbpfError::Load(Box::new(e)))?;
     forward_kernel_logs(&mut ebpf);

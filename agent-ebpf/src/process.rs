@@ -1,0 +1,358 @@
+//! Process records: what the kernel knows about every process, kept in task storage so any
+//! later hook (socket enforcement, the agent's pidfd lookups) reads it synchronously.
+//!
+//! exec writes the record, fork copies it to the child, cgroup migration updates it, exit
+//! deletes it, and a task iterator seeds processes that predate the programs. Struct
+//! members are read at offsets the agent takes from the running kernel's BTF.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{task_struct, BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+        generated::{bpf_task_storage_delete, bpf_task_storage_get},
+    },
+    macros::{btf_map, btf_tracepoint, map},
+    maps::{Array, HashMap, RingBuf},
+    programs::BtfTracePointContext,
+};
+use aya_log_ebpf::warn;
+use tether_common::{record_flags, ExecEvent, FileKey, KernelOffsets, Measurement, ProcRecord, TraceFilter, COMM_LEN};
+
+/// Filled in by the agent from the running kernel's BTF before load.
+#[unsafe(no_mangle)]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    task_pid: 0,
+    task_tgid: 0,
+    task_real_parent: 0,
+    task_start_boottime: 0,
+    task_cred: 0,
+    task_mm: 0,
+    task_cgroups: 0,
+    task_comm: 0,
+    cred_uid: 0,
+    cred_gid: 0,
+    cred_euid: 0,
+    cred_egid: 0,
+    mm_exe_file: 0,
+    bprm_file: 0,
+    file_inode: 0,
+    inode_ino: 0,
+    inode_sb: 0,
+    inode_ctime_sec: 0,
+    inode_ctime_nsec: 0,
+    sb_dev: 0,
+    css_set_dfl_cgrp: 0,
+    cgroup_kn: 0,
+    kernfs_node_id: 0,
+    valid: 0,
+};
+
+/// Task storage (BPF_MAP_TYPE_TASK_STORAGE), which aya-ebpf 0.2 has no wrapper for. The
+/// layout is the BTF map definition convention: each field's type encodes one attribute.
+#[repr(C)]
+pub struct TaskStorage<T> {
+    r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE as usize],
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+}
+
+// SAFETY: placeholder pointers the loader patches; never dereferenced from Rust.
+unsafe impl<T> Sync for TaskStorage<T> {}
+
+impl<T> TaskStorage<T> {
+    pub const fn new() -> Self {
+        TaskStorage {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    fn as_ptr(&self) -> *mut c_void {
+        self as *const Self as *mut c_void
+    }
+
+    /// The task's value, or None.
+    ///
+    /// # Safety
+    /// `task` must be a task pointer the verifier trusts (a tp_btf or iterator argument).
+    #[inline(always)]
+    pub unsafe fn get(&self, task: *mut task_struct) -> Option<*mut T> {
+        let p = unsafe { bpf_task_storage_get(self.as_ptr(), task, core::ptr::null_mut(), 0) };
+        (!p.is_null()).then_some(p as *mut T)
+    }
+
+    /// The task's value, created from `init` if absent.
+    ///
+    /// # Safety
+    /// As [`Self::get`].
+    #[inline(always)]
+    pub unsafe fn get_or_insert(&self, task: *mut task_struct, init: &mut T) -> Option<*mut T> {
+        let p = unsafe {
+            bpf_task_storage_get(
+                self.as_ptr(),
+                task,
+                init as *mut T as *mut c_void,
+                BPF_LOCAL_STORAGE_GET_F_CREATE as u64,
+            )
+        };
+        (!p.is_null()).then_some(p as *mut T)
+    }
+
+    /// # Safety
+    /// As [`Self::get`].
+    #[inline(always)]
+    pub unsafe fn delete(&self, task: *mut task_struct) {
+        unsafe { bpf_task_storage_delete(self.as_ptr(), task) };
+    }
+}
+
+#[btf_map]
+static TASK_RECORDS: TaskStorage<ProcRecord> = TaskStorage::new();
+
+/// Written by the agent after hashing an executable.
+#[map]
+static MEASUREMENTS: HashMap<FileKey, Measurement> = HashMap::with_max_entries(65536, 0);
+
+#[map]
+static EXEC_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+#[map]
+static TRACE_FILTER: Array<TraceFilter> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+fn offsets() -> KernelOffsets {
+    // SAFETY: a `volatile const` global: the volatile read keeps the compiler from folding the
+    // build-time zeros into the code, so the loader's values are used.
+    unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
+}
+
+/// Reads a `T` at `base + off` through bpf_probe_read_kernel (fails cleanly on bad memory).
+#[inline(always)]
+fn read<T>(base: *const u8, off: u32) -> Option<T> {
+    if base.is_null() {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel validates the address.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize) as *const T).ok() }
+}
+
+const CTIME_NSEC_MASK: u32 = 0x7fff_ffff;
+
+/// `file->f_inode`: device, inode and ctime.
+#[inline(always)]
+fn file_key(file: *const u8, off: &KernelOffsets) -> Option<FileKey> {
+    let inode: *const u8 = read(file, off.file_inode)?;
+    let sb: *const u8 = read(inode, off.inode_sb)?;
+    Some(FileKey {
+        ino: read(inode, off.inode_ino)?,
+        ctime_sec: read(inode, off.inode_ctime_sec)?,
+        // Since 6.13 the top bit of i_ctime_nsec flags "ctime queried" (multigrain
+        // timestamps); nanoseconds never reach it.
+        ctime_nsec: read::<u32>(inode, off.inode_ctime_nsec)? & CTIME_NSEC_MASK,
+        dev: read(sb, off.sb_dev)?,
+    })
+}
+
+/// `task->cgroups->dfl_cgrp->kn->id`: the task's cgroup v2 id.
+#[inline(always)]
+fn task_cgroup_id(task: *const u8, off: &KernelOffsets) -> Option<u64> {
+    let css_set: *const u8 = read(task, off.task_cgroups)?;
+    let cgroup: *const u8 = read(css_set, off.css_set_dfl_cgrp)?;
+    let kn: *const u8 = read(cgroup, off.cgroup_kn)?;
+    read(kn, off.kernfs_node_id)
+}
+
+/// Every field that can be read from a task; `exe` is left to the caller.
+#[inline(always)]
+fn record_from_task(task: *const u8, off: &KernelOffsets) -> Option<ProcRecord> {
+    let cred: *const u8 = read(task, off.task_cred)?;
+    let parent: *const u8 = read(task, off.task_real_parent)?;
+    Some(ProcRecord {
+        exe: FileKey::default(),
+        start_boottime_ns: read(task, off.task_start_boottime)?,
+        exec_ktime_ns: 0,
+        cgroup_id: task_cgroup_id(task, off)?,
+        tgid: read(task, off.task_tgid)?,
+        ppid: read(parent, off.task_tgid)?,
+        uid: read(cred, off.cred_uid)?,
+        euid: read(cred, off.cred_euid)?,
+        gid: read(cred, off.cred_gid)?,
+        egid: read(cred, off.cred_egid)?,
+        flags: 0,
+        _pad: 0,
+        comm: read(task, off.task_comm)?,
+    })
+}
+
+/// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
+    if try_exec(&ctx).is_err() {
+        warn!(&ctx, "exec: no record written (kernel read or storage failed)");
+    }
+    0
+}
+
+fn try_exec(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let off = offsets();
+    if off.valid == 0 {
+        return Err(());
+    }
+    let task: *mut task_struct = ctx.arg(0);
+    let bprm: *const u8 = ctx.arg(2);
+    let mut record = record_from_task(task as *const u8, &off).ok_or(())?;
+    let file: *const u8 = read(bprm, off.bprm_file).ok_or(())?;
+    // The file the kernel is executing, not whatever mm->exe_file may later be set to.
+    record.exe = file_key(file, &off).ok_or(())?;
+    record.flags = record_flags::EXE_VALID;
+    // SAFETY: plain helper calls.
+    record.exec_ktime_ns = unsafe { bpf_ktime_get_ns() };
+    record.comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    // SAFETY: `task` is the tracepoint's trusted task argument.
+    let slot = unsafe { TASK_RECORDS.get_or_insert(task, &mut record) }.ok_or(())?;
+    // An exec replaces the record of a process that had one (exec after exec, or after fork).
+    // SAFETY: slot points into this task's storage, valid for the program's run.
+    unsafe { *slot = record };
+
+    if in_trace_scope() {
+        if let Some(mut entry) = EXEC_EVENTS.reserve::<ExecEvent>(0) {
+            entry.write(ExecEvent { record, pid: bpf_get_current_pid_tgid() as u32, _pad: 0 });
+            entry.submit(0);
+        } else {
+            warn!(ctx, "exec event dropped: ring buffer full");
+        }
+    }
+    Ok(())
+}
+
+fn in_trace_scope() -> bool {
+    let Some(f) = TRACE_FILTER.get(0) else {
+        return false;
+    };
+    if f.enabled == 0 {
+        return false;
+    }
+    if f.ancestor_id == 0 {
+        return true;
+    }
+    // SAFETY: plain helper call; returns 0 when the level is deeper than the cgroup.
+    let at_level = unsafe { bpf_get_current_ancestor_cgroup_id(f.level as i32) };
+    at_level == f.ancestor_id
+}
+
+/// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`: fires for
+/// processes and threads before the child first runs, so no child is ever without its
+/// parent's record.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
+    let off = offsets();
+    let parent: *mut task_struct = ctx.arg(0);
+    let child: *mut task_struct = ctx.arg(1);
+    // SAFETY: trusted tracepoint arguments.
+    let Some(parent_record) = (unsafe { TASK_RECORDS.get(parent) }) else {
+        return 0; // no record to inherit: the child stays unidentified (fail closed)
+    };
+    // SAFETY: the pointer is valid for this run; copied out at once.
+    let mut record = unsafe { *parent_record };
+    let child_ptr = child as *const u8;
+    let (Some(tgid), Some(start), Some(real_parent)) = (
+        read::<u32>(child_ptr, off.task_tgid),
+        read::<u64>(child_ptr, off.task_start_boottime),
+        read::<*const u8>(child_ptr, off.task_real_parent),
+    ) else {
+        warn!(&ctx, "fork: child fields unreadable; child left without a record");
+        return 0;
+    };
+    record.tgid = tgid;
+    record.start_boottime_ns = start;
+    if let Some(ppid) = read::<u32>(real_parent, off.task_tgid) {
+        record.ppid = ppid;
+    }
+    // clone3(CLONE_INTO_CGROUP) starts the child in another cgroup.
+    if let Some(cg) = task_cgroup_id(child_ptr, &off) {
+        record.cgroup_id = cg;
+    }
+    record.flags |= record_flags::FORKED;
+    // SAFETY: trusted tracepoint argument.
+    if let Some(slot) = unsafe { TASK_RECORDS.get_or_insert(child, &mut record) } {
+        // SAFETY: valid for this run.
+        unsafe { *slot = record };
+    }
+    0
+}
+
+/// `sched_process_exit(struct task_struct *p, ...)`: an exited process has no identity, even
+/// as a zombie.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+    let task: *mut task_struct = ctx.arg(0);
+    // SAFETY: trusted tracepoint argument.
+    unsafe { TASK_RECORDS.delete(task) };
+    0
+}
+
+/// `cgroup_attach_task(struct cgroup *dst, const char *path, struct task_struct *task, bool)`
+#[btf_tracepoint(function = "cgroup_attach_task")]
+pub fn cgroup_attach_task(ctx: BtfTracePointContext) -> i32 {
+    let off = offsets();
+    let dst: *const u8 = ctx.arg(0);
+    let task: *mut task_struct = ctx.arg(2);
+    // SAFETY: trusted tracepoint argument.
+    if let Some(slot) = unsafe { TASK_RECORDS.get(task) } {
+        let id = read::<*const u8>(dst, off.cgroup_kn).and_then(|kn| read::<u64>(kn, off.kernfs_node_id));
+        // SAFETY: valid for this run.
+        unsafe {
+            match id {
+                Some(id) => (*slot).cgroup_id = id,
+                // Unknown destination: drop the record rather than keep a stale cgroup.
+                None => TASK_RECORDS.delete(task),
+            }
+        }
+    }
+    0
+}
+
+/// `iter/task`: run once by the agent after the tracepoints are attached. Every user task
+/// without a record gets one from its task (exe from `mm->exe_file`), marked SEEDED.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/task")]
+pub extern "C" fn seed_tasks(ctx: *mut c_void) -> i32 {
+    // struct bpf_iter__task { struct bpf_iter_meta *meta; struct task_struct *task; }
+    // SAFETY: the iterator context has this layout; the verifier checks the access.
+    let task: *mut task_struct = unsafe { *(ctx as *const *mut task_struct).add(1) };
+    if task.is_null() {
+        return 0;
+    }
+    let off = offsets();
+    if off.valid == 0 {
+        return 0;
+    }
+    // SAFETY: trusted iterator argument, null-checked.
+    if unsafe { TASK_RECORDS.get(task) }.is_some() {
+        return 0;
+    }
+    let task_ptr = task as *const u8;
+    // Kernel threads have no mm and no identity.
+    let Some(mm) = read::<*const u8>(task_ptr, off.task_mm).filter(|mm| !mm.is_null()) else {
+        return 0;
+    };
+    let Some(mut record) = record_from_task(task_ptr, &off) else {
+        return 0;
+    };
+    record.flags = record_flags::SEEDED;
+    if let Some(exe) = read::<*const u8>(mm, off.mm_exe_file).and_then(|f| file_key(f, &off)) {
+        record.exe = exe;
+        record.flags |= record_flags::EXE_VALID;
+    }
+    // SAFETY: trusted iterator argument.
+    unsafe { TASK_RECORDS.get_or_insert(task, &mut record) };
+    0
+}

@@ -1,0 +1,197 @@
+//! The process monitor: exec/fork/exit/cgroup programs keeping a record per task, the
+//! start-up seeding of processes that predate them, lookups by pidfd, the measurement map,
+//! and (optionally) live exec events.
+
+use std::{
+    io::Read,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+};
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData, RingBuf},
+    programs::{BtfTracePoint, Iter},
+    Btf as AyaBtf, Ebpf,
+};
+use tether_common::{maps, programs, ExecEvent, FileKey, Measurement, ProcRecord, TraceFilter};
+use tokio::io::unix::AsyncFd;
+
+use super::{map_err, program_err, EbpfError};
+use crate::cgroup::Cgroup;
+
+/// Which execs are reported as events (records are kept for all processes regardless).
+#[derive(Clone, Copy, Debug)]
+pub enum TraceScope<'a> {
+    /// No events: records only.
+    Off,
+    /// Execs anywhere on the machine.
+    All,
+    /// Execs in this cgroup's subtree.
+    Cgroup(&'a Cgroup),
+}
+
+/// Attached record-keeping programs. Dropping it detaches them (and frees the records).
+pub struct Monitor {
+    records: OwnedFd,
+    measurements: HashMap<MapData, FileKey, Measurement>,
+    events: Option<ExecEvents>,
+    _ebpf: Ebpf,
+}
+
+/// The stream of exec events, taken out of the [`Monitor`] so it can be awaited on its own.
+pub struct ExecEvents {
+    ring: AsyncFd<RingBuf<MapData>>,
+}
+
+impl Monitor {
+    /// Attaches the exec, fork, exit and cgroup-migration programs, then seeds records for
+    /// processes already running (in that order, so no process falls between the two).
+    pub fn start(mut ebpf: Ebpf, scope: TraceScope<'_>) -> Result<Self, EbpfError> {
+        let filter = match scope {
+            TraceScope::Off => TraceFilter::default(),
+            TraceScope::All => TraceFilter { enabled: 1, ..Default::default() },
+            TraceScope::Cgroup(cg) => TraceFilter { ancestor_id: cg.id, level: cg.level, enabled: 1 },
+        };
+        let mut filter_map: Array<_, TraceFilter> =
+            Array::try_from(ebpf.map_mut(maps::TRACE_FILTER).ok_or(EbpfError::Missing(maps::TRACE_FILTER))?)
+                .map_err(map_err(maps::TRACE_FILTER, "open"))?;
+        filter_map.set(0, filter, 0).map_err(map_err(maps::TRACE_FILTER, "set"))?;
+
+        let btf = AyaBtf::from_sys_fs()?;
+        for (name, tracepoint) in [
+            (programs::EXEC, "sched_process_exec"),
+            (programs::FORK, "sched_process_fork"),
+            (programs::EXIT, "sched_process_exit"),
+            (programs::CGROUP_ATTACH, "cgroup_attach_task"),
+        ] {
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or(EbpfError::Missing(name))?
+                .try_into()
+                .map_err(program_err(name, "type"))?;
+            prog.load(tracepoint, &btf).map_err(program_err(name, "load"))?;
+            prog.attach().map_err(program_err(name, "attach"))?;
+        }
+        seed(&mut ebpf, &btf)?;
+
+        let records = match ebpf.map(maps::TASK_RECORDS) {
+            Some(Map::Unsupported(data)) => data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| EbpfError::Io { op: "duplicating the task storage fd", source })?,
+            _ => return Err(EbpfError::Missing(maps::TASK_RECORDS)),
+        };
+        let measurements =
+            HashMap::try_from(ebpf.take_map(maps::MEASUREMENTS).ok_or(EbpfError::Missing(maps::MEASUREMENTS))?)
+                .map_err(map_err(maps::MEASUREMENTS, "open"))?;
+        let ring = RingBuf::try_from(ebpf.take_map(maps::EXEC_EVENTS).ok_or(EbpfError::Missing(maps::EXEC_EVENTS))?)
+            .map_err(map_err(maps::EXEC_EVENTS, "open"))?;
+        // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| EbpfError::Io { op: "registering the exec ring buffer with tokio", source: e.into() })?;
+        Ok(Monitor { records, measurements, events: Some(ExecEvents { ring }), _ebpf: ebpf })
+    }
+
+    /// The kernel's record of the process `pidfd` refers to. `None` when it has none: it
+    /// exited (records are deleted at exit), or it is a kernel thread. A pidfd cannot be
+    /// recycled, so the answer is never about another process that reused the PID.
+    pub fn lookup(&self, pidfd: BorrowedFd<'_>) -> Result<Option<ProcRecord>, EbpfError> {
+        lookup_task_storage(self.records.as_fd(), pidfd)
+    }
+
+    /// Publishes a measurement so kernel hooks see it.
+    pub fn set_measurement(&mut self, key: FileKey, m: Measurement) -> Result<(), EbpfError> {
+        self.measurements.insert(key, m, 0).map_err(map_err(maps::MEASUREMENTS, "insert"))
+    }
+
+    /// What the kernel map holds for `key`.
+    pub fn measurement(&self, key: &FileKey) -> Option<Measurement> {
+        self.measurements.get(key, 0).ok()
+    }
+
+    /// The exec event stream (once).
+    pub fn take_events(&mut self) -> Option<ExecEvents> {
+        self.events.take()
+    }
+}
+
+impl ExecEvents {
+    /// Waits for the next batch of exec events (in the [`TraceScope`] given at start): the
+    /// record written at each exec, and the exec'ing thread's id.
+    pub async fn next_batch(&mut self) -> Result<Vec<(ProcRecord, u32)>, EbpfError> {
+        loop {
+            let mut guard = self
+                .ring
+                .readable_mut()
+                .await
+                .map_err(|source| EbpfError::Io { op: "polling the exec ring buffer", source })?;
+            let ring = guard.get_inner_mut();
+            let mut batch = Vec::new();
+            while let Some(item) = ring.next() {
+                if item.len() >= size_of::<ExecEvent>() {
+                    // SAFETY: one ExecEvent per record, length checked, read unaligned.
+                    let e = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const ExecEvent) };
+                    batch.push((e.record, e.pid));
+                }
+            }
+            guard.clear_ready();
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+        }
+    }
+}
+
+/// Runs the task iterator once: it gives a SEEDED record to every user task that has none.
+fn seed(ebpf: &mut Ebpf, btf: &AyaBtf) -> Result<(), EbpfError> {
+    let name = programs::SEED_TASKS;
+    let prog: &mut Iter =
+        ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?.try_into().map_err(program_err(name, "type"))?;
+    prog.load("task", btf).map_err(program_err(name, "load"))?;
+    let link_id = prog.attach().map_err(program_err(name, "attach"))?;
+    let link = prog.take_link(link_id).map_err(program_err(name, "take link"))?;
+    let mut file = link.into_file().map_err(|e| EbpfError::Io {
+        op: "creating the task iterator",
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    // The program writes nothing to the seq file; reading to EOF runs it over every task.
+    let mut sink = Vec::new();
+    file.read_to_end(&mut sink).map_err(|source| EbpfError::Io { op: "running the task iterator", source })?;
+    Ok(())
+}
+
+/// `BPF_MAP_LOOKUP_ELEM` on task storage with a pidfd as key (aya 0.14 has no wrapper).
+fn lookup_task_storage(map: BorrowedFd<'_>, pidfd: BorrowedFd<'_>) -> Result<Option<ProcRecord>, EbpfError> {
+    #[repr(C)]
+    struct MapElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    let key: i32 = pidfd.as_raw_fd();
+    let mut value = std::mem::MaybeUninit::<ProcRecord>::zeroed();
+    let attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: &key as *const i32 as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: attr points to a valid key and a value buffer of the map's value size.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_ELEM, &attr as *const MapElemAttr, size_of::<MapElemAttr>())
+    };
+    if rc == 0 {
+        // SAFETY: the kernel filled the whole value.
+        return Ok(Some(unsafe { value.assume_init() }));
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        // ENOENT: no record; ESRCH/EBADF: the pidfd's process is gone.
+        Some(libc::ENOENT) | Some(libc::ESRCH) => Ok(None),
+        _ => Err(EbpfError::Io { op: "looking up a task record by pidfd", source: err }),
+    }
+}

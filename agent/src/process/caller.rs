@@ -1,0 +1,197 @@
+//! Identifying a process — in particular the caller on an accepted Unix socket — from the
+//! kernel's record of it, with no step that trusts a bare PID.
+//!
+//! The chain: `SO_PEERPIDFD` gives a pidfd for the process that connected (a handle that
+//! cannot be recycled); the kernel's record is looked up *by that pidfd*; anything read
+//! through /proc/<pid> (the executable to hash, the cgroup path) is cross-checked against
+//! the record and counted only if the pidfd's process is still alive afterwards; finally the
+//! record is read again and must be unchanged (an exec in between restarts the resolution).
+
+use std::{
+    ffi::CStr,
+    os::fd::{AsFd, BorrowedFd},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use super::{
+    measure::{hex, Measurer, Outcome},
+    pidfd::PidFd,
+    selectors::{cgroup_selectors, Selector},
+    FileId, Record,
+};
+use crate::ebpf::{EbpfError, Monitor};
+
+#[derive(Debug, Error)]
+pub enum IdentityError {
+    #[error("cannot get the peer's pidfd (SO_PEERPIDFD needs Linux 6.5; or the peer is gone)")]
+    PeerPidfd(#[source] std::io::Error),
+    #[error("the process has exited")]
+    Exited,
+    #[error("the kernel has no record of this process")]
+    NoRecord,
+    #[error("the process kept changing (exec) while being identified")]
+    Unstable,
+    #[error("kernel record lookup failed")]
+    Kernel(#[from] EbpfError),
+}
+
+/// Everything the agent knows about a process, all of it anchored in the kernel's record.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessIdentity {
+    pub pid: u32,
+    pub record: Record,
+    /// None when the kernel recorded no executable.
+    pub measurement: Option<Outcome>,
+    /// The executable's current path, only if it is still the recorded file.
+    pub path: Option<PathBuf>,
+    /// cgroup path relative to the cgroup2 root, only if it matches the recorded cgroup id.
+    pub cgroup: Option<String>,
+    pub selectors: Vec<Selector>,
+}
+
+/// What the Workload API needs: the selectors of whoever is on the other end of a socket.
+pub trait CallerAttestor: Send + Sync {
+    fn attest_caller(&self, socket: BorrowedFd<'_>) -> Result<ProcessIdentity, IdentityError>;
+}
+
+/// Resolves processes against a running [`Monitor`].
+pub struct Resolver {
+    monitor: Mutex<Monitor>,
+    measurer: Measurer,
+    cgroup_root: PathBuf,
+}
+
+const ATTEMPTS: usize = 3;
+
+impl Resolver {
+    pub fn new(monitor: Monitor, measurer: Measurer, cgroup_root: PathBuf) -> Self {
+        Resolver { monitor: Mutex::new(monitor), measurer, cgroup_root }
+    }
+
+    pub fn measurer(&self) -> &Measurer {
+        &self.measurer
+    }
+
+    fn lookup(&self, pidfd: &PidFd) -> Result<Option<Record>, IdentityError> {
+        let monitor = self.monitor.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(monitor.lookup(pidfd.as_fd())?.as_ref().map(Record::from))
+    }
+
+    /// Measures a recorded executable (once per file identity) and publishes the result to
+    /// the kernel map.
+    pub fn measure(&self, pidfd: &PidFd, pid: u32, exe: &FileId) -> Outcome {
+        let outcome = self.measurer.measure_process(pidfd, pid, exe);
+        if !matches!(outcome, Outcome::Unmeasurable(super::measure::Unmeasurable::ProcessGone)) {
+            let mut monitor = self.monitor.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = monitor.set_measurement(exe.key(), outcome.to_kernel()) {
+                tracing::warn!("measurement not published to the kernel: {e}");
+            }
+        }
+        outcome
+    }
+
+    /// The identity of the process behind `pidfd`, as of now.
+    pub fn identify(&self, pidfd: &PidFd) -> Result<ProcessIdentity, IdentityError> {
+        for _ in 0..ATTEMPTS {
+            let pid = pidfd.pid().ok_or(IdentityError::Exited)?;
+            let Some(record) = self.lookup(pidfd)? else {
+                return Err(if pidfd.is_alive() { IdentityError::NoRecord } else { IdentityError::Exited });
+            };
+            let measurement = record.exe.map(|exe| self.measure(pidfd, pid, &exe));
+            let path = record.exe.and_then(|exe| exe_path(pid, &exe));
+            let cgroup = cgroup_path(pid, record.cgroup_id, &self.cgroup_root);
+            // Whatever /proc said belongs to this process only if it was alive throughout.
+            if !pidfd.is_alive() {
+                return Err(IdentityError::Exited);
+            }
+            // An exec (or cgroup move) in between makes all of the above stale: start over.
+            if self.lookup(pidfd)?.as_ref() != Some(&record) {
+                continue;
+            }
+            let selectors = selectors(&record, measurement.as_ref(), path.as_deref(), cgroup.as_deref());
+            return Ok(ProcessIdentity { pid, record, measurement, path, cgroup, selectors });
+        }
+        Err(IdentityError::Unstable)
+    }
+}
+
+impl CallerAttestor for Resolver {
+    fn attest_caller(&self, socket: BorrowedFd<'_>) -> Result<ProcessIdentity, IdentityError> {
+        let pidfd = PidFd::from_peer(socket).map_err(IdentityError::PeerPidfd)?;
+        self.identify(&pidfd)
+    }
+}
+
+/// /proc/<pid>/exe's path, if that path still names the recorded file.
+fn exe_path(pid: u32, exe: &FileId) -> Option<PathBuf> {
+    let link = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let meta = std::fs::metadata(&link).ok()?;
+    (FileId::from_metadata(&meta) == *exe).then_some(link)
+}
+
+/// The process's cgroup v2 path, if its directory's id is the recorded one.
+fn cgroup_path(pid: u32, cgroup_id: u64, root: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = root.join(rel.trim_start_matches('/'));
+    (std::fs::metadata(dir).ok()?.ino() == cgroup_id).then(|| rel.to_owned())
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: all-zero is a valid passwd to be filled in.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result = std::ptr::null_mut();
+    // SAFETY: buffers are valid for the sizes given; result is checked before use.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut result) };
+    // SAFETY: on success pw_name points into buf, NUL-terminated.
+    (rc == 0 && !result.is_null()).then(|| unsafe { CStr::from_ptr(pwd.pw_name) }.to_string_lossy().into_owned())
+}
+
+fn group_name(gid: u32) -> Option<String> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: all-zero is a valid group to be filled in.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut result = std::ptr::null_mut();
+    // SAFETY: as above.
+    let rc = unsafe { libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr().cast(), buf.len(), &mut result) };
+    // SAFETY: on success gr_name points into buf, NUL-terminated.
+    (rc == 0 && !result.is_null()).then(|| unsafe { CStr::from_ptr(grp.gr_name) }.to_string_lossy().into_owned())
+}
+
+/// Selectors from the kernel record and what was verified against it. uid/gid are the
+/// effective ids (what the process acts as), as in SPIRE's unix attestor.
+pub fn selectors(
+    record: &Record,
+    measurement: Option<&Outcome>,
+    path: Option<&Path>,
+    cgroup: Option<&str>,
+) -> Vec<Selector> {
+    let mut out = vec![
+        Selector::new("unix", format!("uid:{}", record.euid)),
+        Selector::new("unix", format!("gid:{}", record.egid)),
+    ];
+    if let Some(name) = user_name(record.euid) {
+        out.push(Selector::new("unix", format!("user:{name}")));
+    }
+    if let Some(name) = group_name(record.egid) {
+        out.push(Selector::new("unix", format!("group:{name}")));
+    }
+    if let Some(path) = path {
+        out.push(Selector::new("unix", format!("path:{}", path.display())));
+    }
+    if let Some(sha) = measurement.and_then(Outcome::sha256) {
+        out.push(Selector::new("unix", format!("sha256:{}", hex(&sha))));
+    }
+    if let Some(cg) = cgroup {
+        out.extend(cgroup_selectors(cg));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
