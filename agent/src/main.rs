@@ -110,7 +110,7 @@ async fn trace_exec(cgroup: Option<PathBuf>, json: bool) -> Result<()> {
     let scope = cgroup.as_deref().map(open_cgroup).transpose()?;
     let trace = scope.as_ref().map_or(ebpf::TraceScope::All, ebpf::TraceScope::Cgroup);
     let mut monitor = ebpf::Monitor::start(ebpf::load()?, trace)?;
-    let mut events = monitor.take_events().context("exec events already taken")?;
+    let mut events = monitor.take_events()?;
     match &scope {
         Some(cg) => tracing::info!(cgroup = %cg.path.display(), cgroup_id = cg.id, "tracing execs"),
         None => tracing::info!("tracing every exec on this machine"),

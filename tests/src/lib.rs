@@ -29,3 +29,82 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Starts `argv` as a new process with exactly PID `pid` (clone3 with `set_tid`, which needs
+/// CAP_SYS_ADMIN: the tests run as root), placed in the cgroup whose directory is `cgroup`.
+/// This is how the PID-reuse test gives an impostor its victim's PID without waiting for
+/// the PID space to wrap.
+pub fn spawn_with_pid(pid: u32, argv: &[&str], cgroup: &std::path::Path) -> std::io::Result<u32> {
+    use std::{ffi::CString, os::fd::AsRawFd};
+
+    #[repr(C)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+    let cg = std::fs::File::open(cgroup)?;
+    let c_args: Vec<CString> =
+        argv.iter().map(|a| CString::new(*a).map_err(std::io::Error::other)).collect::<Result<_, _>>()?;
+    let mut c_argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();
+    c_argv.push(std::ptr::null());
+    let tids = [pid as libc::pid_t];
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: 0,
+        stack_size: 0,
+        tls: 0,
+        set_tid: tids.as_ptr() as u64,
+        set_tid_size: 1,
+        cgroup: cg.as_raw_fd() as u64,
+    };
+    // SAFETY: fork-like clone3 (no CLONE_VM); the child only calls execv and _exit, both
+    // async-signal-safe, on memory prepared before the call.
+    let ret = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, size_of::<CloneArgs>()) };
+    match ret {
+        0 => unsafe {
+            libc::execv(c_argv[0], c_argv.as_ptr());
+            libc::_exit(127)
+        },
+        r if r < 0 => Err(std::io::Error::last_os_error()),
+        r => Ok(r as u32),
+    }
+}
+
+/// Reaps a child started with [`spawn_with_pid`] (by PID, which we own).
+pub fn kill_and_reap(pid: u32) {
+    // SAFETY: kill/waitpid on our own child.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+        libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+    }
+}
+
+/// Spawns `cmd`, retrying on ETXTBSY: a binary the test has just written may still be open
+/// for writing in a child that another test thread forked and has not yet exec'd.
+pub fn spawn_retrying(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}

@@ -50,10 +50,10 @@ async fn exec_in_cgroup_is_reported_with_cgroup_and_binary_identity() {
     // Inside the subtree (a child cgroup of the traced one), then outside it.
     let mut inside = Command::new(&binary);
     child_cg.place(&mut inside).unwrap();
-    let mut inside = inside.spawn().unwrap();
+    let mut inside = tether_tests::spawn_retrying(&mut inside).unwrap();
     let inside_pid = inside.id();
     assert!(inside.wait().unwrap().success());
-    let mut outside = Command::new(&binary).spawn().unwrap();
+    let mut outside = tether_tests::spawn_retrying(&mut Command::new(&binary)).unwrap();
     let outside_pid = outside.id();
     assert!(outside.wait().unwrap().success());
 
@@ -84,7 +84,7 @@ async fn exec_records_real_and_effective_ids() {
     let mut cmd = Command::new(&binary);
     cmd.uid(65534).gid(65533);
     cg.place(&mut cmd).unwrap();
-    assert!(cmd.status().unwrap().success());
+    assert!(tether_tests::spawn_retrying(&mut cmd).unwrap().wait().unwrap().success());
 
     let events = collect(&mut events, Duration::from_millis(500)).await;
     let (e, _) = events.iter().find(|(e, _)| e.exe == Some(file_id)).expect("exec not reported");
@@ -117,7 +117,7 @@ fn trace_exec_command_prints_execs_in_its_cgroup() {
     }
     let mut cmd = Command::new(&binary);
     cg.place(&mut cmd).unwrap();
-    let mut child = cmd.spawn().unwrap();
+    let mut child = tether_tests::spawn_retrying(&mut cmd).unwrap();
     let pid = child.id();
     child.wait().unwrap();
     let line = BufReader::new(stdout).lines().next().unwrap().unwrap();

@@ -6,22 +6,22 @@ use std::fs::File;
 use aya::{
     maps::{HashMap, MapData},
     programs::{links::CgroupAttachMode, CgroupSockAddr},
-    Ebpf,
 };
 use tether_common::{maps, programs};
 
-use super::{map_err, program_err, EbpfError};
+use super::{map_err, program_err, EbpfError, Loaded};
 use crate::cgroup::Cgroup;
 
 /// connect4 attached to one cgroup. Dropping it detaches the program.
 pub struct ConnectHook {
     deny: HashMap<MapData, u64, u8>,
-    ebpf: Ebpf,
+    loaded: Loaded,
 }
 
 impl ConnectHook {
     /// Attaches connect4 to `cgroup` — a cgroup the caller owns; never the root cgroup.
-    pub fn attach(mut ebpf: Ebpf, cgroup: &Cgroup) -> Result<Self, EbpfError> {
+    pub fn attach(mut loaded: Loaded, cgroup: &Cgroup) -> Result<Self, EbpfError> {
+        let ebpf = &mut loaded.ebpf;
         if cgroup.level == 0 {
             return Err(EbpfError::Io {
                 op: "refusing to attach to the root cgroup",
@@ -38,7 +38,7 @@ impl ConnectHook {
         prog.attach(&dir, CgroupAttachMode::Single).map_err(program_err(programs::CONNECT4, "attach"))?;
         let deny = HashMap::try_from(ebpf.take_map(maps::DENY_CGROUPS).ok_or(EbpfError::Missing(maps::DENY_CGROUPS))?)
             .map_err(map_err(maps::DENY_CGROUPS, "open"))?;
-        Ok(ConnectHook { deny, ebpf })
+        Ok(ConnectHook { deny, loaded })
     }
 
     /// connect() from processes in `cgroup` (exactly that cgroup) now fails with EPERM.
@@ -50,6 +50,7 @@ impl ConnectHook {
     /// [`enable_run_stats`] is held.
     pub fn run_stats(&self) -> Result<(std::time::Duration, u64), EbpfError> {
         let prog: &CgroupSockAddr = self
+            .loaded
             .ebpf
             .program(programs::CONNECT4)
             .ok_or(EbpfError::Missing(programs::CONNECT4))?

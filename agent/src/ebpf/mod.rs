@@ -95,47 +95,70 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
     })
 }
 
+/// The loaded object (programs not yet attached) and the thread forwarding its kernel-side
+/// log records. Both live as long as whatever is built from it.
+pub struct Loaded {
+    pub(crate) ebpf: Ebpf,
+    _logs: Option<LogForwarder>,
+}
+
 /// Loads the object into the kernel (no program attached yet) with offsets for this kernel,
 /// and starts forwarding the programs' aya-log messages to `tracing`.
-pub fn load() -> Result<Ebpf, EbpfError> {
+pub fn load() -> Result<Loaded, EbpfError> {
     let offsets = kernel_offsets(&Btf::from_kernel()?)?;
     tracing::debug!(?offsets, "kernel struct offsets from BTF");
     let mut ebpf = EbpfLoader::new()
         .override_global(globals::KERNEL_OFFSETS, &offsets, true)
-        // aya 0.14 has no type for task storage; it is used through its fd (records.rs).
+        // aya 0.14 has no type for task storage; it is used through its fd (monitor.rs).
         .allow_unsupported_maps()
         .load(OBJECT)
         .map_err(|e| EbpfError::Load(Box::new(e)))?;
-    forward_kernel_logs(&mut ebpf);
-    Ok(ebpf)
+    let logs = LogForwarder::start(&mut ebpf);
+    Ok(Loaded { ebpf, _logs: logs })
 }
 
 /// aya-log records arrive through a ring buffer; aya-log hands them to the `log` crate,
-/// which tracing-subscriber's log bridge turns into tracing events.
-fn forward_kernel_logs(ebpf: &mut Ebpf) {
-    match aya_log::EbpfLogger::init(ebpf) {
-        Ok(logger) => {
-            if tokio::runtime::Handle::try_current().is_err() {
-                tracing::warn!("kernel-side logs not forwarded: no tokio runtime");
-                return;
+/// which tracing-subscriber's log bridge turns into tracing events. A plain thread does the
+/// reading so it works with or without an async runtime.
+struct LogForwarder {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LogForwarder {
+    fn start(ebpf: &mut Ebpf) -> Option<Self> {
+        use std::os::fd::AsRawFd;
+        let mut logger = match aya_log::EbpfLogger::init(ebpf) {
+            Ok(logger) => logger,
+            Err(e) => {
+                tracing::debug!("no kernel-side log buffer: {e}");
+                return None;
             }
-            // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd owns it.
-            let registered =
-                unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
-            let Ok(mut fd) = registered else {
-                tracing::warn!("kernel-side logs not forwarded: registering with tokio failed");
-                return;
-            };
-            tokio::spawn(async move {
-                loop {
-                    let Ok(mut guard) = fd.readable_mut().await else { break };
-                    guard.get_inner_mut().flush();
-                    guard.clear_ready();
+        };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let spawned = std::thread::Builder::new().name("bpf-logs".into()).spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut pfd = libc::pollfd { fd: logger.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd; the timeout lets the thread notice `stop`.
+                if unsafe { libc::poll(&mut pfd, 1, 200) } > 0 {
+                    logger.flush();
                 }
-            });
+            }
+            logger.flush();
+        });
+        match spawned {
+            Ok(_) => Some(LogForwarder { stop }),
+            Err(e) => {
+                tracing::warn!("kernel-side logs not forwarded: {e}");
+                None
+            }
         }
-        // The object has no log statements reachable (or none kept by the compiler).
-        Err(e) => tracing::debug!("no kernel-side log buffer: {e}"),
+    }
+}
+
+impl Drop for LogForwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

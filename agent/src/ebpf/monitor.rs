@@ -15,7 +15,7 @@ use aya::{
 use tether_common::{maps, programs, ExecEvent, FileKey, Measurement, ProcRecord, TraceFilter};
 use tokio::io::unix::AsyncFd;
 
-use super::{map_err, program_err, EbpfError};
+use super::{map_err, program_err, EbpfError, Loaded};
 use crate::cgroup::Cgroup;
 
 /// Which execs are reported as events (records are kept for all processes regardless).
@@ -33,8 +33,8 @@ pub enum TraceScope<'a> {
 pub struct Monitor {
     records: OwnedFd,
     measurements: HashMap<MapData, FileKey, Measurement>,
-    events: Option<ExecEvents>,
-    _ebpf: Ebpf,
+    events: Option<RingBuf<MapData>>,
+    _loaded: Loaded,
 }
 
 /// The stream of exec events, taken out of the [`Monitor`] so it can be awaited on its own.
@@ -45,7 +45,8 @@ pub struct ExecEvents {
 impl Monitor {
     /// Attaches the exec, fork, exit and cgroup-migration programs, then seeds records for
     /// processes already running (in that order, so no process falls between the two).
-    pub fn start(mut ebpf: Ebpf, scope: TraceScope<'_>) -> Result<Self, EbpfError> {
+    pub fn start(mut loaded: Loaded, scope: TraceScope<'_>) -> Result<Self, EbpfError> {
+        let ebpf = &mut loaded.ebpf;
         let filter = match scope {
             TraceScope::Off => TraceFilter::default(),
             TraceScope::All => TraceFilter { enabled: 1, ..Default::default() },
@@ -71,7 +72,7 @@ impl Monitor {
             prog.load(tracepoint, &btf).map_err(program_err(name, "load"))?;
             prog.attach().map_err(program_err(name, "attach"))?;
         }
-        seed(&mut ebpf, &btf)?;
+        seed(ebpf, &btf)?;
 
         let records = match ebpf.map(maps::TASK_RECORDS) {
             Some(Map::Unsupported(data)) => data
@@ -86,10 +87,7 @@ impl Monitor {
                 .map_err(map_err(maps::MEASUREMENTS, "open"))?;
         let ring = RingBuf::try_from(ebpf.take_map(maps::EXEC_EVENTS).ok_or(EbpfError::Missing(maps::EXEC_EVENTS))?)
             .map_err(map_err(maps::EXEC_EVENTS, "open"))?;
-        // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-            .map_err(|e| EbpfError::Io { op: "registering the exec ring buffer with tokio", source: e.into() })?;
-        Ok(Monitor { records, measurements, events: Some(ExecEvents { ring }), _ebpf: ebpf })
+        Ok(Monitor { records, measurements, events: Some(ring), _loaded: loaded })
     }
 
     /// The kernel's record of the process `pidfd` refers to. `None` when it has none: it
@@ -109,9 +107,19 @@ impl Monitor {
         self.measurements.get(key, 0).ok()
     }
 
-    /// The exec event stream (once).
-    pub fn take_events(&mut self) -> Option<ExecEvents> {
-        self.events.take()
+    /// The exec event stream (once). Needs a tokio runtime.
+    pub fn take_events(&mut self) -> Result<ExecEvents, EbpfError> {
+        let ring = self.events.take().ok_or(EbpfError::Missing("exec events (already taken)"))?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(EbpfError::Io {
+                op: "exec events need a tokio runtime",
+                source: std::io::ErrorKind::Unsupported.into(),
+            });
+        }
+        // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd owns the RingBuf.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|e| EbpfError::Io { op: "registering the exec ring buffer with tokio", source: e.into() })?;
+        Ok(ExecEvents { ring })
     }
 }
 

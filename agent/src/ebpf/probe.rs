@@ -87,7 +87,8 @@ pub fn probe_kernel() -> KernelSupport {
 /// The definitive test for tp_btf: our exec program through the verifier, not attached.
 fn exec_program_loads() -> bool {
     let result = (|| -> Result<(), super::EbpfError> {
-        let mut ebpf = super::load()?;
+        let mut loaded = super::load()?;
+        let ebpf = &mut loaded.ebpf;
         let btf = aya::Btf::from_sys_fs()?;
         let prog: &mut aya::programs::BtfTracePoint = ebpf
             .program_mut(programs::EXEC)

@@ -82,6 +82,11 @@ impl Resolver {
         Ok(monitor.lookup(pidfd.as_fd())?.as_ref().map(Record::from))
     }
 
+    /// What kernel hooks currently see for `exe` in the measurement map.
+    pub fn kernel_measurement(&self, exe: &FileId) -> Option<tether_common::Measurement> {
+        self.monitor.lock().unwrap_or_else(|p| p.into_inner()).measurement(&exe.key())
+    }
+
     /// Measures a recorded executable (once per file identity) and publishes the result to
     /// the kernel map.
     pub fn measure(&self, pidfd: &PidFd, pid: u32, exe: &FileId) -> Outcome {

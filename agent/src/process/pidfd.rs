@@ -25,6 +25,18 @@ impl PidFd {
         Ok(PidFd(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
     }
 
+    /// A pidfd for one thread (PIDFD_THREAD, Linux 6.9): its task, not its thread group.
+    pub fn open_thread(tid: u32) -> io::Result<Self> {
+        const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;
+        // SAFETY: plain syscall; the returned fd is owned below.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid as libc::pid_t, PIDFD_THREAD) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd owned by nobody else.
+        Ok(PidFd(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
     /// The peer of a connected Unix socket, as of its connect(). Fails (never falls back to a
     /// PID) when the kernel lacks SO_PEERPIDFD or the peer has already been reaped.
     pub fn from_peer(socket: BorrowedFd<'_>) -> io::Result<Self> {
