@@ -108,12 +108,11 @@ pub fn run(args: &Args) -> Result<()> {
 
     // Warm-up: page cache, socket slabs, the client binary.
     round(&cg, server.port, args.connects / 5)?;
-    let mut rates =
-        Metric { bench: "connect", metric: "connects_per_s", unit: "conn/s", baseline: Vec::new(), value: Vec::new() };
+    let mut rates = Metric::new("connect", "connects_per_s".into(), "conn/s");
     for _ in 0..args.rounds {
-        rates.baseline.push(round(&cg, server.port, args.connects)?);
+        let baseline = round(&cg, server.port, args.connects)?;
         let hook = ebpf::ConnectHook::attach(ebpf::load()?, &scope)?;
-        rates.value.push(round(&cg, server.port, args.connects)?);
+        rates.push(baseline, round(&cg, server.port, args.connects)?);
         drop(hook);
     }
 

@@ -2,6 +2,7 @@
 //! baseline in the same run, interleaved, and reports ratios (see ../shared/BENCHMARKS.md).
 
 mod connect;
+mod exec;
 mod report;
 
 use anyhow::Result;
@@ -18,6 +19,19 @@ struct Cli {
 enum Bench {
     /// B1: TCP connect+close from a test cgroup, connect4 attached vs nothing attached.
     Connect(connect::Args),
+    /// B4: fork+exec with the process programs (and measuring agent) vs none vs hashing
+    /// per exec; cold and warm measurement cost.
+    Exec(exec::Args),
+    /// Internal: the exec loop run inside the test cgroup.
+    #[command(hide = true)]
+    ExecLoop {
+        #[arg(long)]
+        binary: std::path::PathBuf,
+        #[arg(long)]
+        count: u32,
+        #[arg(long)]
+        hash: bool,
+    },
     /// Internal: the client loop run inside the test cgroup.
     #[command(hide = true)]
     ConnectLoop {
@@ -32,5 +46,7 @@ fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Connect(args) => connect::run(&args),
         Bench::ConnectLoop { port, count } => connect::client_loop(port, count),
+        Bench::Exec(args) => exec::run(&args),
+        Bench::ExecLoop { binary, count, hash } => exec::exec_loop(&binary, count, hash),
     }
 }

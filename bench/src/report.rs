@@ -5,7 +5,7 @@ use serde_json::json;
 /// One measured metric: per-round baseline and value, same run, interleaved.
 pub struct Metric {
     pub bench: &'static str,
-    pub metric: &'static str,
+    pub metric: String,
     pub unit: &'static str,
     pub baseline: Vec<f64>,
     pub value: Vec<f64>,
@@ -22,6 +22,16 @@ pub fn median(xs: &[f64]) -> f64 {
 }
 
 impl Metric {
+    pub fn new(bench: &'static str, metric: String, unit: &'static str) -> Self {
+        Metric { bench, metric, unit, baseline: Vec::new(), value: Vec::new() }
+    }
+
+    /// One round: the baseline and the value measured next to it.
+    pub fn push(&mut self, baseline: f64, value: f64) {
+        self.baseline.push(baseline);
+        self.value.push(value);
+    }
+
     fn ratios(&self) -> Vec<f64> {
         self.baseline.iter().zip(&self.value).map(|(b, v)| v / b).collect()
     }
@@ -30,7 +40,7 @@ impl Metric {
         let r = self.ratios();
         let (min, max) = r.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
         println!(
-            "{:<10} {:<22} baseline {:>12.1} {:<6} value {:>12.1}  ratio {:.3} (min {:.3}, max {:.3}, {} rounds)",
+            "{:<10} {:<32} baseline {:>12.1} {:<6} value {:>12.1}  ratio {:.3} (min {:.3}, max {:.3}, {} rounds)",
             self.bench,
             self.metric,
             median(&self.baseline),

@@ -100,6 +100,19 @@ impl Resolver {
         outcome
     }
 
+    /// Measures the executable of a process the kernel just reported exec'ing, so the cache
+    /// is warm before the workload first asks for an identity. The PID from the event is
+    /// only trusted once a pidfd for it shows the very record the event carried.
+    pub fn on_exec(&self, record: &tether_common::ProcRecord, pid: u32) -> Option<Outcome> {
+        let pidfd = PidFd::open(pid).ok()?;
+        let current = self.monitor.lock().unwrap_or_else(|p| p.into_inner()).lookup(pidfd.as_fd()).ok()??;
+        if current != *record {
+            return None; // exited and reused, or exec'd again: a later event covers it
+        }
+        let exe = Record::from(record).exe?;
+        Some(self.measure(&pidfd, pid, &exe))
+    }
+
     /// The identity of the process behind `pidfd`, as of now.
     pub fn identify(&self, pidfd: &PidFd) -> Result<ProcessIdentity, IdentityError> {
         for _ in 0..ATTEMPTS {

@@ -202,8 +202,12 @@ impl Measurer {
             }
             Err(e) => Outcome::Unmeasurable(Unmeasurable::Io { error: e.to_string() }),
         };
-        if let Outcome::Unmeasurable(why) = &outcome {
-            tracing::warn!(pid, exe = %exe, "executable not measured: {why}");
+        match &outcome {
+            Outcome::Unmeasurable(why @ Unmeasurable::ProcessGone) => {
+                tracing::debug!(pid, exe = %exe, "executable not measured: {why}")
+            }
+            Outcome::Unmeasurable(why) => tracing::warn!(pid, exe = %exe, "executable not measured: {why}"),
+            Outcome::Measured { .. } => {}
         }
         self.remember(exe, &outcome);
         outcome
