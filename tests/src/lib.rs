@@ -2,6 +2,8 @@
 //! cgroups and namespaces the tests create themselves (see the `sandbox` crate).
 //! The tests are in `tests/`; this library holds what several of them share.
 
+pub mod vm;
+
 use std::{path::PathBuf, process::Command};
 
 /// The `tether-agent` binary built beside these tests (`cargo xtask test` builds it first).

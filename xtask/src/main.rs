@@ -60,7 +60,10 @@ fn step(what: &str) {
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.current_dir(workspace()).status().with_context(|| format!("starting {cmd:?}"))?;
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(workspace());
+    }
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }

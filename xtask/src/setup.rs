@@ -15,7 +15,13 @@ const PACKAGES: &[(&str, &str)] = &[
     ("pkg-config", "native library discovery for -sys crates"),
     ("iproute2", "network namespaces and veth pairs in tests"),
     ("bash", "connect probes in tests (/dev/tcp)"),
+    ("qemu-system-x86", "a guest with another kernel, to prove the eBPF object is portable"),
+    ("busybox-static", "the guest's userland"),
 ];
+
+/// The guest kernel for the portability test: Debian 12's own 6.1 (a different struct
+/// layout from the host's 6.18), unpacked from its package, never installed.
+const GUEST_KERNEL_META: &str = "linux-image-cloud-amd64";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -46,7 +52,7 @@ fn bpf_linker_ok() -> bool {
 pub fn run() -> Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
     let linker = bpf_linker_ok();
-    if missing.is_empty() && linker {
+    if missing.is_empty() && linker && guest_kernel_present() {
         ensure_bpffs()?;
         println!("setup: all build and test dependencies present");
         return Ok(());
@@ -89,7 +95,50 @@ pub fn run() -> Result<()> {
             bail!("setup: bpf-linker {BPF_LINKER_VERSION} installed but not on PATH; add ~/.cargo/bin to PATH");
         }
     }
+    if !guest_kernel_present() {
+        fetch_guest_kernel()?;
+    }
     ensure_bpffs()
+}
+
+fn guest_kernels_dir() -> std::path::PathBuf {
+    crate::workspace().join("target/vm-kernels")
+}
+
+fn guest_kernel_present() -> bool {
+    std::fs::read_dir(guest_kernels_dir()).map(|mut d| d.next().is_some()).unwrap_or(false)
+}
+
+/// Downloads the current Debian 6.1 cloud kernel package and unpacks it (no install: the
+/// host's boot configuration is not touched).
+fn fetch_guest_kernel() -> Result<()> {
+    let out = Command::new("apt-cache").args(["depends", GUEST_KERNEL_META]).output().context("apt-cache depends")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pkg = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-"))
+        .with_context(|| format!("no kernel package behind {GUEST_KERNEL_META} (apt-get update?)"))?
+        .to_owned();
+    println!("setup: unpacking guest kernel {pkg} into {}", guest_kernels_dir().display());
+    let download = tempfile_dir()?;
+    crate::run(Command::new("apt-get").args(["download", &pkg]).current_dir(&download))?;
+    let deb = std::fs::read_dir(&download)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download produced no .deb")?;
+    let dest = guest_kernels_dir().join(&pkg);
+    std::fs::create_dir_all(&dest)?;
+    crate::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dest))?;
+    std::fs::remove_dir_all(&download)?;
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("tether-setup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 /// Pinned programs and maps live in bpffs; mount it where the kernel expects it.
