@@ -18,7 +18,13 @@ fn measure_writes_a_manifest_of_the_executables() {
         std::fs::set_permissions(&full, std::fs::Permissions::from_mode(if exec { 0o755 } else { 0o644 })).unwrap();
     }
     let manifest = root.path().join("golden.txt");
-    let out = Command::new(tether_tests::agent_bin()).arg("measure").arg(root.path()).arg("-o").arg(&manifest).output().unwrap();
+    let out = Command::new(tether_tests::agent_bin())
+        .arg("measure")
+        .arg(root.path())
+        .arg("-o")
+        .arg(&manifest)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = std::fs::read_to_string(&manifest).unwrap();
     let want = format!(
@@ -45,5 +51,8 @@ fn a_broken_manifest_is_refused_with_file_and_line() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("{}:1:", manifest.display())) && stderr.contains("not a 64-digit hex"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:1:", manifest.display())) && stderr.contains("not a 64-digit hex"),
+        "{stderr}"
+    );
 }

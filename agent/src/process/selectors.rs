@@ -1,66 +1,7 @@
-//! Selectors: `type:value` facts about a workload, spelled as SPIRE users know them where the
-//! meaning is the same (`unix:uid:1000`, `unix:sha256:<hex>`, `systemd:id:foo.service`,
-//! `k8s:pod-uid:<uid>`), derived only from the kernel's record of the process.
+//! Selectors derived from the kernel's record of a process: here, the ones read off its
+//! cgroup v2 path. The `Selector` type itself is shared with the server (tether-attestors).
 
-use std::fmt;
-
-use serde::{Serialize, Serializer};
-use thiserror::Error;
-
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Selector {
-    /// The namespace: `unix`, `systemd`, `cgroup`, `k8s`, `tpm`, ...
-    pub kind: String,
-    /// Everything after the first colon, e.g. `uid:1000`.
-    pub value: String,
-}
-
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum SelectorError {
-    #[error("selector {0:?} has no type: expected type:value, e.g. unix:uid:1000")]
-    NoType(String),
-    #[error("selector {0:?}: type must be lowercase letters, digits, '-' or '_'")]
-    BadType(String),
-    #[error("selector {0:?} has an empty value")]
-    EmptyValue(String),
-    #[error("selector {0:?} contains a control character")]
-    Control(String),
-}
-
-impl Selector {
-    pub fn new(kind: &str, value: impl Into<String>) -> Self {
-        Selector { kind: kind.to_owned(), value: value.into() }
-    }
-
-    /// Parses `type:value`, as written in registration entries and on the command line.
-    pub fn parse(s: &str) -> Result<Self, SelectorError> {
-        if s.chars().any(char::is_control) {
-            return Err(SelectorError::Control(s.into()));
-        }
-        let (kind, value) = s.split_once(':').ok_or_else(|| SelectorError::NoType(s.into()))?;
-        if kind.is_empty()
-            || !kind.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        {
-            return Err(SelectorError::BadType(s.into()));
-        }
-        if value.is_empty() {
-            return Err(SelectorError::EmptyValue(s.into()));
-        }
-        Ok(Selector::new(kind, value))
-    }
-}
-
-impl fmt::Display for Selector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.kind, self.value)
-    }
-}
-
-impl Serialize for Selector {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
+pub use tether_attestors::{Selector, SelectorError};
 
 fn is_hex_id(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
@@ -147,17 +88,6 @@ mod tests {
 
     fn sel(path: &str) -> Vec<String> {
         cgroup_selectors(path).iter().map(ToString::to_string).collect()
-    }
-
-    #[test]
-    fn parse_accepts_spire_style_and_names_errors() {
-        assert_eq!(Selector::parse("unix:uid:1000").unwrap(), Selector::new("unix", "uid:1000"));
-        assert_eq!(Selector::parse("k8s:pod-uid:a:b").unwrap().value, "pod-uid:a:b");
-        assert_eq!(Selector::parse("uid1000"), Err(SelectorError::NoType("uid1000".into())));
-        assert_eq!(Selector::parse(":x"), Err(SelectorError::BadType(":x".into())));
-        assert_eq!(Selector::parse("Unix:uid:1"), Err(SelectorError::BadType("Unix:uid:1".into())));
-        assert_eq!(Selector::parse("unix:"), Err(SelectorError::EmptyValue("unix:".into())));
-        assert_eq!(Selector::parse("unix:uid:1\n"), Err(SelectorError::Control("unix:uid:1\n".into())));
     }
 
     #[test]

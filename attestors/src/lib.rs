@@ -1,0 +1,9 @@
+//! Identity vocabulary shared by the agent and the server: SPIFFE IDs, selectors, and the
+//! node attestors (agent half and server half side by side).
+
+pub mod join_token;
+mod selector;
+mod spiffe_id;
+
+pub use selector::{is_subset, Selector, SelectorError};
+pub use spiffe_id::{parse_trust_domain, SpiffeId, SpiffeIdError, MAX_LEN};

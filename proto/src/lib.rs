@@ -1,0 +1,24 @@
+//! Generated gRPC code. `workload` is the SPIFFE Workload API with the standard's exact names
+//! (its proto has no package); `node` and `admin` are Tether's own server APIs.
+#![allow(clippy::all, missing_docs)]
+
+/// The SPIFFE Workload API (no proto package: methods are `/SpiffeWorkloadAPI/...`).
+pub mod workload {
+    tonic::include_proto!("_");
+}
+
+/// Nested as the proto packages are, so cross-package references resolve.
+pub mod tether {
+    pub mod node {
+        pub mod v1 {
+            tonic::include_proto!("tether.node.v1");
+        }
+    }
+    pub mod admin {
+        pub mod v1 {
+            tonic::include_proto!("tether.admin.v1");
+        }
+    }
+}
+
+pub use tether::{admin::v1 as admin, node::v1 as node};
