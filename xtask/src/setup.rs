@@ -15,6 +15,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("pkg-config", "native library discovery for -sys crates"),
     ("iproute2", "network namespaces and veth pairs in tests"),
     ("bash", "connect probes in tests (/dev/tcp)"),
+    ("protobuf-compiler", "protoc, for the gRPC definitions in proto/"),
+    ("libprotobuf-dev", "protobuf's well-known types (google/protobuf/struct.proto)"),
+    ("libsqlite3-dev", "the server's embedded SQLite store"),
+    ("openssl", "tests check SVIDs with `openssl verify`"),
     ("qemu-system-x86", "a guest with another kernel, to prove the eBPF object is portable"),
     ("busybox-static", "the guest's userland"),
 ];
