@@ -1,0 +1,398 @@
+//! The trust domain's signing authorities: X.509 CAs and JWT keys, with rotation.
+//!
+//! Rotation follows the schedule SPIRE users know: the next authority is prepared (and
+//! published in the bundle) at half the active one's life, activated when a sixth of that
+//! life remains, and the old one stays in the bundle until it expires, so SVIDs it signed keep
+//! validating.
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64URL, Engine};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use ring::{
+    rand::SystemRandom,
+    signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING},
+};
+use serde::{Deserialize, Serialize};
+use tether_attestors::SpiffeId;
+use thiserror::Error;
+use time::OffsetDateTime;
+
+/// SVIDs start this far in the past, for clock skew between hosts.
+pub const BACKDATE_SECONDS: i64 = 10;
+
+#[derive(Debug, Error)]
+pub enum CaError {
+    #[error("certificate building: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("the CSR is malformed or its signature does not verify: {0}")]
+    BadCsr(rcgen::Error),
+    #[error("JWT key: {0}")]
+    Jwt(String),
+    #[error("time out of range")]
+    Time,
+}
+
+fn unix_time(secs: i64) -> Result<OffsetDateTime, CaError> {
+    OffsetDateTime::from_unix_timestamp(secs).map_err(|_| CaError::Time)
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    let _ = getrandom::fill(&mut bytes);
+    bytes[0] &= 0x7f; // positive
+    SerialNumber::from_slice(&bytes)
+}
+
+fn b64_ser<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&B64URL.encode(v))
+}
+fn b64_de<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    let s = String::deserialize(d)?;
+    B64URL.decode(s).map_err(serde::de::Error::custom)
+}
+
+/// One X.509 signing authority.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct X509Authority {
+    #[serde(serialize_with = "b64_ser", deserialize_with = "b64_de")]
+    pub cert_der: Vec<u8>,
+    #[serde(serialize_with = "b64_ser", deserialize_with = "b64_de")]
+    key_pkcs8: Vec<u8>,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+impl X509Authority {
+    /// A self-signed P-256 root for `trust_domain`, carrying the trust domain's SPIFFE ID.
+    pub fn generate(trust_domain: &str, now: i64, ttl: i64) -> Result<Self, CaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let params = ca_params(trust_domain, now, ttl)?;
+        let cert = params.self_signed(&key)?;
+        Ok(X509Authority {
+            cert_der: cert.der().to_vec(),
+            key_pkcs8: key.serialize_der(),
+            not_before: now - BACKDATE_SECONDS,
+            not_after: now + ttl,
+        })
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>, CaError> {
+        let key = KeyPair::try_from(self.key_pkcs8.as_slice())?;
+        Ok(Issuer::from_ca_cert_der(&self.cert_der.as_slice().into(), key)?)
+    }
+}
+
+fn ca_params(trust_domain: &str, now: i64, ttl: i64) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Tether");
+    dn.push(DnType::CommonName, format!("{trust_domain} CA {now}"));
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
+    params.not_before = unix_time(now - BACKDATE_SECONDS)?;
+    params.not_after = unix_time(now + ttl)?;
+    params.serial_number = Some(random_serial());
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
+}
+
+/// One JWT signing key (ES256).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JwtKey {
+    pub kid: String,
+    #[serde(serialize_with = "b64_ser", deserialize_with = "b64_de")]
+    pkcs8: Vec<u8>,
+    pub not_after: i64,
+}
+
+impl JwtKey {
+    pub fn generate(now: i64, ttl: i64) -> Result<Self, CaError> {
+        let rng = SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .map_err(|e| CaError::Jwt(e.to_string()))?;
+        let mut kid = [0u8; 16];
+        getrandom::fill(&mut kid).map_err(|e| CaError::Jwt(e.to_string()))?;
+        Ok(JwtKey { kid: B64URL.encode(kid), pkcs8: pkcs8.as_ref().to_vec(), not_after: now + ttl })
+    }
+
+    fn pair(&self) -> Result<EcdsaKeyPair, CaError> {
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &self.pkcs8, &SystemRandom::new())
+            .map_err(|e| CaError::Jwt(e.to_string()))
+    }
+
+    /// The public key as a JWK for the bundle.
+    pub fn jwk(&self) -> Result<serde_json::Value, CaError> {
+        let pair = self.pair()?;
+        let point = pair.public_key().as_ref(); // 0x04 || X || Y
+        Ok(serde_json::json!({
+            "kty": "EC", "crv": "P-256", "use": "jwt-svid", "kid": self.kid,
+            "x": B64URL.encode(&point[1..33]), "y": B64URL.encode(&point[33..65]),
+        }))
+    }
+
+    /// A compact JWS (ES256) over `claims`.
+    pub fn sign(&self, claims: &serde_json::Value) -> Result<String, CaError> {
+        let header = serde_json::json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
+        let input = format!("{}.{}", B64URL.encode(header.to_string()), B64URL.encode(claims.to_string()));
+        let sig = self.pair()?.sign(&SystemRandom::new(), input.as_bytes()).map_err(|e| CaError::Jwt(e.to_string()))?;
+        Ok(format!("{input}.{}", B64URL.encode(sig.as_ref())))
+    }
+}
+
+/// Something with a validity window that rotates.
+pub trait Rotating: Sized {
+    fn not_after(&self) -> i64;
+}
+impl Rotating for X509Authority {
+    fn not_after(&self) -> i64 {
+        self.not_after
+    }
+}
+impl Rotating for JwtKey {
+    fn not_after(&self) -> i64 {
+        self.not_after
+    }
+}
+
+/// Active, prepared and retired authorities of one kind.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Slots<T> {
+    pub active: T,
+    pub prepared: Option<T>,
+    pub retired: Vec<T>,
+}
+
+impl<T: Rotating> Slots<T> {
+    /// Advances the schedule; true when the published set changed.
+    fn rotate(&mut self, now: i64, ttl: i64, make: impl FnOnce() -> Result<T, CaError>) -> Result<bool, CaError> {
+        let mut changed = false;
+        let end = self.active.not_after();
+        let start = end - ttl;
+        if self.prepared.is_none() && now >= start + ttl / 2 {
+            self.prepared = Some(make()?);
+            changed = true;
+        }
+        if now >= end - ttl / 6 {
+            if let Some(next) = self.prepared.take() {
+                let old = std::mem::replace(&mut self.active, next);
+                self.retired.push(old);
+                changed = true;
+            }
+        }
+        let before = self.retired.len();
+        self.retired.retain(|a| a.not_after() > now);
+        Ok(changed || before != self.retired.len())
+    }
+
+    fn all(&self) -> impl Iterator<Item = &T> {
+        std::iter::once(&self.active).chain(self.prepared.iter()).chain(self.retired.iter())
+    }
+}
+
+/// The whole authority state, persisted by the store as one JSON document.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CaState {
+    pub trust_domain: String,
+    pub ttl: i64,
+    pub x509: Slots<X509Authority>,
+    pub jwt: Slots<JwtKey>,
+    /// `spiffe_sequence` of the bundle: bumped whenever its contents change.
+    pub sequence: i64,
+}
+
+/// What an issued X.509-SVID is for.
+pub struct SvidRequest<'a> {
+    pub spiffe_id: &'a SpiffeId,
+    pub ttl: i64,
+    pub dns_names: &'a [String],
+}
+
+impl CaState {
+    pub fn new(trust_domain: &str, now: i64, ttl: i64) -> Result<Self, CaError> {
+        Ok(CaState {
+            trust_domain: trust_domain.into(),
+            ttl,
+            x509: Slots {
+                active: X509Authority::generate(trust_domain, now, ttl)?,
+                prepared: None,
+                retired: Vec::new(),
+            },
+            jwt: Slots { active: JwtKey::generate(now, ttl)?, prepared: None, retired: Vec::new() },
+            sequence: 1,
+        })
+    }
+
+    /// Runs the rotation schedule; true when the bundle changed (and its sequence moved).
+    pub fn rotate(&mut self, now: i64) -> Result<bool, CaError> {
+        let (td, ttl) = (self.trust_domain.clone(), self.ttl);
+        let x = self.x509.rotate(now, ttl, || X509Authority::generate(&td, now, ttl))?;
+        let j = self.jwt.rotate(now, ttl, || JwtKey::generate(now, ttl))?;
+        if x || j {
+            self.sequence += 1;
+        }
+        Ok(x || j)
+    }
+
+    /// DER root certificates to trust: active, prepared and not yet expired retired ones.
+    pub fn x509_authorities(&self) -> Vec<Vec<u8>> {
+        self.x509.all().map(|a| a.cert_der.clone()).collect()
+    }
+
+    /// The SPIFFE bundle (JWKS) document.
+    pub fn bundle_jwks(&self, refresh_hint: i64) -> Result<serde_json::Value, CaError> {
+        let mut keys = Vec::new();
+        for a in self.x509.all() {
+            keys.push(serde_json::json!({"use": "x509-svid", "kty": "EC", "crv": "P-256", "x5c": [base64::engine::general_purpose::STANDARD.encode(&a.cert_der)]}));
+        }
+        for k in self.jwt.all() {
+            keys.push(k.jwk()?);
+        }
+        Ok(serde_json::json!({"keys": keys, "spiffe_sequence": self.sequence, "spiffe_refresh_hint": refresh_hint}))
+    }
+
+    /// JWT authorities only (the JWKS a Workload API client validates JWT-SVIDs with).
+    pub fn jwt_jwks(&self) -> Result<serde_json::Value, CaError> {
+        let keys = self.jwt.all().map(JwtKey::jwk).collect::<Result<Vec<_>, _>>()?;
+        Ok(serde_json::json!({"keys": keys}))
+    }
+
+    /// Signs `csr_der` for `req`. The CSR's signature must verify (proof the requester holds
+    /// the key); everything else in the certificate is the server's decision: exactly one URI
+    /// SAN, cA=false, digitalSignature, server+client auth, lifetime capped by the CA's.
+    pub fn sign_x509_svid(&self, csr_der: &[u8], req: &SvidRequest<'_>, now: i64) -> Result<Vec<Vec<u8>>, CaError> {
+        let csr = CertificateSigningRequestParams::from_der(&csr_der.into()).map_err(CaError::BadCsr)?;
+        let ca = &self.x509.active;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "Tether");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages =
+            vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment, KeyUsagePurpose::KeyAgreement];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let mut sans = vec![SanType::URI(req.spiffe_id.to_string().try_into()?)];
+        for name in req.dns_names {
+            sans.push(SanType::DnsName(name.clone().try_into()?));
+        }
+        params.subject_alt_names = sans;
+        params.not_before = unix_time(now - BACKDATE_SECONDS)?;
+        params.not_after = unix_time((now + req.ttl).min(ca.not_after))?;
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&csr.public_key, &ca.issuer()?)?;
+        Ok(vec![cert.der().to_vec()])
+    }
+
+    /// A JWT-SVID for `sub` and `audience`, from the active key.
+    pub fn mint_jwt(&self, sub: &SpiffeId, audience: &[String], ttl: i64, now: i64) -> Result<String, CaError> {
+        let aud = if audience.len() == 1 { serde_json::json!(audience[0]) } else { serde_json::json!(audience) };
+        let exp = (now + ttl).min(self.jwt.active.not_after);
+        self.jwt.active.sign(&serde_json::json!({"sub": sub.to_string(), "aud": aud, "exp": exp, "iat": now}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use x509_parser::prelude::*;
+
+    use super::*;
+
+    fn csr(id: &str) -> (Vec<u8>, KeyPair) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        (p.serialize_request(&key).unwrap().der().to_vec(), key)
+    }
+
+    #[test]
+    fn issues_spec_conformant_leaves() {
+        let now = 1_800_000_000;
+        let ca = CaState::new("example.org", now, 86_400).unwrap();
+        let id = SpiffeId::parse("spiffe://example.org/web").unwrap();
+        let (der, _) = csr("spiffe://example.org/ignored");
+        let chain = ca.sign_x509_svid(&der, &SvidRequest { spiffe_id: &id, ttl: 3600, dns_names: &[] }, now).unwrap();
+        let (_, cert) = X509Certificate::from_der(&chain[0]).unwrap();
+        let uris: Vec<String> = cert
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| if let GeneralName::URI(u) = n { Some(u.to_string()) } else { None })
+            .collect();
+        assert_eq!(uris, vec!["spiffe://example.org/web"], "exactly one URI SAN, the server's choice");
+        assert!(!cert.is_ca());
+        let ku = cert.key_usage().unwrap().unwrap();
+        assert!(ku.critical && ku.value.digital_signature() && !ku.value.key_cert_sign() && !ku.value.crl_sign());
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        assert_eq!(cert.validity().not_before.timestamp(), now - BACKDATE_SECONDS);
+        assert_eq!(cert.validity().not_after.timestamp(), now + 3600);
+        // Signed by the CA.
+        let roots = ca.x509_authorities();
+        let (_, root) = X509Certificate::from_der(&roots[0]).unwrap();
+        cert.verify_signature(Some(root.public_key())).unwrap();
+        assert!(root.is_ca());
+    }
+
+    #[test]
+    fn garbage_and_forged_csrs_are_refused() {
+        let ca = CaState::new("example.org", 1_800_000_000, 86_400).unwrap();
+        let id = SpiffeId::parse("spiffe://example.org/web").unwrap();
+        let req = SvidRequest { spiffe_id: &id, ttl: 60, dns_names: &[] };
+        assert!(matches!(ca.sign_x509_svid(b"not a csr", &req, 1_800_000_000), Err(CaError::BadCsr(_))));
+        let (mut der, _) = csr("spiffe://example.org/web");
+        let last = der.len() - 1;
+        der[last] ^= 0xff; // break the signature
+        assert!(matches!(ca.sign_x509_svid(&der, &req, 1_800_000_000), Err(CaError::BadCsr(_))));
+    }
+
+    #[test]
+    fn rotation_prepares_at_half_activates_at_a_sixth_and_keeps_the_old() {
+        let t0 = 1_800_000_000;
+        let ttl = 600;
+        let mut ca = CaState::new("example.org", t0, ttl).unwrap();
+        let first = ca.x509.active.cert_der.clone();
+        assert!(!ca.rotate(t0 + 100).unwrap());
+        assert!(ca.rotate(t0 + 300).unwrap(), "prepared at half life");
+        assert_eq!(ca.x509_authorities().len(), 2, "prepared one is published early");
+        assert_eq!(ca.x509.active.cert_der, first);
+        assert!(ca.rotate(t0 + 500).unwrap(), "activated when a sixth remains");
+        assert_ne!(ca.x509.active.cert_der, first);
+        assert!(ca.x509_authorities().contains(&first), "old CA kept until it expires");
+        let seq = ca.sequence;
+        assert!(ca.rotate(t0 + 601).unwrap(), "expired one dropped");
+        assert!(!ca.x509_authorities().contains(&first));
+        assert!(ca.sequence > seq);
+    }
+
+    #[test]
+    fn jwts_are_es256_with_kid_and_verify() {
+        let now = 1_800_000_000;
+        let ca = CaState::new("example.org", now, 86_400).unwrap();
+        let id = SpiffeId::parse("spiffe://example.org/web").unwrap();
+        let token = ca.mint_jwt(&id, &["db".into()], 300, now).unwrap();
+        let parts: Vec<&str> = token.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        let header: serde_json::Value = serde_json::from_slice(&B64URL.decode(parts[0]).unwrap()).unwrap();
+        assert_eq!(header["alg"], "ES256");
+        assert_eq!(header["kid"], ca.jwt.active.kid);
+        let claims: serde_json::Value = serde_json::from_slice(&B64URL.decode(parts[1]).unwrap()).unwrap();
+        assert_eq!(
+            (claims["sub"].as_str(), claims["aud"].as_str(), claims["exp"].as_i64()),
+            (Some("spiffe://example.org/web"), Some("db"), Some(now + 300))
+        );
+        let jwks = ca.bundle_jwks(300).unwrap();
+        assert!(jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["use"] == "jwt-svid" && k["kid"] == ca.jwt.active.kid));
+        assert_eq!(jwks["spiffe_sequence"], 1);
+    }
+}

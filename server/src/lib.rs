@@ -1,0 +1,5 @@
+//! The Tether server: the trust domain's authorities, the registration store, and the APIs
+//! agents (node API, TLS) and operators (admin API, local socket) use.
+
+pub mod ca;
+pub mod config;
