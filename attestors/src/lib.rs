@@ -2,6 +2,7 @@
 //! node attestors (agent half and server half side by side).
 
 pub mod join_token;
+pub mod pem;
 mod selector;
 mod spiffe_id;
 

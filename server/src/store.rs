@@ -71,7 +71,11 @@ impl Entry {
         for name in &self.dns_names {
             let ok = !name.is_empty()
                 && name.len() <= 253
-                && name.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*'));
+                && name.split('.').all(|l| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
+                });
             if !ok {
                 return invalid(format!("DNS name {name:?} is not valid"));
             }
@@ -167,7 +171,8 @@ impl Store {
         } else {
             "UPDATE entries SET spiffe_id = ?2, parent_id = ?3, selectors_key = ?4, body = ?5 WHERE id = ?1"
         };
-        match tx.execute(sql, params![e.id, e.spiffe_id.to_string(), e.parent_id.to_string(), e.selectors_key(), body]) {
+        match tx.execute(sql, params![e.id, e.spiffe_id.to_string(), e.parent_id.to_string(), e.selectors_key(), body])
+        {
             Ok(0) => Err(StoreError::NoEntry(e.id.clone())),
             Ok(_) => Ok(()),
             Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
@@ -212,7 +217,8 @@ impl Store {
 
     pub fn get_entry(&self, id: &str) -> Result<Entry, StoreError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let body: Option<String> = conn.query_row("SELECT body FROM entries WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        let body: Option<String> =
+            conn.query_row("SELECT body FROM entries WHERE id = ?1", [id], |r| r.get(0)).optional()?;
         let body = body.ok_or_else(|| StoreError::NoEntry(id.into()))?;
         serde_json::from_str(&body).map_err(|x| StoreError::Corrupt(x.to_string()))
     }
@@ -223,11 +229,17 @@ impl Store {
         let mut stmt = conn.prepare(
             "SELECT body FROM entries WHERE (?1 IS NULL OR spiffe_id = ?1) AND (?2 IS NULL OR parent_id = ?2) ORDER BY spiffe_id, id",
         )?;
-        let rows = stmt.query_map(params![spiffe_id, parent_id], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        let rows =
+            stmt.query_map(params![spiffe_id, parent_id], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
         Self::parse_entries(rows)
     }
 
-    pub fn create_join_token(&self, digest: &str, expires_at: i64, node_id: Option<&SpiffeId>) -> Result<(), StoreError> {
+    pub fn create_join_token(
+        &self,
+        digest: &str,
+        expires_at: i64,
+        node_id: Option<&SpiffeId>,
+    ) -> Result<(), StoreError> {
         self.with_tx(|tx| {
             tx.execute(
                 "INSERT INTO join_tokens (digest, expires_at, node_id) VALUES (?1, ?2, ?3)",
@@ -279,21 +291,32 @@ impl Store {
 
     pub fn get_agent(&self, id: &SpiffeId) -> Result<Agent, StoreError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.query_row("SELECT spiffe_id, attestor, attested_at, svid_expires_at, selectors FROM agents WHERE spiffe_id = ?1", [id.to_string()], row_agent)
-            .optional()?
-            .ok_or_else(|| StoreError::NoAgent(id.to_string()))?
+        conn.query_row(
+            "SELECT spiffe_id, attestor, attested_at, svid_expires_at, selectors FROM agents WHERE spiffe_id = ?1",
+            [id.to_string()],
+            row_agent,
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NoAgent(id.to_string()))?
     }
 
     pub fn renew_agent(&self, id: &SpiffeId, svid_expires_at: i64) -> Result<(), StoreError> {
-        self.with_tx(|tx| match tx.execute("UPDATE agents SET svid_expires_at = ?2 WHERE spiffe_id = ?1", params![id.to_string(), svid_expires_at])? {
-            0 => Err(StoreError::NoAgent(id.to_string())),
-            _ => Ok(()),
+        self.with_tx(|tx| {
+            match tx.execute(
+                "UPDATE agents SET svid_expires_at = ?2 WHERE spiffe_id = ?1",
+                params![id.to_string(), svid_expires_at],
+            )? {
+                0 => Err(StoreError::NoAgent(id.to_string())),
+                _ => Ok(()),
+            }
         })
     }
 
     pub fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let mut stmt = conn.prepare("SELECT spiffe_id, attestor, attested_at, svid_expires_at, selectors FROM agents ORDER BY spiffe_id")?;
+        let mut stmt = conn.prepare(
+            "SELECT spiffe_id, attestor, attested_at, svid_expires_at, selectors FROM agents ORDER BY spiffe_id",
+        )?;
         let rows = stmt.query_map([], row_agent)?.collect::<Result<Vec<_>, _>>()?;
         rows.into_iter().collect()
     }
@@ -314,14 +337,18 @@ impl Store {
 
     pub fn load_ca(&self) -> Result<Option<CaState>, StoreError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let v: Option<String> = conn.query_row("SELECT value FROM meta WHERE key = 'ca'", [], |r| r.get(0)).optional()?;
+        let v: Option<String> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'ca'", [], |r| r.get(0)).optional()?;
         v.map(|s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
     }
 
     pub fn save_ca(&self, ca: &CaState) -> Result<(), StoreError> {
         let v = serde_json::to_string(ca).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.with_tx(|tx| {
-            tx.execute("INSERT INTO meta (key, value) VALUES ('ca', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value", [v])?;
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('ca', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [v],
+            )?;
             Ok(())
         })
     }
@@ -408,14 +435,21 @@ mod tests {
         let id = SpiffeId::parse("spiffe://td/node/a").unwrap();
         s.create_join_token("d1", 1000, None).unwrap();
         // Issuing fails inside the transaction: the token survives.
-        let failed: Result<(SpiffeId, ()), _> = s.attest_with_token("d1", 10, id.clone(), |_| Err(StoreError::Invalid("csr".into())));
+        let failed: Result<(SpiffeId, ()), _> =
+            s.attest_with_token("d1", 10, id.clone(), |_| Err(StoreError::Invalid("csr".into())));
         assert!(failed.is_err());
         assert!(s.list_agents().unwrap().is_empty());
         let (got, ()) = s.attest_with_token("d1", 10, id.clone(), |_| Ok(((), 500))).unwrap();
         assert_eq!(got, id);
-        assert!(matches!(s.attest_with_token("d1", 11, id.clone(), |_| Ok(((), 500))), Err(StoreError::BadToken)), "reuse");
+        assert!(
+            matches!(s.attest_with_token("d1", 11, id.clone(), |_| Ok(((), 500))), Err(StoreError::BadToken)),
+            "reuse"
+        );
         s.create_join_token("d2", 1000, None).unwrap();
-        assert!(matches!(s.attest_with_token("d2", 1000, id.clone(), |_| Ok(((), 1))), Err(StoreError::BadToken)), "expired");
+        assert!(
+            matches!(s.attest_with_token("d2", 1000, id.clone(), |_| Ok(((), 1))), Err(StoreError::BadToken)),
+            "expired"
+        );
         assert!(matches!(s.attest_with_token("nope", 1, id.clone(), |_| Ok(((), 1))), Err(StoreError::BadToken)));
         assert_eq!(s.list_agents().unwrap().len(), 1);
     }
