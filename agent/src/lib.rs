@@ -3,7 +3,13 @@
 //! `ebpf` is the only module that talks to the kernel's BPF subsystem (and the only one that
 //! imports aya); the rest works on the records it produces.
 
+pub mod api_client;
 pub mod cgroup;
+pub mod config;
 pub mod ebpf;
+pub mod manager;
+pub mod node_client;
 pub mod process;
+pub mod svid;
 pub mod telemetry;
+pub mod workload_api;

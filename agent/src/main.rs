@@ -66,10 +66,45 @@ enum Command {
     },
     /// Report which BPF program and map types this kernel accepts, and the path Tether uses.
     Probe,
+    /// Run the agent: attest the node, keep SVIDs fresh, serve the SPIFFE Workload API.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Talk to a running agent's Workload API, as a workload would.
+    #[command(subcommand)]
+    Api(ApiCmd),
+}
+
+#[derive(Subcommand)]
+enum ApiCmd {
+    /// Fetch from the Workload API.
+    Fetch {
+        /// x509, jwt or bundle.
+        #[arg(value_parser = ["x509", "jwt", "bundle"])]
+        what: String,
+        /// Default: $SPIFFE_ENDPOINT_SOCKET, else /run/tether/agent.sock.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Audience for jwt (repeatable).
+        #[arg(long)]
+        audience: Vec<String>,
+        /// Write svid.N.pem, svid.N.key and bundle.N.pem here (x509).
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() {
+    // Errors are for people: the message chain, no backtrace.
+    if let Err(e) = real_main().await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn real_main() -> Result<()> {
     let cli = Cli::parse();
     telemetry::init(cli.log_json);
     match cli.command {
@@ -83,6 +118,10 @@ async fn main() -> Result<()> {
         }
         Command::Measure { dir, output, max_measure_bytes } => {
             measure_command(&dir, output.as_deref(), max_measure_bytes)
+        }
+        Command::Run { config } => run_agent(&config).await,
+        Command::Api(ApiCmd::Fetch { what, socket, audience, write }) => {
+            api_fetch(&what, socket, &audience, write.as_deref()).await
         }
     }
 }
@@ -208,5 +247,99 @@ fn measure_command(dir: &Path, output: Option<&Path>, max_bytes: u64) -> Result<
         None => std::io::stdout().write_all(text.as_bytes())?,
     }
     tracing::info!(executables = golden.entries.len(), "manifest written");
+    Ok(())
+}
+
+async fn run_agent(config_path: &Path) -> Result<()> {
+    use tether_agent::{config::AgentConfig, manager::Manager, workload_api};
+    use tether_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+
+    let config = AgentConfig::load(config_path)?;
+    log_kernel_support();
+    let monitor = ebpf::Monitor::start(ebpf::load()?, ebpf::TraceScope::Off)?;
+    let resolver =
+        std::sync::Arc::new(Resolver::new(monitor, Measurer::new(config.max_measure_bytes), cgroup2_root()?));
+    let manager = Manager::start(config.clone()).await.context("node attestation")?;
+    let listener =
+        workload_api::bind(&config.socket_path).with_context(|| format!("binding {}", config.socket_path.display()))?;
+    tracing::info!(SPIFFE_ENDPOINT_SOCKET = %config.endpoint(), "Workload API listening");
+    println!("SPIFFE_ENDPOINT_SOCKET={}", config.endpoint());
+    tonic::transport::Server::builder()
+        .add_service(SpiffeWorkloadApiServer::new(workload_api::WorkloadApi::new(resolver, manager)))
+        .serve_with_incoming_shutdown(workload_api::incoming(listener), async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    let _ = std::fs::remove_file(&config.socket_path);
+    Ok(())
+}
+
+async fn api_fetch(what: &str, socket: Option<PathBuf>, audience: &[String], write: Option<&Path>) -> Result<()> {
+    use tether_proto::workload;
+    use tokio_stream::StreamExt;
+    let socket = socket
+        .or_else(|| {
+            std::env::var("SPIFFE_ENDPOINT_SOCKET").ok().map(|s| PathBuf::from(s.trim_start_matches("unix://")))
+        })
+        .unwrap_or_else(|| PathBuf::from("/run/tether/agent.sock"));
+    let mut client = tether_agent::api_client::connect(&socket)
+        .await
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    let status = |s: tonic::Status| anyhow::anyhow!("{}: {}", s.code().description(), s.message());
+    match what {
+        "x509" => {
+            let mut stream = client.fetch_x509svid(workload::X509svidRequest {}).await.map_err(status)?.into_inner();
+            let resp = stream.next().await.context("stream ended")?.map_err(status)?;
+            println!("Received {} svid(s)", resp.svids.len());
+            for (i, svid) in resp.svids.iter().enumerate() {
+                let chain = tether_agent::svid::split_chain(&svid.x509_svid)?;
+                let leaf = x509_parser::parse_x509_certificate(&chain[0]).map_err(|e| anyhow::anyhow!("leaf: {e}"))?.1;
+                println!(
+                    "SPIFFE ID : {}\nHint      : {}\nNot after : {}\n",
+                    svid.spiffe_id,
+                    svid.hint,
+                    leaf.validity().not_after
+                );
+                if let Some(dir) = write {
+                    use tether_attestors::pem;
+                    std::fs::create_dir_all(dir)?;
+                    std::fs::write(
+                        dir.join(format!("svid.{i}.pem")),
+                        pem::certificates(chain.iter().map(Vec::as_slice)),
+                    )?;
+                    std::fs::write(dir.join(format!("svid.{i}.key")), pem::encode("PRIVATE KEY", &svid.x509_svid_key))?;
+                    let bundle = tether_agent::svid::split_chain(&svid.bundle)?;
+                    std::fs::write(
+                        dir.join(format!("bundle.{i}.pem")),
+                        pem::certificates(bundle.iter().map(Vec::as_slice)),
+                    )?;
+                }
+            }
+        }
+        "jwt" => {
+            let resp = client
+                .fetch_jwtsvid(workload::JwtsvidRequest { audience: audience.to_vec(), spiffe_id: String::new() })
+                .await
+                .map_err(status)?
+                .into_inner();
+            for svid in resp.svids {
+                println!("{}\n{}\n", svid.spiffe_id, svid.svid);
+            }
+        }
+        _ => {
+            let mut stream =
+                client.fetch_x509_bundles(workload::X509BundlesRequest {}).await.map_err(status)?.into_inner();
+            let resp = stream.next().await.context("stream ended")?.map_err(status)?;
+            for (td, der) in resp.bundles {
+                println!("# {td}");
+                print!(
+                    "{}",
+                    tether_attestors::pem::certificates(
+                        tether_agent::svid::split_chain(&der)?.iter().map(Vec::as_slice)
+                    )
+                );
+            }
+        }
+    }
     Ok(())
 }

@@ -1,0 +1,110 @@
+//! tether-agent configuration (`run`): one TOML file, unknown keys refused, each value
+//! checked at start-up with an error naming the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tether_attestors::parse_trust_domain;
+use thiserror::Error;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub trust_domain: String,
+    /// host:port of the server's node API.
+    pub server_address: String,
+    /// Name the server's TLS certificate must carry. Default "localhost".
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// PEM bundle to trust the server with on first contact.
+    pub trust_bundle_path: PathBuf,
+    /// One-time join token for the first attestation (later starts reuse the node SVID).
+    pub join_token: Option<String>,
+    /// Node SVID and key (0600) live here.
+    pub data_dir: PathBuf,
+    /// The Workload API socket.
+    pub socket_path: PathBuf,
+    /// Seconds between entry syncs. Default 5.
+    #[serde(default = "default_sync")]
+    pub sync_interval_seconds: u64,
+    /// Executables larger than this are not hashed.
+    #[serde(default = "default_max_measure")]
+    pub max_measure_bytes: u64,
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+fn default_sync() -> u64 {
+    5
+}
+fn default_max_measure() -> u64 {
+    crate::process::measure::DEFAULT_MAX_BYTES
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{path}: key `{key}`: {message}")]
+    Invalid { path: PathBuf, key: &'static str, message: String },
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let c: AgentConfig = toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        let invalid = |key, message: String| ConfigError::Invalid { path: path.into(), key, message };
+        parse_trust_domain(&c.trust_domain).map_err(|e| invalid("trust_domain", e.to_string()))?;
+        if !c.socket_path.is_absolute() {
+            return Err(invalid("socket_path", "must be an absolute path".into()));
+        }
+        if c.sync_interval_seconds == 0 {
+            return Err(invalid("sync_interval_seconds", "must be at least 1".into()));
+        }
+        if c.server_address.parse::<std::net::SocketAddr>().is_err() && !c.server_address.contains(':') {
+            return Err(invalid("server_address", format!("{:?} is not host:port", c.server_address)));
+        }
+        Ok(c)
+    }
+
+    /// The value for SPIFFE_ENDPOINT_SOCKET.
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.socket_path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_key() {
+        let base = "trust_domain = \"e.org\"\nserver_address = \"127.0.0.1:8081\"\ntrust_bundle_path = \"/b.pem\"\ndata_dir = \"/d\"\n";
+        let ok = AgentConfig::parse(&format!("{base}socket_path = \"/run/tether/api.sock\"\n"), Path::new("a.toml"))
+            .unwrap();
+        assert_eq!(ok.endpoint(), "unix:///run/tether/api.sock");
+        let e = AgentConfig::parse(&format!("{base}socket_path = \"rel.sock\"\n"), Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "a.toml: key `socket_path`: must be an absolute path");
+        let e = AgentConfig::parse(&format!("{base}socket_path = \"/s\"\nsurprise = 1\n"), Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `surprise`"), "{e}");
+    }
+}

@@ -1,0 +1,176 @@
+//! Keeps the node attested and its workload SVIDs fresh: syncs entries, signs a new key for
+//! each entry as its SVID nears half life (with jitter), renews the node SVID, and
+//! publishes every change to the Workload API's streams. When the server is unreachable it
+//! keeps what it has until expiry and tries again.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use tether_attestors::{Selector, SpiffeId};
+use tether_proto::node;
+use tokio::sync::{watch, Mutex};
+
+use crate::{
+    config::AgentConfig,
+    node_client::{Bundle, NodeError, NodeSession},
+    svid::{jitter, new_key, now, X509Svid},
+};
+
+/// A registration entry as the agent uses it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalEntry {
+    pub id: String,
+    pub spiffe_id: SpiffeId,
+    pub selectors: Vec<Selector>,
+    pub hint: String,
+    pub revision: i64,
+}
+
+impl LocalEntry {
+    fn from_proto(e: &node::Entry) -> Option<Self> {
+        Some(LocalEntry {
+            id: e.id.clone(),
+            spiffe_id: SpiffeId::parse(&e.spiffe_id).ok()?,
+            selectors: e.selectors.iter().map(|s| Selector::parse(s)).collect::<Result<_, _>>().ok()?,
+            hint: e.hint.clone(),
+            revision: e.revision,
+        })
+    }
+}
+
+/// Everything the Workload API serves from, replaced whole on every change.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub entries: Vec<LocalEntry>,
+    /// By entry id; only unexpired SVIDs.
+    pub svids: HashMap<String, X509Svid>,
+    pub bundle: Bundle,
+    /// Whether the node holds a valid node SVID (attested).
+    pub node_attested: bool,
+}
+
+impl Snapshot {
+    /// Entries whose selectors are all among the workload's, in a stable order.
+    pub fn matching(&self, selectors: &[Selector]) -> Vec<&LocalEntry> {
+        let mut out: Vec<&LocalEntry> =
+            self.entries.iter().filter(|e| tether_attestors::is_subset(&e.selectors, selectors)).collect();
+        out.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id).then(a.id.cmp(&b.id)));
+        out
+    }
+}
+
+pub struct Manager {
+    config: AgentConfig,
+    session: Mutex<NodeSession>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    jwt_cache: Mutex<HashMap<JwtKey, CachedJwt>>,
+}
+
+/// (entry id, sorted audience)
+type JwtKey = (String, Vec<String>);
+
+/// (token, issued at, expires at)
+type CachedJwt = (String, i64, i64);
+
+impl Manager {
+    pub async fn start(config: AgentConfig) -> Result<Arc<Self>, NodeError> {
+        let session = NodeSession::establish(&config).await?;
+        let snapshot = Snapshot { bundle: session.bundle.clone(), node_attested: true, ..Default::default() };
+        let (tx, _) = watch::channel(Arc::new(snapshot));
+        let manager =
+            Arc::new(Manager { config, session: Mutex::new(session), snapshot: tx, jwt_cache: Mutex::default() });
+        if let Err(e) = manager.tick().await {
+            tracing::warn!("first sync failed: {e}");
+        }
+        let m = manager.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(m.config.sync_interval_seconds)).await;
+                if let Err(e) = m.tick().await {
+                    tracing::warn!("sync with the server failed (serving cached SVIDs until they expire): {e}");
+                    m.drop_expired();
+                }
+            }
+        });
+        Ok(manager)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    fn drop_expired(&self) {
+        let now = now();
+        let cur = self.current();
+        if cur.svids.values().any(|s| s.not_after <= now) {
+            let mut next = (*cur).clone();
+            next.svids.retain(|_, s| s.not_after > now);
+            self.snapshot.send_replace(Arc::new(next));
+        }
+    }
+
+    /// One round: node SVID renewal if due, entry sync, SVID issuance and renewal.
+    pub async fn tick(&self) -> Result<(), NodeError> {
+        let mut session = self.session.lock().await;
+        if now() >= session.node_svid.renew_at(0.0) {
+            session.renew(&self.config).await?;
+        }
+        let entries: Vec<LocalEntry> = session.sync().await?.iter().filter_map(LocalEntry::from_proto).collect();
+        let cur = self.current();
+        let now = now();
+        let mut svids: HashMap<String, X509Svid> = cur
+            .svids
+            .iter()
+            .filter(|(id, s)| s.not_after > now && entries.iter().any(|e| &e.id == *id && e.spiffe_id == s.spiffe_id))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let due: Vec<&LocalEntry> =
+            entries.iter().filter(|e| svids.get(&e.id).is_none_or(|s| now >= s.renew_at(jitter()))).collect();
+        if !due.is_empty() {
+            let mut keys = HashMap::new();
+            let mut csrs = Vec::new();
+            for e in &due {
+                let pending = new_key()?;
+                csrs.push((e.id.clone(), pending.csr_der));
+                keys.insert(e.id.clone(), pending.key);
+            }
+            for (entry_id, chain) in session.sign(csrs).await? {
+                if let Some(key) = keys.get(&entry_id) {
+                    let svid = X509Svid::new(key, &chain)?;
+                    tracing::info!(spiffe_id = %svid.spiffe_id, not_after = svid.not_after, "X.509-SVID issued");
+                    svids.insert(entry_id, svid);
+                }
+            }
+        }
+        let next = Snapshot { entries, svids, bundle: session.bundle.clone(), node_attested: true };
+        let changed = next.bundle != cur.bundle
+            || next.entries != cur.entries
+            || next.svids.len() != cur.svids.len()
+            || next.svids.iter().any(|(k, v)| cur.svids.get(k).is_none_or(|c| c.chain != v.chain));
+        if changed {
+            self.snapshot.send_replace(Arc::new(next));
+        }
+        Ok(())
+    }
+
+    /// A JWT-SVID for an entry and audience, minted by the server (the signing keys stay
+    /// there), reused until half its life.
+    pub async fn jwt(&self, entry_id: &str, audience: &[String]) -> Result<String, NodeError> {
+        let mut aud = audience.to_vec();
+        aud.sort();
+        let key = (entry_id.to_owned(), aud);
+        let now = now();
+        if let Some((token, iat, exp)) = self.jwt_cache.lock().await.get(&key) {
+            if now < iat + (exp - iat) / 2 {
+                return Ok(token.clone());
+            }
+        }
+        let token = self.session.lock().await.mint_jwt(entry_id, audience).await?;
+        let exp = crate::workload_api::jwt_claims(&token).and_then(|c| c["exp"].as_i64()).unwrap_or(now);
+        self.jwt_cache.lock().await.insert(key, (token.clone(), now, exp));
+        Ok(token)
+    }
+}

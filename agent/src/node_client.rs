@@ -1,0 +1,181 @@
+//! The agent's side of the node API: attestation, node SVID renewal, entry sync, signing.
+
+use std::path::Path;
+
+use tether_attestors::{join_token, pem};
+use tether_proto::node::{self, node_client::NodeClient};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::{
+    config::AgentConfig,
+    svid::{new_key, now, SvidError, X509Svid},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("connecting to the server at {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("server refused: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("{0}")]
+    Svid(#[from] SvidError),
+    #[error("reading {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no node SVID on disk and no join_token in the config: cannot attest")]
+    NoCredential,
+    #[error("the server answered without a bundle")]
+    NoBundle,
+}
+
+/// The trust bundle: DER roots, and the JWKS for JWT authorities.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Bundle {
+    pub trust_domain: String,
+    pub x509_authorities: Vec<Vec<u8>>,
+    pub jwks: Vec<u8>,
+    pub sequence: i64,
+}
+
+impl Bundle {
+    fn from_proto(b: Option<node::Bundle>) -> Result<Self, NodeError> {
+        let b = b.ok_or(NodeError::NoBundle)?;
+        Ok(Bundle {
+            trust_domain: b.trust_domain,
+            x509_authorities: b.x509_authorities,
+            jwks: b.jwks,
+            sequence: b.sequence,
+        })
+    }
+
+    pub fn pem(&self) -> String {
+        pem::certificates(self.x509_authorities.iter().map(Vec::as_slice))
+    }
+}
+
+async fn channel(config: &AgentConfig, roots_pem: &str, identity: Option<&X509Svid>) -> Result<Channel, NodeError> {
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(roots_pem)).domain_name(config.server_name.clone());
+    if let Some(svid) = identity {
+        tls = tls.identity(Identity::from_pem(svid.chain_pem(), svid.key_pem()));
+    }
+    let addr = format!("https://{}", config.server_address);
+    let err = |source| NodeError::Connect { addr: addr.clone(), source };
+    Endpoint::from_shared(addr.clone()).map_err(err)?.tls_config(tls).map_err(err)?.connect().await.map_err(err)
+}
+
+/// A node attested to the server, holding its node SVID.
+pub struct NodeSession {
+    pub node_svid: X509Svid,
+    pub bundle: Bundle,
+    client: NodeClient<Channel>,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, NodeError> {
+    std::fs::read(path).map_err(|source| NodeError::Io { path: path.display().to_string(), source })
+}
+
+fn save_node_svid(dir: &Path, svid: &X509Svid) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for (name, data) in [("node-svid.der", svid.chain.concat()), ("node-key.der", svid.key_pkcs8.clone())] {
+        let tmp = dir.join(format!("{name}.tmp"));
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        std::io::Write::write_all(&mut f, &data)?;
+        std::fs::rename(&tmp, dir.join(name))?;
+    }
+    Ok(())
+}
+
+fn load_node_svid(dir: &Path) -> Option<X509Svid> {
+    let chain = std::fs::read(dir.join("node-svid.der")).ok()?;
+    let key = std::fs::read(dir.join("node-key.der")).ok()?;
+    let pair = rcgen::KeyPair::try_from(key.as_slice()).ok()?;
+    let svid = X509Svid::new(&pair, &chain).ok()?;
+    (svid.not_after > now() + 30).then_some(svid)
+}
+
+impl NodeSession {
+    /// Reuses a valid node SVID from `data_dir`, else attests with the join token.
+    pub async fn establish(config: &AgentConfig) -> Result<Self, NodeError> {
+        let roots = String::from_utf8_lossy(&read(&config.trust_bundle_path)?).into_owned();
+        if let Some(svid) = load_node_svid(&config.data_dir) {
+            let mut session = NodeSession {
+                client: NodeClient::new(channel(config, &roots, Some(&svid)).await?),
+                node_svid: svid,
+                bundle: Bundle::default(),
+            };
+            match session.sync().await {
+                Ok(_) => {
+                    tracing::info!(node = %session.node_svid.spiffe_id, "resumed with the stored node SVID");
+                    return Ok(session);
+                }
+                Err(e) => tracing::warn!("stored node SVID not accepted ({e}); attesting again"),
+            }
+        }
+        let token = config.join_token.as_deref().ok_or(NodeError::NoCredential)?;
+        let pending = new_key()?;
+        let mut client = NodeClient::new(channel(config, &roots, None).await?);
+        let resp = client
+            .attest(node::AttestRequest {
+                attestor: join_token::ATTESTOR.into(),
+                payload: token.as_bytes().to_vec(),
+                csr: pending.csr_der,
+            })
+            .await?
+            .into_inner();
+        let node_svid = X509Svid::new(&pending.key, &resp.svid_chain)?;
+        let bundle = Bundle::from_proto(resp.bundle)?;
+        if let Err(e) = save_node_svid(&config.data_dir, &node_svid) {
+            tracing::warn!("node SVID not persisted: {e}");
+        }
+        tracing::info!(node = %node_svid.spiffe_id, selectors = ?resp.node_selectors, "node attested");
+        let client = NodeClient::new(channel(config, &bundle.pem(), Some(&node_svid)).await?);
+        Ok(NodeSession { node_svid, bundle, client })
+    }
+
+    /// A fresh node SVID (new key), then a new mTLS channel with it.
+    pub async fn renew(&mut self, config: &AgentConfig) -> Result<(), NodeError> {
+        let pending = new_key()?;
+        let resp = self.client.renew_node_svid(node::RenewRequest { csr: pending.csr_der }).await?.into_inner();
+        self.node_svid = X509Svid::new(&pending.key, &resp.svid_chain)?;
+        self.bundle = Bundle::from_proto(resp.bundle)?;
+        if let Err(e) = save_node_svid(&config.data_dir, &self.node_svid) {
+            tracing::warn!("node SVID not persisted: {e}");
+        }
+        self.client = NodeClient::new(channel(config, &self.bundle.pem(), Some(&self.node_svid)).await?);
+        tracing::info!(not_after = self.node_svid.not_after, "node SVID renewed");
+        Ok(())
+    }
+
+    pub async fn sync(&mut self) -> Result<Vec<node::Entry>, NodeError> {
+        let resp = self.client.sync_entries(node::SyncRequest {}).await?.into_inner();
+        self.bundle = Bundle::from_proto(resp.bundle)?;
+        Ok(resp.entries)
+    }
+
+    pub async fn sign(&mut self, csrs: Vec<(String, Vec<u8>)>) -> Result<Vec<(String, Vec<u8>)>, NodeError> {
+        let req = node::SignRequest {
+            csrs: csrs.into_iter().map(|(entry_id, csr)| node::sign_request::Csr { entry_id, csr }).collect(),
+        };
+        let resp = self.client.sign_x509_svids(req).await?.into_inner();
+        Ok(resp.svids.into_iter().map(|s| (s.entry_id, s.svid_chain)).collect())
+    }
+
+    pub async fn mint_jwt(&mut self, entry_id: &str, audience: &[String]) -> Result<String, NodeError> {
+        let resp = self
+            .client
+            .mint_jwt_svid(node::MintJwtRequest { entry_id: entry_id.into(), audience: audience.to_vec() })
+            .await?
+            .into_inner();
+        Ok(resp.token)
+    }
+}

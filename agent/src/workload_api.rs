@@ -1,0 +1,443 @@
+//! The SPIFFE Workload API on a Unix socket. The caller is identified out of band: the
+//! pidfd of the process that connected (SO_PEERPIDFD, taken at accept) is resolved against
+//! the kernel's record at every call, so an exec after connect is seen, and a PID reused
+//! after the caller exits is never mistaken for it.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64URL, Engine};
+use tether_attestors::{Selector, SpiffeId};
+use tether_proto::workload::{self, spiffe_workload_api_server::SpiffeWorkloadApi};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_stream::Stream;
+use tonic::{transport::server::Connected, Request, Response, Status};
+
+use crate::{
+    manager::{Manager, Snapshot},
+    process::{caller::IdentityError, pidfd::PidFd},
+    svid::now,
+};
+
+/// Resolves a caller's selectors from its pidfd. The real one is `process::caller::Resolver`;
+/// unit tests use a fake.
+pub trait SelectorSource: Send + Sync + 'static {
+    fn selectors(&self, pidfd: &PidFd) -> Result<Vec<Selector>, IdentityError>;
+}
+
+impl SelectorSource for crate::process::caller::Resolver {
+    fn selectors(&self, pidfd: &PidFd) -> Result<Vec<Selector>, IdentityError> {
+        self.identify(pidfd).map(|id| id.selectors)
+    }
+}
+
+/// The peer of one accepted connection.
+#[derive(Clone)]
+pub struct Peer(pub Option<Arc<PidFd>>);
+
+/// An accepted Workload API connection, carrying its peer's pidfd.
+pub struct Conn {
+    stream: tokio::net::UnixStream,
+    peer: Peer,
+}
+
+impl Conn {
+    pub fn new(stream: tokio::net::UnixStream) -> Self {
+        use std::os::fd::AsFd;
+        let peer = match PidFd::from_peer(stream.as_fd()) {
+            Ok(pidfd) => Some(Arc::new(pidfd)),
+            Err(e) => {
+                tracing::warn!("caller not identifiable: SO_PEERPIDFD failed: {e}");
+                None
+            }
+        };
+        Conn { stream, peer: Peer(peer) }
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = Peer;
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Accepted connections of a Unix listener, each wrapped with its peer.
+pub fn incoming(listener: tokio::net::UnixListener) -> impl Stream<Item = std::io::Result<Conn>> {
+    tokio_stream::wrappers::UnixListenerStream::new(listener).map_conn()
+}
+
+trait MapConn {
+    fn map_conn(self) -> impl Stream<Item = std::io::Result<Conn>>;
+}
+
+impl<S: Stream<Item = std::io::Result<tokio::net::UnixStream>>> MapConn for S {
+    fn map_conn(self) -> impl Stream<Item = std::io::Result<Conn>> {
+        tokio_stream::StreamExt::map(self, |r| r.map(Conn::new))
+    }
+}
+
+pub struct WorkloadApi<S> {
+    selectors: Arc<S>,
+    manager: Arc<Manager>,
+}
+
+impl<S: SelectorSource> WorkloadApi<S> {
+    pub fn new(selectors: Arc<S>, manager: Arc<Manager>) -> Self {
+        WorkloadApi { selectors, manager }
+    }
+}
+
+const HEADER: &str = "workload.spiffe.io";
+
+fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
+    match req.metadata().get(HEADER).and_then(|v| v.to_str().ok()) {
+        Some("true") => Ok(()),
+        _ => Err(Status::invalid_argument("security header missing from request: workload.spiffe.io: true")),
+    }
+}
+
+/// The caller's selectors, resolved now (blocking work: record lookup, maybe a hash).
+async fn caller_selectors<S: SelectorSource, T>(source: &Arc<S>, req: &Request<T>) -> Result<Vec<Selector>, Status> {
+    let peer = req
+        .extensions()
+        .get::<Peer>()
+        .and_then(|p| p.0.clone())
+        .ok_or_else(|| Status::permission_denied("caller could not be identified"))?;
+    let source = source.clone();
+    tokio::task::spawn_blocking(move || source.selectors(&peer))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::permission_denied(format!("caller could not be identified: {e}")))
+}
+
+fn td_key(snapshot: &Snapshot) -> String {
+    format!("spiffe://{}", snapshot.bundle.trust_domain)
+}
+
+/// The X.509 response for a caller's selectors: Ok(None) when it has entries but no SVID
+/// is ready yet.
+fn x509_response(snapshot: &Snapshot, selectors: &[Selector]) -> Result<Option<workload::X509svidResponse>, Status> {
+    let entries = snapshot.matching(selectors);
+    if entries.is_empty() {
+        return Err(Status::permission_denied("no identity issued: no registration entry matches the caller"));
+    }
+    let bundle = snapshot.bundle.x509_authorities.concat();
+    let mut hints = std::collections::HashSet::new();
+    let svids: Vec<workload::X509svid> = entries
+        .iter()
+        .filter_map(|e| snapshot.svids.get(&e.id).map(|s| (e, s)))
+        .filter(|(e, _)| e.hint.is_empty() || hints.insert(e.hint.clone()))
+        .map(|(e, s)| workload::X509svid {
+            spiffe_id: s.spiffe_id.to_string(),
+            x509_svid: s.chain.concat(),
+            x509_svid_key: s.key_pkcs8.clone(),
+            bundle: bundle.clone(),
+            hint: e.hint.clone(),
+        })
+        .collect();
+    if svids.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(workload::X509svidResponse { svids, crl: vec![], federated_bundles: HashMap::new() }))
+}
+
+/// JWKS with JWT authorities only, as a plain (standard) JWKS.
+fn jwt_jwks(snapshot: &Snapshot) -> Vec<u8> {
+    let doc: serde_json::Value = serde_json::from_slice(&snapshot.bundle.jwks).unwrap_or_default();
+    let keys: Vec<serde_json::Value> = doc["keys"]
+        .as_array()
+        .map(|k| k.iter().filter(|k| k["use"] == "jwt-svid").cloned().collect())
+        .unwrap_or_default();
+    serde_json::json!({ "keys": keys }).to_string().into_bytes()
+}
+
+type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Streams `make(snapshot, selectors)` now and after every change; the caller is
+/// re-identified each time (an exec changes what it may have).
+fn watch_stream<S: SelectorSource, T: Send + 'static>(
+    source: Arc<S>,
+    manager: &Manager,
+    peer: Peer,
+    make: fn(&Snapshot, &[Selector]) -> Result<Option<T>, Status>,
+) -> Stream2<T> {
+    let mut rx = manager.subscribe();
+    let (tx, out) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let snapshot = rx.borrow_and_update().clone();
+            let Some(pidfd) = peer.0.clone() else { break };
+            let src = source.clone();
+            let selectors = match tokio::task::spawn_blocking(move || src.selectors(&pidfd)).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    let _ = tx.send(Err(Status::permission_denied("caller is no longer identifiable"))).await;
+                    break;
+                }
+            };
+            match make(&snapshot, &selectors) {
+                Ok(Some(msg)) => {
+                    if tx.send(Ok(msg)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => {}
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { break },
+                _ = tx.closed() => break,
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
+}
+
+/// Decodes a compact JWS's claims without verifying it (for cache expiry only).
+pub fn jwt_claims(token: &str) -> Option<serde_json::Value> {
+    let payload = token.split('.').nth(1)?;
+    serde_json::from_slice(&B64URL.decode(payload).ok()?).ok()
+}
+
+fn json_to_prost(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => {
+            Kind::ListValue(prost_types::ListValue { values: a.iter().map(json_to_prost).collect() })
+        }
+        serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
+            fields: o.iter().map(|(k, v)| (k.clone(), json_to_prost(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// Verifies a JWT-SVID against the bundle's JWT authorities: ES256 signature by a known
+/// `kid`, audience, expiry, a valid SPIFFE ID as subject in this trust domain.
+pub fn validate_jwt(snapshot: &Snapshot, token: &str, audience: &str) -> Result<(SpiffeId, serde_json::Value), String> {
+    let parts: Vec<&str> = token.split('.').collect();
+    let [h, p, s] = parts[..] else { return Err("not a compact JWS".into()) };
+    let header: serde_json::Value =
+        serde_json::from_slice(&B64URL.decode(h).map_err(|_| "bad header encoding")?).map_err(|_| "bad header")?;
+    if header["alg"] != "ES256" {
+        return Err(format!("unsupported alg {}", header["alg"]));
+    }
+    let kid = header["kid"].as_str().ok_or("no kid")?;
+    let doc: serde_json::Value = serde_json::from_slice(&snapshot.bundle.jwks).unwrap_or_default();
+    let key = doc["keys"]
+        .as_array()
+        .and_then(|keys| keys.iter().find(|k| k["kid"] == kid && k["use"] == "jwt-svid"))
+        .ok_or_else(|| format!("unknown kid {kid:?}"))?;
+    let coord = |c: &str| B64URL.decode(key[c].as_str().unwrap_or_default()).map_err(|_| "bad key".to_string());
+    let mut point = vec![4u8];
+    point.extend(coord("x")?);
+    point.extend(coord("y")?);
+    let sig = B64URL.decode(s).map_err(|_| "bad signature encoding")?;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, &point)
+        .verify(format!("{h}.{p}").as_bytes(), &sig)
+        .map_err(|_| "signature does not verify".to_string())?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&B64URL.decode(p).map_err(|_| "bad claims encoding")?).map_err(|_| "bad claims")?;
+    let aud_ok = match &claims["aud"] {
+        serde_json::Value::String(a) => a == audience,
+        serde_json::Value::Array(a) => a.iter().any(|x| x == audience),
+        _ => false,
+    };
+    if !aud_ok {
+        return Err(format!("audience {audience:?} not in the token"));
+    }
+    if claims["exp"].as_i64().is_none_or(|exp| exp <= now()) {
+        return Err("token expired".into());
+    }
+    let sub = SpiffeId::parse(claims["sub"].as_str().unwrap_or_default()).map_err(|e| format!("sub: {e}"))?;
+    if sub.trust_domain() != snapshot.bundle.trust_domain {
+        return Err(format!("sub {sub} is not in trust domain {}", snapshot.bundle.trust_domain));
+    }
+    Ok((sub, claims))
+}
+
+#[tonic::async_trait]
+impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
+    type FetchX509SVIDStream = Stream2<workload::X509svidResponse>;
+    type FetchX509BundlesStream = Stream2<workload::X509BundlesResponse>;
+    type FetchJWTBundlesStream = Stream2<workload::JwtBundlesResponse>;
+    type FetchWITSVIDStream = Stream2<workload::WitsvidResponse>;
+    type FetchWITBundlesStream = Stream2<workload::WitBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<workload::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&req)?;
+        let selectors = caller_selectors(&self.selectors, &req).await?;
+        let snapshot = self.manager.current();
+        if x509_response(&snapshot, &selectors)?.is_none() {
+            return Err(Status::unavailable("SVIDs for this caller are not issued yet; retry"));
+        }
+        let peer = req.extensions().get::<Peer>().cloned().unwrap_or(Peer(None));
+        Ok(Response::new(watch_stream(self.selectors.clone(), &self.manager, peer, x509_response)))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<workload::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&req)?;
+        let selectors = caller_selectors(&self.selectors, &req).await?;
+        if self.manager.current().matching(&selectors).is_empty() {
+            return Err(Status::permission_denied("no identity issued: no registration entry matches the caller"));
+        }
+        fn make(s: &Snapshot, sel: &[Selector]) -> Result<Option<workload::X509BundlesResponse>, Status> {
+            if s.matching(sel).is_empty() {
+                return Err(Status::permission_denied("no identity issued"));
+            }
+            Ok(Some(workload::X509BundlesResponse {
+                crl: vec![],
+                bundles: HashMap::from([(td_key(s), s.bundle.x509_authorities.concat())]),
+            }))
+        }
+        let peer = req.extensions().get::<Peer>().cloned().unwrap_or(Peer(None));
+        Ok(Response::new(watch_stream(self.selectors.clone(), &self.manager, peer, make)))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<workload::JwtsvidRequest>,
+    ) -> Result<Response<workload::JwtsvidResponse>, Status> {
+        check_header(&req)?;
+        let selectors = caller_selectors(&self.selectors, &req).await?;
+        let r = req.get_ref();
+        if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let snapshot = self.manager.current();
+        let entries = snapshot.matching(&selectors);
+        if entries.is_empty() {
+            return Err(Status::permission_denied("no identity issued: no registration entry matches the caller"));
+        }
+        let wanted: Vec<_> =
+            entries.into_iter().filter(|e| r.spiffe_id.is_empty() || e.spiffe_id.to_string() == r.spiffe_id).collect();
+        if wanted.is_empty() {
+            return Err(Status::permission_denied(format!("the caller is not entitled to {}", r.spiffe_id)));
+        }
+        let mut svids = Vec::new();
+        let mut hints = std::collections::HashSet::new();
+        for e in wanted {
+            if !e.hint.is_empty() && !hints.insert(e.hint.clone()) {
+                continue;
+            }
+            let token = self
+                .manager
+                .jwt(&e.id, &r.audience)
+                .await
+                .map_err(|err| Status::unavailable(format!("JWT-SVID for {}: {err}", e.spiffe_id)))?;
+            svids.push(workload::Jwtsvid { spiffe_id: e.spiffe_id.to_string(), svid: token, hint: e.hint.clone() });
+        }
+        Ok(Response::new(workload::JwtsvidResponse { svids }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<workload::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&req)?;
+        let selectors = caller_selectors(&self.selectors, &req).await?;
+        if self.manager.current().matching(&selectors).is_empty() {
+            return Err(Status::permission_denied("no identity issued: no registration entry matches the caller"));
+        }
+        fn make(s: &Snapshot, sel: &[Selector]) -> Result<Option<workload::JwtBundlesResponse>, Status> {
+            if s.matching(sel).is_empty() {
+                return Err(Status::permission_denied("no identity issued"));
+            }
+            Ok(Some(workload::JwtBundlesResponse { bundles: HashMap::from([(td_key(s), jwt_jwks(s))]) }))
+        }
+        let peer = req.extensions().get::<Peer>().cloned().unwrap_or(Peer(None));
+        Ok(Response::new(watch_stream(self.selectors.clone(), &self.manager, peer, make)))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<workload::ValidateJwtsvidRequest>,
+    ) -> Result<Response<workload::ValidateJwtsvidResponse>, Status> {
+        check_header(&req)?;
+        let selectors = caller_selectors(&self.selectors, &req).await?;
+        if self.manager.current().matching(&selectors).is_empty() {
+            return Err(Status::permission_denied("no identity issued: no registration entry matches the caller"));
+        }
+        let r = req.get_ref();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if r.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let (id, claims) = validate_jwt(&self.manager.current(), &r.svid, &r.audience)
+            .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
+        let fields = claims
+            .as_object()
+            .map(|o| o.iter().map(|(k, v)| (k.clone(), json_to_prost(v))).collect())
+            .unwrap_or_default();
+        Ok(Response::new(workload::ValidateJwtsvidResponse {
+            spiffe_id: id.to_string(),
+            claims: Some(prost_types::Struct { fields }),
+        }))
+    }
+
+    async fn fetch_witsvid(
+        &self,
+        _: Request<workload::WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented("the WIT-SVID profile is not supported"))
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        _: Request<workload::WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented("the WIT-SVID profile is not supported"))
+    }
+}
+
+/// Binds the socket (replacing a stale one), world-connectable: callers are identified by
+/// the kernel, not by file permissions.
+pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+    Ok(listener)
+}
