@@ -336,11 +336,12 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
         req: Request<workload::JwtsvidRequest>,
     ) -> Result<Response<workload::JwtsvidResponse>, Status> {
         check_header(&req)?;
-        let selectors = caller_selectors(&self.selectors, &req).await?;
         let r = req.get_ref();
         if r.audience.is_empty() || r.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("audience must be specified"));
         }
+        let selectors = caller_selectors(&self.selectors, &req).await?;
+        let r = req.get_ref();
         let snapshot = self.manager.current();
         let entries = snapshot.matching(&selectors);
         if entries.is_empty() {
@@ -391,10 +392,6 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
         req: Request<workload::ValidateJwtsvidRequest>,
     ) -> Result<Response<workload::ValidateJwtsvidResponse>, Status> {
         check_header(&req)?;
-        let selectors = caller_selectors(&self.selectors, &req).await?;
-        if self.manager.current().matching(&selectors).is_empty() {
-            return Err(Status::permission_denied("no identity issued: no registration entry matches the caller"));
-        }
         let r = req.get_ref();
         if r.audience.is_empty() {
             return Err(Status::invalid_argument("audience must be specified"));
@@ -402,6 +399,11 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
         if r.svid.is_empty() {
             return Err(Status::invalid_argument("svid must be specified"));
         }
+        let selectors = caller_selectors(&self.selectors, &req).await?;
+        if self.manager.current().matching(&selectors).is_empty() {
+            return Err(Status::permission_denied("no identity issued: no registration entry matches the caller"));
+        }
+        let r = req.get_ref();
         let (id, claims) = validate_jwt(&self.manager.current(), &r.svid, &r.audience)
             .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
         let fields = claims

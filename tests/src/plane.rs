@@ -1,0 +1,149 @@
+//! A real tether-server and tether-agent (the built binaries), on loopback and temporary
+//! directories, for end-to-end tests of the identity plane. Both are ended by PID on drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::KillOnDrop;
+
+fn bin(name: &str) -> PathBuf {
+    let bin = crate::agent_bin().with_file_name(name);
+    assert!(bin.exists(), "{} not built (cargo xtask test builds it)", bin.display());
+    bin
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct Plane {
+    pub dir: tempfile::TempDir,
+    pub trust_domain: String,
+    pub node_id: String,
+    pub port: u16,
+    server: Option<KillOnDrop>,
+    agent: Option<KillOnDrop>,
+}
+
+impl Plane {
+    pub fn server_config(&self) -> PathBuf {
+        self.dir.path().join("server.toml")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("agent.sock")
+    }
+
+    /// Starts a server, registers a join token for `node_id`, starts an agent with it.
+    pub fn start(sync_seconds: u64) -> Plane {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let trust_domain = "example.org".to_string();
+        std::fs::write(
+            dir.path().join("server.toml"),
+            format!(
+                "trust_domain = \"{trust_domain}\"\ndata_dir = \"{}\"\nbind_address = \"127.0.0.1:{port}\"\n",
+                dir.path().join("server").display()
+            ),
+        )
+        .unwrap();
+        let mut plane = Plane {
+            dir,
+            trust_domain,
+            node_id: "spiffe://example.org/node/test".into(),
+            port,
+            server: None,
+            agent: None,
+        };
+        plane.start_server();
+        let token = plane.cli(&["token", "generate", "--node-id", &plane.node_id.clone()]);
+        let token = String::from_utf8_lossy(&token.stdout).trim().trim_start_matches("Token: ").to_owned();
+        std::fs::write(
+            plane.dir.path().join("agent.toml"),
+            format!(
+                "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:{port}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{token}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = {sync_seconds}\n",
+                plane.dir.path().join("server/bundle.pem").display(),
+                plane.dir.path().join("agent").display(),
+                plane.socket().display()
+            ),
+        )
+        .unwrap();
+        plane.start_agent();
+        plane
+    }
+
+    pub fn start_server(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("server.log")).unwrap();
+        let child = Command::new(bin("tether-server"))
+            .arg("run")
+            .arg("-c")
+            .arg(self.server_config())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.server = Some(KillOnDrop(child));
+        let admin = self.dir.path().join("server/admin.sock");
+        let port = self.port;
+        wait_for("the server", || admin.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    }
+
+    pub fn stop_server(&mut self) {
+        self.server = None;
+    }
+
+    pub fn start_agent(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
+        let child = Command::new(crate::agent_bin())
+            .arg("run")
+            .arg("-c")
+            .arg(self.dir.path().join("agent.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agent = Some(KillOnDrop(child));
+        let socket = self.socket();
+        wait_for("the agent's Workload API socket", || socket.exists());
+    }
+
+    pub fn log(&self, which: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{which}.log"))).unwrap_or_default()
+    }
+
+    /// `tether-server -c <config> ARGS`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("tether-server")).arg("-c").arg(self.server_config()).args(args).output().unwrap()
+    }
+
+    /// Registers an entry under this node; returns its id.
+    pub fn entry(&self, spiffe_id: &str, selectors: &[&str], extra: &[&str]) -> String {
+        let mut args = vec!["entry", "create", "--spiffe-id", spiffe_id, "--parent-id", &self.node_id];
+        for s in selectors {
+            args.extend(["--selector", s]);
+        }
+        args.extend(extra);
+        let out = self.cli(&args);
+        assert!(out.status.success(), "entry create: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines().find_map(|l| l.strip_prefix("Entry ID      : ")).unwrap().to_owned()
+    }
+
+    /// A command with SPIFFE_ENDPOINT_SOCKET pointing at this agent.
+    pub fn workload(&self, program: &Path) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("SPIFFE_ENDPOINT_SOCKET", format!("unix://{}", self.socket().display()));
+        cmd
+    }
+}
