@@ -1,82 +1,246 @@
-//! `cargo xtask demo`: the kernel observes a workload's execs in a demo cgroup.
+//! `cargo xtask demo`: the main job on embedded defaults. A server (SQLite) and an agent on
+//! loopback; a workload in a demo cgroup is identified by what the kernel recorded about it
+//! (cgroup, uid, the sha256 of the binary it executed) and fetches its SVID with an
+//! unmodified SPIFFE client; the same client outside the cgroup gets nothing.
 
 use std::{
-    io::{BufRead, BufReader},
+    path::Path,
     process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use sandbox::CgroupGuard;
 
-/// Ends the agent this demo started, by its PID, also on error.
-struct Agent(Child);
+/// Ends a process this demo started, by its PID, also on error.
+struct Started(Child, &'static str);
 
-impl Drop for Agent {
+impl Drop for Started {
     fn drop(&mut self) {
         // SAFETY: kill on the PID of a child we spawned and have not reaped.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
-        if self.0.wait().is_err() {
-            let _ = self.0.kill();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        eprintln!("demo: {} did not stop on SIGINT; killed", self.1);
+    }
+}
+
+fn step(s: &str) {
+    println!("\n==> {s}");
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn indent(text: &str) {
+    for line in text.lines() {
+        println!("    {line}");
     }
 }
 
 pub fn run() -> Result<()> {
-    crate::cargo(&["build", "-p", "tether-agent"])?;
-    let bin = crate::workspace().join("target/debug/tether-agent");
+    crate::cargo(&["build", "-p", "tether-agent", "-p", "tether-server", "-p", "tether-tests", "--bins"])?;
+    let bin = crate::workspace().join("target/debug");
+    let (server_bin, agent_bin, client_bin) =
+        (bin.join("tether-server"), bin.join("tether-agent"), bin.join("tether-spiffe-client"));
+    let dir = std::env::temp_dir().join(format!("tether-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = demo(&dir, &server_bin, &agent_bin, &client_bin);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn demo(dir: &Path, server_bin: &Path, agent_bin: &Path, client_bin: &Path) -> Result<()> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let server_cfg = dir.join("server.toml");
+    std::fs::write(
+        &server_cfg,
+        format!(
+            "trust_domain = \"demo.tether\"\ndata_dir = \"{}\"\nbind_address = \"127.0.0.1:{port}\"\n",
+            dir.join("server").display()
+        ),
+    )?;
+    step(&format!("tether-server run (trust domain demo.tether, SQLite store in {})", dir.join("server").display()));
+    let _server = Started(
+        Command::new(server_bin)
+            .arg("run")
+            .arg("-c")
+            .arg(&server_cfg)
+            .stderr(std::fs::File::create(dir.join("server.log"))?)
+            .spawn()?,
+        "tether-server",
+    );
+    wait_for("the server", || {
+        dir.join("server/admin.sock").exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })?;
+    let cli = |args: &[&str]| output(Command::new(server_bin).arg("-c").arg(&server_cfg).args(args));
+
+    step("tether-server token generate --node-id spiffe://demo.tether/node/demo");
+    let token = cli(&["token", "generate", "--node-id", "spiffe://demo.tether/node/demo", "--ttl", "300"])?;
+    let token = token.trim().trim_start_matches("Token: ").to_owned();
+    println!("    (a one-time join token for this node)");
+
+    let socket = dir.join("agent.sock");
+    let agent_cfg = dir.join("agent.toml");
+    std::fs::write(
+        &agent_cfg,
+        format!(
+            "trust_domain = \"demo.tether\"\nserver_address = \"127.0.0.1:{port}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{token}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = 1\n",
+            dir.join("server/bundle.pem").display(),
+            dir.join("agent").display(),
+            socket.display()
+        ),
+    )?;
+    step("tether-agent run: loads the kernel programs, attests the node, serves the Workload API");
+    let _agent = Started(
+        Command::new(agent_bin)
+            .arg("run")
+            .arg("-c")
+            .arg(&agent_cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("agent.log"))?)
+            .spawn()?,
+        "tether-agent",
+    );
+    wait_for("the agent's socket", || socket.exists())?;
+    for line in std::fs::read_to_string(dir.join("agent.log"))?
+        .lines()
+        .filter(|l| l.contains("kernel support") || l.contains("node attested") || l.contains("Workload API"))
+    {
+        println!("    agent | {}", line.split_once(" INFO ").map_or(line, |(_, rest)| rest));
+    }
+
     let cg = CgroupGuard::new("demo")?;
-    println!("\n==> demo cgroup {} (created for this demo; removed at the end)", cg.path().display());
-    println!("==> starting: tether-agent trace-exec --cgroup {}", cg.path().display());
-    let mut child = Command::new(&bin)
-        .args(["trace-exec", "--cgroup"])
-        .arg(cg.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting tether-agent")?;
-    let stdout = child.stdout.take().context("agent stdout")?;
-    let stderr = child.stderr.take().context("agent stderr")?;
-    let _agent = Agent(child);
+    let cg_rel = format!("/{}", cg.path().strip_prefix(sandbox::cgroup2_root()?)?.display());
+    let sha =
+        output(Command::new("sha256sum").arg(client_bin))?.split_whitespace().next().unwrap_or_default().to_owned();
+    step(&format!("register spiffe://demo.tether/web for what the kernel will observe: cgroup {cg_rel}, uid 0, and the binary's sha256"));
+    let entry = cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://demo.tether/web",
+        "--parent-id",
+        "spiffe://demo.tether/node/demo",
+        "--selector",
+        &format!("cgroup:path:{cg_rel}"),
+        "--selector",
+        "unix:uid:0",
+        "--selector",
+        &format!("unix:sha256:{sha}"),
+    ])?;
+    indent(&entry);
 
-    // The agent's log (stderr) is shown as is; wait until it says the program is attached.
-    let (ready_tx, ready_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("    agent log | {line}");
-            if line.contains("tracing execs") {
-                let _ = ready_tx.send(());
-            }
+    let endpoint = format!("unix://{}", socket.display());
+    step("the workload (the Rust `spiffe` crate, unchanged) runs in the demo cgroup and asks for its SVID");
+    let mut got = None;
+    for _ in 0..50 {
+        let out = cg.run(Command::new(client_bin).arg("x509").env("SPIFFE_ENDPOINT_SOCKET", &endpoint))?;
+        if out.status.success() {
+            got = Some(String::from_utf8_lossy(&out.stdout).into_owned());
+            break;
         }
-    });
-    if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
-        bail!("the agent did not start tracing within 30 s (see its log above)");
+        std::thread::sleep(Duration::from_millis(200));
     }
-    let (event_tx, event_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = event_tx.send(line);
+    let got = got.context("the workload never received its SVID (see the agent log)")?;
+    indent(&got);
+    if !got.contains("spiffe://demo.tether/web") {
+        bail!("unexpected SVID: {got}");
+    }
+
+    step("what the agent sees of that cgroup (tether-agent ps), with a long-running workload in it");
+    let mut sleeper = Command::new(client_bin);
+    sleeper.args(["x509", "1"]).env("SPIFFE_ENDPOINT_SOCKET", &endpoint).stdout(Stdio::null()).stderr(Stdio::null());
+    cg.place(&mut sleeper)?;
+    let _sleeper = Started(sleeper.spawn()?, "workload");
+    std::thread::sleep(Duration::from_millis(500));
+    indent(&output(Command::new(agent_bin).args(["ps", "--cgroup"]).arg(cg.path()).env("RUST_LOG", "error"))?);
+
+    step("the same client outside the cgroup: the kernel says it is not that workload");
+    let out = Command::new(client_bin)
+        .arg("x509")
+        .env("SPIFFE_ENDPOINT_SOCKET", &endpoint)
+        .env("RUST_LOG", "off")
+        .output()?;
+    if out.status.success() {
+        bail!("a process outside the demo cgroup received an SVID");
+    }
+    println!(
+        "    refused, as it should be ({})",
+        if String::from_utf8_lossy(&out.stderr).contains("ermission") { "PermissionDenied" } else { "no SVID" }
+    );
+
+    step("another binary in the same cgroup (tether-agent api fetch): its sha256 differs, so it is not spiffe://demo.tether/web");
+    let fetched = dir.join("fetched");
+    let mut fetch = Command::new(agent_bin);
+    fetch.args(["api", "fetch", "x509", "--socket"]).arg(&socket).arg("--write").arg(&fetched);
+    let out = cg.run(&mut fetch)?;
+    if out.status.success() {
+        bail!("a binary with another hash received the web SVID");
+    }
+    println!("    refused: {}", String::from_utf8_lossy(&out.stderr).trim().trim_start_matches("error: "));
+
+    let agent_sha =
+        output(Command::new("sha256sum").arg(agent_bin))?.split_whitespace().next().unwrap_or_default().to_owned();
+    step("register spiffe://demo.tether/ops for that binary in the same cgroup, then verify its SVID with openssl");
+    cli(&[
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://demo.tether/ops",
+        "--parent-id",
+        "spiffe://demo.tether/node/demo",
+        "--selector",
+        &format!("cgroup:path:{cg_rel}"),
+        "--selector",
+        &format!("unix:sha256:{agent_sha}"),
+    ])?;
+    let mut fetched_ok = false;
+    for _ in 0..50 {
+        if cg.run(&mut fetch)?.status.success() {
+            fetched_ok = true;
+            break;
         }
-    });
-
-    let script = "echo 'workload: hello from inside the demo cgroup'; id -un >/dev/null; ls / >/dev/null";
-    println!("==> running a workload in the demo cgroup: sh -c \"{script}\"");
-    let out = cg.run(Command::new("/bin/sh").args(["-c", script]))?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    println!("==> and one exec outside it (/bin/true), which the filtered tracer must not show");
-    Command::new("/bin/true").status()?;
-
-    println!("==> what the kernel recorded (tgid, cgroup id, uid/gid, executable dev:ino, comm):");
-    let mut seen = 0;
-    while let Ok(line) = event_rx.recv_timeout(Duration::from_millis(800)) {
-        println!("    {line}");
-        seen += 1;
+        std::thread::sleep(Duration::from_millis(200));
     }
-    println!("==> cgroup id of the demo cgroup: {}", cg.id()?);
-    if seen < 3 {
-        bail!("expected the workload's 3 execs (sh, id, ls), saw {seen}");
+    if !fetched_ok {
+        bail!("the ops SVID never arrived");
     }
-    println!("==> demo done: {seen} execs observed; stopping the agent and removing the cgroup");
+    indent(&output(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+            .arg(fetched.join("svid.0.pem")),
+    )?);
+    indent(&output(
+        Command::new("openssl")
+            .arg("verify")
+            .arg("-CAfile")
+            .arg(fetched.join("bundle.0.pem"))
+            .arg(fetched.join("svid.0.pem")),
+    )?);
+    step("demo done: stopping the agent and the server, removing the demo cgroup");
     Ok(())
 }
