@@ -129,7 +129,12 @@ impl Plane {
 
     /// Registers an entry under this node; returns its id.
     pub fn entry(&self, spiffe_id: &str, selectors: &[&str], extra: &[&str]) -> String {
-        let mut args = vec!["entry", "create", "--spiffe-id", spiffe_id, "--parent-id", &self.node_id];
+        self.entry_under(&self.node_id, spiffe_id, selectors, extra)
+    }
+
+    /// Registers an entry under `parent`; returns its id.
+    pub fn entry_under(&self, parent: &str, spiffe_id: &str, selectors: &[&str], extra: &[&str]) -> String {
+        let mut args = vec!["entry", "create", "--spiffe-id", spiffe_id, "--parent-id", parent];
         for s in selectors {
             args.extend(["--selector", s]);
         }

@@ -1,0 +1,63 @@
+//! The node API's authorisation: a node can only obtain SVIDs for entries it may serve,
+//! bad CSRs issue nothing, and an evicted node is cut off.
+
+use std::path::Path;
+
+use tether_agent::{config::AgentConfig, node_client::NodeSession, svid::new_key};
+use tether_tests::plane::Plane;
+
+fn agent_config(plane: &Plane, name: &str, token: &str) -> AgentConfig {
+    let text = format!(
+        "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{token}\"\ndata_dir = \"{}\"\nsocket_path = \"/unused/{name}.sock\"\n",
+        plane.port,
+        plane.dir.path().join("server/bundle.pem").display(),
+        plane.dir.path().join(name).display()
+    );
+    AgentConfig::parse(&text, Path::new("generated")).unwrap()
+}
+
+fn token(plane: &Plane, node_id: &str) -> String {
+    let out = plane.cli(&["token", "generate", "--node-id", node_id]);
+    String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("Token: ").to_owned()
+}
+
+#[tokio::test]
+async fn nodes_only_get_what_they_may_serve() {
+    sandbox::require_root().unwrap();
+    let plane = tokio::task::spawn_blocking(|| Plane::start(5)).await.unwrap();
+    let a_entry = plane.entry("spiffe://example.org/a-only", &["unix:uid:1"], &[]);
+    let b_id = "spiffe://example.org/node/b";
+    let b_token = token(&plane, b_id);
+    let mut b = NodeSession::establish(&agent_config(&plane, "b", &b_token)).await.unwrap();
+    assert_eq!(b.node_svid.spiffe_id.to_string(), b_id);
+    assert!(b.sync().await.unwrap().is_empty(), "node b sees none of node a's entries");
+
+    // Asking for node a's entry: refused, naming why; nothing is issued.
+    let csr = new_key().unwrap().csr_der;
+    let err = b.sign(vec![(a_entry.clone(), csr)]).await.unwrap_err().to_string();
+    assert!(err.contains("may not request spiffe://example.org/a-only"), "{err}");
+    let err = b.mint_jwt(&a_entry, &["aud".into()]).await.unwrap_err().to_string();
+    assert!(err.contains("may not request"), "{err}");
+
+    // Its own entry, but one garbage CSR in the batch: the whole batch is refused.
+    let own = plane.entry_under(b_id, "spiffe://example.org/b-svc", &["unix:uid:2"], &[]);
+    let good = new_key().unwrap().csr_der;
+    let err =
+        b.sign(vec![(own.clone(), good.clone()), (own.clone(), b"garbage".to_vec())]).await.unwrap_err().to_string();
+    assert!(err.contains("CSR is malformed"), "{err}");
+    let ok = b.sign(vec![(own.clone(), good)]).await.unwrap();
+    assert_eq!(ok.len(), 1);
+
+    // Evicted: the node SVID no longer opens the node API; banned: it cannot attest again.
+    let out = plane.cli(&["agent", "evict", "--spiffe-id", b_id, "--ban"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = b.sync().await.unwrap_err().to_string();
+    assert!(err.contains("not an attested agent"), "{err}");
+    let again = token(&plane, b_id);
+    let err = NodeSession::establish(&agent_config(&plane, "b2", &again))
+        .await
+        .err()
+        .expect("banned node attested")
+        .to_string();
+    assert!(err.contains("banned"), "{err}");
+}
