@@ -19,6 +19,7 @@ use tokio_stream::Stream;
 use tonic::{transport::server::Connected, Request, Response, Status};
 
 use crate::{
+    h2_authority::FixAuthority,
     manager::{Manager, Snapshot},
     process::{caller::IdentityError, pidfd::PidFd},
     svid::now,
@@ -40,9 +41,10 @@ impl SelectorSource for crate::process::caller::Resolver {
 #[derive(Clone)]
 pub struct Peer(pub Option<Arc<PidFd>>);
 
-/// An accepted Workload API connection, carrying its peer's pidfd.
+/// An accepted Workload API connection, carrying its peer's pidfd. Reads go through
+/// [`FixAuthority`] so grpc-core clients (Python, Java) are understood.
 pub struct Conn {
-    stream: tokio::net::UnixStream,
+    stream: FixAuthority<tokio::net::UnixStream>,
     peer: Peer,
 }
 
@@ -56,7 +58,7 @@ impl Conn {
                 None
             }
         };
-        Conn { stream, peer: Peer(peer) }
+        Conn { stream: FixAuthority::new(stream), peer: Peer(peer) }
     }
 }
 

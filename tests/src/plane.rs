@@ -145,6 +145,12 @@ impl Plane {
         text.lines().find_map(|l| l.strip_prefix("Entry ID      : ")).unwrap().to_owned()
     }
 
+    /// Waits until the agent has issued an X.509-SVID for `spiffe_id` (its log says so).
+    pub fn wait_issued(&self, spiffe_id: &str) {
+        let needle = format!("X.509-SVID issued spiffe_id={spiffe_id}");
+        wait_for(&needle, || self.log("agent").contains(&needle));
+    }
+
     /// A command with SPIFFE_ENDPOINT_SOCKET pointing at this agent.
     pub fn workload(&self, program: &Path) -> Command {
         let mut cmd = Command::new(program);

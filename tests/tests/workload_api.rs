@@ -270,3 +270,37 @@ fn agent_serves_through_a_server_outage_and_recovers() {
     assert!(ok, "{err}\n{}", plane.log("agent"));
     assert_eq!(json_lines(&out)[0]["spiffe_id"], "spiffe://example.org/late");
 }
+
+#[test]
+fn python_spiffe_client_gets_svids_sees_rotation_and_validates_jwt() {
+    require_root().unwrap();
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyvenv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: cargo xtask setup creates the venv with the spiffe package",
+        python.display()
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/spiffe_client.py");
+    let plane = Plane::start(1);
+    let cg = CgroupGuard::new("wl-python").unwrap();
+    plane.entry("spiffe://example.org/py", &[&cgroup_selector(&cg), "unix:uid:0"], &["--x509-ttl", "8"]);
+    // Unlike the Rust client, the Python one does not retry PermissionDenied: start it once
+    // the agent holds the SVID.
+    plane.wait_issued("spiffe://example.org/py");
+
+    let (ok, out, err) = run_in(&cg, plane.workload(&python).arg(&script).args(["x509", "1"]));
+    assert!(ok, "python client failed: {err}\n{out}\nagent log:\n{}", plane.log("agent"));
+    let seen = json_lines(&out);
+    assert_eq!(seen.len(), 2, "{out}");
+    assert!(seen.iter().all(|s| s["spiffe_id"] == "spiffe://example.org/py"), "{out}");
+    assert!(seen[0]["roots"].as_u64().unwrap() >= 1);
+    assert_ne!(seen[0]["leaf"], seen[1]["leaf"], "rotation delivered a new certificate: {out}");
+
+    let (ok, out, err) = run_in(&cg, plane.workload(&python).arg(&script).args(["jwt", "billing"]));
+    assert!(ok, "{err}\n{out}");
+    let v = &json_lines(&out)[0];
+    assert_eq!(
+        (v["spiffe_id"].as_str(), v["validated"].as_str(), v["local"].as_str()),
+        (Some("spiffe://example.org/py"), Some("spiffe://example.org/py"), Some("spiffe://example.org/py"))
+    );
+}

@@ -56,7 +56,7 @@ fn bpf_linker_ok() -> bool {
 pub fn run() -> Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
     let linker = bpf_linker_ok();
-    if missing.is_empty() && linker && guest_kernel_present() {
+    if missing.is_empty() && linker && guest_kernel_present() && python_client_present() {
         ensure_bpffs()?;
         println!("setup: all build and test dependencies present");
         return Ok(());
@@ -102,7 +102,29 @@ pub fn run() -> Result<()> {
     if !guest_kernel_present() {
         fetch_guest_kernel()?;
     }
+    ensure_python_client()?;
     ensure_bpffs()
+}
+
+/// The venv with the `spiffe` package from PyPI, an independent client the tests use.
+pub const PY_SPIFFE: &str = "spiffe==0.3.2";
+
+fn venv() -> std::path::PathBuf {
+    crate::workspace().join("target/pyvenv")
+}
+
+fn python_client_present() -> bool {
+    Command::new(venv().join("bin/python")).args(["-c", "import spiffe"]).output().is_ok_and(|o| o.status.success())
+}
+
+fn ensure_python_client() -> Result<()> {
+    if python_client_present() {
+        return Ok(());
+    }
+    println!("setup: creating {} with {PY_SPIFFE} from PyPI", venv().display());
+    crate::run(Command::new("python3").args(["-m", "venv"]).arg(venv()))
+        .context("python3 -m venv (install python3-venv)")?;
+    crate::run(Command::new(venv().join("bin/pip")).args(["install", "-q", PY_SPIFFE]))
 }
 
 fn guest_kernels_dir() -> std::path::PathBuf {
