@@ -4,6 +4,7 @@
 mod connect;
 mod exec;
 mod report;
+mod server;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -22,6 +23,8 @@ enum Bench {
     /// B4: fork+exec with the process programs (and measuring agent) vs none vs hashing
     /// per exec; cold and warm measurement cost.
     Exec(exec::Args),
+    /// B9: X.509-SVID issuance vs raw ECDSA signing; entry sync for 100k entries.
+    Server(server::Args),
     /// Internal: the exec loop run inside the test cgroup.
     #[command(hide = true)]
     ExecLoop {
@@ -47,6 +50,7 @@ fn main() -> Result<()> {
         Bench::Connect(args) => connect::run(&args),
         Bench::ConnectLoop { port, count } => connect::client_loop(port, count),
         Bench::Exec(args) => exec::run(&args),
+        Bench::Server(args) => server::run(&args),
         Bench::ExecLoop { binary, count, hash } => exec::exec_loop(&binary, count, hash),
     }
 }

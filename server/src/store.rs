@@ -192,6 +192,23 @@ impl Store {
         })
     }
 
+    /// Creates many entries in one transaction: all of them, or (on any error) none.
+    pub fn create_entries(&self, entries: Vec<Entry>, trust_domain: &str) -> Result<Vec<Entry>, StoreError> {
+        let mut checked = Vec::with_capacity(entries.len());
+        for mut e in entries {
+            e.validate(trust_domain)?;
+            e.id = random_id();
+            checked.push(e);
+        }
+        self.with_tx(|tx| {
+            for e in checked.iter_mut() {
+                e.revision = Self::next_revision(tx)?;
+                Self::write_entry(tx, e, true)?;
+            }
+            Ok(checked)
+        })
+    }
+
     pub fn update_entry(&self, mut e: Entry, trust_domain: &str) -> Result<Entry, StoreError> {
         e.validate(trust_domain)?;
         self.with_tx(|tx| {
@@ -409,6 +426,19 @@ mod tests {
         assert_eq!(s.list_entries(None, Some("spiffe://td/node")).unwrap()[0].hint, "internal");
         s.delete_entry(&e.id).unwrap();
         assert!(matches!(s.delete_entry(&e.id), Err(StoreError::NoEntry(_))));
+    }
+
+    #[test]
+    fn batch_creation_is_all_or_nothing() {
+        let s = store();
+        let good = entry("spiffe://td/a", "spiffe://td/n", &["unix:uid:1"]);
+        let dup = entry("spiffe://td/a", "spiffe://td/n", &["unix:uid:1"]);
+        assert!(matches!(s.create_entries(vec![good.clone(), dup], "td"), Err(StoreError::Duplicate(_))));
+        assert!(s.list_entries(None, None).unwrap().is_empty());
+        assert_eq!(
+            s.create_entries(vec![good, entry("spiffe://td/b", "spiffe://td/n", &["unix:uid:2"])], "td").unwrap().len(),
+            2
+        );
     }
 
     #[test]

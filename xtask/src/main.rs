@@ -24,8 +24,8 @@ enum Cmd {
     Test,
     /// Benchmarks from ../shared/BENCHMARKS.md, as ratios against a same-run baseline.
     Bench {
-        /// Which one (connect = B1, exec = B4).
-        #[arg(value_parser = ["connect", "exec"])]
+        /// Which one (connect = B1, exec = B4, server = B9).
+        #[arg(value_parser = ["connect", "exec", "server"])]
         name: String,
         /// Passed to the benchmark (e.g. --rounds 11 --connects 10000).
         #[arg(last = true)]
