@@ -181,24 +181,33 @@ type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Streams `make(snapshot, selectors)` now and after every change; the caller is
 /// re-identified each time (an exec changes what it may have).
+/// `initial` are the selectors the handler resolved just before: the first message reuses
+/// them rather than identifying the caller twice for one call.
 fn watch_stream<S: SelectorSource, T: Send + 'static>(
     source: Arc<S>,
     manager: &Manager,
     peer: Peer,
+    initial: Vec<Selector>,
     make: fn(&Snapshot, &[Selector]) -> Result<Option<T>, Status>,
 ) -> Stream2<T> {
     let mut rx = manager.subscribe();
     let (tx, out) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
+        let mut initial = Some(initial);
         loop {
             let snapshot = rx.borrow_and_update().clone();
-            let Some(pidfd) = peer.0.clone() else { break };
-            let src = source.clone();
-            let selectors = match tokio::task::spawn_blocking(move || src.selectors(&pidfd)).await {
-                Ok(Ok(s)) => s,
-                _ => {
-                    let _ = tx.send(Err(Status::permission_denied("caller is no longer identifiable"))).await;
-                    break;
+            let selectors = match initial.take() {
+                Some(s) => s,
+                None => {
+                    let Some(pidfd) = peer.0.clone() else { break };
+                    let src = source.clone();
+                    match tokio::task::spawn_blocking(move || src.selectors(&pidfd)).await {
+                        Ok(Ok(s)) => s,
+                        _ => {
+                            let _ = tx.send(Err(Status::permission_denied("caller is no longer identifiable"))).await;
+                            break;
+                        }
+                    }
                 }
             };
             match make(&snapshot, &selectors) {
@@ -308,7 +317,7 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
             return Err(Status::unavailable("SVIDs for this caller are not issued yet; retry"));
         }
         let peer = req.extensions().get::<Peer>().cloned().unwrap_or(Peer(None));
-        Ok(Response::new(watch_stream(self.selectors.clone(), &self.manager, peer, x509_response)))
+        Ok(Response::new(watch_stream(self.selectors.clone(), &self.manager, peer, selectors, x509_response)))
     }
 
     async fn fetch_x509_bundles(
@@ -330,7 +339,7 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
             }))
         }
         let peer = req.extensions().get::<Peer>().cloned().unwrap_or(Peer(None));
-        Ok(Response::new(watch_stream(self.selectors.clone(), &self.manager, peer, make)))
+        Ok(Response::new(watch_stream(self.selectors.clone(), &self.manager, peer, selectors, make)))
     }
 
     async fn fetch_jwtsvid(
@@ -386,7 +395,7 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
             Ok(Some(workload::JwtBundlesResponse { bundles: HashMap::from([(td_key(s), jwt_jwks(s))]) }))
         }
         let peer = req.extensions().get::<Peer>().cloned().unwrap_or(Peer(None));
-        Ok(Response::new(watch_stream(self.selectors.clone(), &self.manager, peer, make)))
+        Ok(Response::new(watch_stream(self.selectors.clone(), &self.manager, peer, selectors, make)))
     }
 
     async fn validate_jwtsvid(

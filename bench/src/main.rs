@@ -5,6 +5,7 @@ mod connect;
 mod exec;
 mod report;
 mod server;
+mod workload_api;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -25,6 +26,20 @@ enum Bench {
     Exec(exec::Args),
     /// B9: X.509-SVID issuance vs raw ECDSA signing; entry sync for 100k entries.
     Server(server::Args),
+    /// B5: Workload API latency vs a minimal tonic UDS service; memory per cached SVID.
+    WorkloadApi(workload_api::Args),
+    /// Internal: the Workload API client run inside the bench cgroup.
+    #[command(hide = true)]
+    ApiClient {
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        #[arg(long)]
+        method: String,
+        #[arg(long)]
+        callers: usize,
+        #[arg(long)]
+        calls: usize,
+    },
     /// Internal: the exec loop run inside the test cgroup.
     #[command(hide = true)]
     ExecLoop {
@@ -51,6 +66,10 @@ fn main() -> Result<()> {
         Bench::ConnectLoop { port, count } => connect::client_loop(port, count),
         Bench::Exec(args) => exec::run(&args),
         Bench::Server(args) => server::run(&args),
+        Bench::WorkloadApi(args) => workload_api::run(&args),
+        Bench::ApiClient { socket, method, callers, calls } => {
+            tokio::runtime::Runtime::new()?.block_on(workload_api::client(&socket, &method, callers, calls))
+        }
         Bench::ExecLoop { binary, count, hash } => exec::exec_loop(&binary, count, hash),
     }
 }

@@ -24,8 +24,8 @@ enum Cmd {
     Test,
     /// Benchmarks from ../shared/BENCHMARKS.md, as ratios against a same-run baseline.
     Bench {
-        /// Which one (connect = B1, exec = B4, server = B9).
-        #[arg(value_parser = ["connect", "exec", "server"])]
+        /// Which one (connect = B1, exec = B4, workload-api = B5, server = B9).
+        #[arg(value_parser = ["connect", "exec", "server", "workload-api"])]
         name: String,
         /// Passed to the benchmark (e.g. --rounds 11 --connects 10000).
         #[arg(last = true)]
@@ -48,7 +48,7 @@ fn real_main() -> Result<()> {
         Cmd::Test => test(),
         Cmd::Bench { name, args } => {
             setup::run()?;
-            cargo(&["build", "--release", "-p", "tether-bench"])?;
+            cargo(&["build", "--release", "-p", "tether-bench", "-p", "tether-agent", "-p", "tether-server"])?;
             run(Command::new(workspace().join("target/release/tether-bench")).arg(&name).args(&args))
         }
         Cmd::Demo => {

@@ -64,13 +64,21 @@ pub struct Resolver {
     monitor: Mutex<Monitor>,
     measurer: Measurer,
     cgroup_root: PathBuf,
+    /// Identities derived in the last [`REUSE_FOR`], keyed by PID and the exact kernel
+    /// record they were derived from: a later call that finds the very same record (same
+    /// exec, cgroup, ids) reuses the derived selectors instead of re-reading /proc and NSS.
+    recent: Mutex<std::collections::HashMap<u32, (std::time::Instant, ProcessIdentity)>>,
 }
 
 const ATTEMPTS: usize = 3;
+/// How long a derived identity is reused for an unchanged record. The record itself is
+/// always looked up fresh and the executable's path re-checked; only user and group names
+/// (NSS) and the cgroup path of an unchanged cgroup id may be this old.
+const REUSE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Resolver {
     pub fn new(monitor: Monitor, measurer: Measurer, cgroup_root: PathBuf) -> Self {
-        Resolver { monitor: Mutex::new(monitor), measurer, cgroup_root }
+        Resolver { monitor: Mutex::new(monitor), measurer, cgroup_root, recent: Mutex::default() }
     }
 
     pub fn measurer(&self) -> &Measurer {
@@ -120,6 +128,20 @@ impl Resolver {
             let Some(record) = self.lookup(pidfd)? else {
                 return Err(if pidfd.is_alive() { IdentityError::NoRecord } else { IdentityError::Exited });
             };
+            let reusable = self
+                .recent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&pid)
+                .filter(|(at, id)| at.elapsed() < REUSE_FOR && id.record == record)
+                .map(|(_, id)| id.clone());
+            // The executable's path is re-checked every time (two syscalls): a rename must
+            // take effect at once for unix:path.
+            if let Some(id) = reusable {
+                if record.exe.and_then(|exe| exe_path(pid, &exe)) == id.path && pidfd.is_alive() {
+                    return Ok(id);
+                }
+            }
             let measurement = record.exe.map(|exe| self.measure(pidfd, pid, &exe));
             let path = record.exe.and_then(|exe| exe_path(pid, &exe));
             let cgroup = cgroup_path(pid, record.cgroup_id, &self.cgroup_root);
@@ -132,7 +154,11 @@ impl Resolver {
                 continue;
             }
             let selectors = selectors(&record, measurement.as_ref(), path.as_deref(), cgroup.as_deref());
-            return Ok(ProcessIdentity { pid, record, measurement, path, cgroup, selectors });
+            let identity = ProcessIdentity { pid, record, measurement, path, cgroup, selectors };
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            recent.retain(|_, (at, _)| at.elapsed() < REUSE_FOR);
+            recent.insert(pid, (std::time::Instant::now(), identity.clone()));
+            return Ok(identity);
         }
         Err(IdentityError::Unstable)
     }
