@@ -32,6 +32,8 @@ pub enum CaError {
     Jwt(String),
     #[error("time out of range")]
     Time,
+    #[error("upstream CA: {0}")]
+    Upstream(String),
 }
 
 fn unix_time(secs: i64) -> Result<OffsetDateTime, CaError> {
@@ -62,6 +64,12 @@ pub struct X509Authority {
     key_pkcs8: Vec<u8>,
     pub not_before: i64,
     pub not_after: i64,
+    /// With an upstream CA: the certificates between this CA and the upstream root (sent
+    /// after the leaf in every SVID chain), and the upstream root (what the bundle trusts).
+    #[serde(default)]
+    pub upstream_chain: Vec<Vec<u8>>,
+    #[serde(default)]
+    pub upstream_root: Option<Vec<u8>>,
     /// Parsed once: parsing the key and certificate per signature cost a third of the
     /// issuance rate (B9).
     #[serde(skip)]
@@ -69,18 +77,30 @@ pub struct X509Authority {
 }
 
 impl X509Authority {
-    /// A self-signed P-256 root for `trust_domain`, carrying the trust domain's SPIFFE ID.
-    pub fn generate(trust_domain: &str, now: i64, ttl: i64) -> Result<Self, CaError> {
+    /// A P-256 CA for `trust_domain`, carrying the trust domain's SPIFFE ID: self-signed, or
+    /// an intermediate signed by `upstream` (never outliving it).
+    pub fn generate(trust_domain: &str, now: i64, ttl: i64, upstream: Option<&UpstreamCa>) -> Result<Self, CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let params = ca_params(trust_domain, now, ttl)?;
-        let cert = params.self_signed(&key)?;
+        let not_after = upstream.map_or(now + ttl, |u| (now + ttl).min(u.not_after));
+        let params = ca_params(trust_domain, now, not_after - now)?;
+        let (cert, upstream_chain, upstream_root) = match upstream {
+            None => (params.self_signed(&key)?, Vec::new(), None),
+            Some(u) => (params.signed_by(&key, &u.issuer()?)?, u.intermediates.clone(), Some(u.root.clone())),
+        };
         Ok(X509Authority {
             cert_der: cert.der().to_vec(),
             key_pkcs8: key.serialize_der(),
             not_before: now - BACKDATE_SECONDS,
-            not_after: now + ttl,
+            not_after,
+            upstream_chain,
+            upstream_root,
             issuer: Default::default(),
         })
+    }
+
+    /// What relying parties trust for this authority.
+    pub fn trust_anchor(&self) -> &[u8] {
+        self.upstream_root.as_deref().unwrap_or(&self.cert_der)
     }
 
     fn issuer(&self) -> Result<&Issuer<'static, KeyPair>, CaError> {
@@ -90,6 +110,50 @@ impl X509Authority {
         let key = KeyPair::try_from(self.key_pkcs8.as_slice())?;
         let issuer = Issuer::from_ca_cert_der(&self.cert_der.as_slice().into(), key)?;
         Ok(self.issuer.get_or_init(|| issuer))
+    }
+}
+
+/// An upstream CA from disk: Tether's CAs become its intermediates, and the bundle carries the
+/// upstream root instead of a self-signed Tether root.
+#[derive(Clone, Debug)]
+pub struct UpstreamCa {
+    cert_der: Vec<u8>,
+    key_pkcs8: Vec<u8>,
+    /// Certificates between the upstream signing certificate and the root, signing cert first.
+    intermediates: Vec<Vec<u8>>,
+    root: Vec<u8>,
+    not_after: i64,
+}
+
+impl UpstreamCa {
+    /// `cert_pem`: the signing CA certificate, optionally followed by its chain up to the
+    /// root; `key_pem`: its PKCS#8 private key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let bad = |m: &str| CaError::Upstream(m.to_owned());
+        let mut certs = Vec::new();
+        for pem in x509_parser::pem::Pem::iter_from_buffer(cert_pem.as_bytes()) {
+            let pem = pem.map_err(|e| bad(&format!("certificate PEM: {e}")))?;
+            certs.push(pem.contents);
+        }
+        let first = certs.first().ok_or_else(|| bad("no certificate in the certificate file"))?.clone();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&first).map_err(|e| bad(&format!("certificate: {e}")))?;
+        if !parsed.is_ca() {
+            return Err(bad("the upstream certificate is not a CA (basicConstraints cA=false)"));
+        }
+        let not_after = parsed.validity().not_after.timestamp();
+        let key = KeyPair::from_pem(key_pem).map_err(|e| bad(&format!("private key: {e}")))?;
+        if rcgen::PublicKeyData::subject_public_key_info(&key) != parsed.public_key().raw {
+            return Err(bad("the private key does not match the upstream certificate"));
+        }
+        let root = certs.last().cloned().unwrap_or_else(|| first.clone());
+        let intermediates = if certs.len() > 2 { certs[1..certs.len() - 1].to_vec() } else { Vec::new() };
+        let intermediates = if certs.len() >= 2 { [vec![first.clone()], intermediates].concat() } else { Vec::new() };
+        Ok(UpstreamCa { cert_der: first, key_pkcs8: key.serialize_der(), intermediates, root, not_after })
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>, CaError> {
+        let key = KeyPair::try_from(self.key_pkcs8.as_slice())?;
+        Ok(Issuer::from_ca_cert_der(&self.cert_der.as_slice().into(), key)?)
     }
 }
 
@@ -211,6 +275,9 @@ pub struct CaState {
     pub jwt: Slots<JwtKey>,
     /// `spiffe_sequence` of the bundle: bumped whenever its contents change.
     pub sequence: i64,
+    /// Loaded from disk at start, never stored.
+    #[serde(skip)]
+    pub upstream: Option<UpstreamCa>,
 }
 
 /// What an issued X.509-SVID is for.
@@ -222,23 +289,49 @@ pub struct SvidRequest<'a> {
 
 impl CaState {
     pub fn new(trust_domain: &str, now: i64, ttl: i64) -> Result<Self, CaError> {
+        Self::with_upstream(trust_domain, now, ttl, None)
+    }
+
+    pub fn with_upstream(
+        trust_domain: &str,
+        now: i64,
+        ttl: i64,
+        upstream: Option<UpstreamCa>,
+    ) -> Result<Self, CaError> {
         Ok(CaState {
             trust_domain: trust_domain.into(),
             ttl,
             x509: Slots {
-                active: X509Authority::generate(trust_domain, now, ttl)?,
+                active: X509Authority::generate(trust_domain, now, ttl, upstream.as_ref())?,
                 prepared: None,
                 retired: Vec::new(),
             },
             jwt: Slots { active: JwtKey::generate(now, ttl)?, prepared: None, retired: Vec::new() },
             sequence: 1,
+            upstream,
         })
+    }
+
+    /// Applies the configured upstream CA (or its absence). If the active CA was not issued
+    /// under it, a new one is activated now; the old stays in the bundle until it expires.
+    pub fn set_upstream(&mut self, upstream: Option<UpstreamCa>, now: i64) -> Result<(), CaError> {
+        let wanted = upstream.as_ref().map(|u| u.root.clone());
+        self.upstream = upstream;
+        if self.x509.active.upstream_root != wanted {
+            let next = X509Authority::generate(&self.trust_domain, now, self.ttl, self.upstream.as_ref())?;
+            let old = std::mem::replace(&mut self.x509.active, next);
+            self.x509.retired.push(old);
+            self.x509.prepared = None;
+            self.sequence += 1;
+        }
+        Ok(())
     }
 
     /// Runs the rotation schedule; true when the bundle changed (and its sequence moved).
     pub fn rotate(&mut self, now: i64) -> Result<bool, CaError> {
         let (td, ttl) = (self.trust_domain.clone(), self.ttl);
-        let x = self.x509.rotate(now, ttl, || X509Authority::generate(&td, now, ttl))?;
+        let upstream = self.upstream.clone();
+        let x = self.x509.rotate(now, ttl, || X509Authority::generate(&td, now, ttl, upstream.as_ref()))?;
         let j = self.jwt.rotate(now, ttl, || JwtKey::generate(now, ttl))?;
         if x || j {
             self.sequence += 1;
@@ -246,16 +339,23 @@ impl CaState {
         Ok(x || j)
     }
 
-    /// DER root certificates to trust: active, prepared and not yet expired retired ones.
+    /// DER root certificates to trust: those of the active, prepared and not yet expired
+    /// retired CAs (the upstream root, once, when there is one).
     pub fn x509_authorities(&self) -> Vec<Vec<u8>> {
-        self.x509.all().map(|a| a.cert_der.clone()).collect()
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        for a in self.x509.all() {
+            if !out.iter().any(|c| c.as_slice() == a.trust_anchor()) {
+                out.push(a.trust_anchor().to_vec());
+            }
+        }
+        out
     }
 
     /// The SPIFFE bundle (JWKS) document.
     pub fn bundle_jwks(&self, refresh_hint: i64) -> Result<serde_json::Value, CaError> {
         let mut keys = Vec::new();
-        for a in self.x509.all() {
-            keys.push(serde_json::json!({"use": "x509-svid", "kty": "EC", "crv": "P-256", "x5c": [base64::engine::general_purpose::STANDARD.encode(&a.cert_der)]}));
+        for root in self.x509_authorities() {
+            keys.push(serde_json::json!({"use": "x509-svid", "kty": "EC", "crv": "P-256", "x5c": [base64::engine::general_purpose::STANDARD.encode(&root)]}));
         }
         for k in self.jwt.all() {
             keys.push(k.jwk()?);
@@ -293,7 +393,13 @@ impl CaState {
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&csr.public_key, ca.issuer()?)?;
-        Ok(vec![cert.der().to_vec()])
+        let mut chain = vec![cert.der().to_vec()];
+        if ca.upstream_root.is_some() {
+            // Leaf, then Tether's intermediate, then the upstream's intermediates.
+            chain.push(ca.cert_der.clone());
+            chain.extend(ca.upstream_chain.iter().cloned());
+        }
+        Ok(chain)
     }
 
     /// A JWT-SVID for `sub` and `audience`, from the active key.
@@ -347,6 +453,34 @@ mod tests {
         let (_, root) = X509Certificate::from_der(&roots[0]).unwrap();
         cert.verify_signature(Some(root.public_key())).unwrap();
         assert!(root.is_ca());
+    }
+
+    #[test]
+    fn upstream_ca_signs_intermediates_and_the_bundle_holds_its_root() {
+        let now = 1_800_000_000;
+        let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let root = ca_params("corp.example", now, 10 * 86_400).unwrap().self_signed(&root_key).unwrap();
+        let upstream = UpstreamCa::from_pem(&root.pem(), &root_key.serialize_pem()).unwrap();
+        let ca = CaState::with_upstream("example.org", now, 86_400, Some(upstream)).unwrap();
+        assert_eq!(ca.x509_authorities(), vec![root.der().to_vec()], "the bundle trusts the upstream root");
+        let id = SpiffeId::parse("spiffe://example.org/web").unwrap();
+        let (der, _) = csr("spiffe://example.org/web");
+        let chain = ca.sign_x509_svid(&der, &SvidRequest { spiffe_id: &id, ttl: 3600, dns_names: &[] }, now).unwrap();
+        assert_eq!(chain.len(), 2, "leaf + Tether's intermediate");
+        let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
+        let (_, mid) = X509Certificate::from_der(&chain[1]).unwrap();
+        let (_, r) = X509Certificate::from_der(root.der()).unwrap();
+        leaf.verify_signature(Some(mid.public_key())).unwrap();
+        mid.verify_signature(Some(r.public_key())).unwrap();
+        assert!(mid.is_ca());
+
+        // A key that is not the certificate's, or a leaf certificate, is refused.
+        let other = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let e = UpstreamCa::from_pem(&root.pem(), &other.serialize_pem()).unwrap_err().to_string();
+        assert!(e.contains("does not match"), "{e}");
+        let leaf_pem = tether_attestors::pem::encode("CERTIFICATE", &chain[0]);
+        let e = UpstreamCa::from_pem(&leaf_pem, &root_key.serialize_pem()).unwrap_err().to_string();
+        assert!(e.contains("not a CA"), "{e}");
     }
 
     #[test]

@@ -34,6 +34,11 @@ pub struct ServerConfig {
     /// Node SVID lifetime. Default 3600.
     #[serde(default = "default_x509_ttl")]
     pub node_svid_ttl_seconds: i64,
+    /// An upstream CA (PEM certificate, optionally followed by its chain to the root) whose
+    /// key signs Tether's CAs as intermediates; the bundle then holds the upstream root.
+    pub upstream_ca_cert: Option<PathBuf>,
+    /// Its PKCS#8 private key (PEM).
+    pub upstream_ca_key: Option<PathBuf>,
 }
 
 fn default_bind() -> SocketAddr {
@@ -71,6 +76,24 @@ pub enum ConfigError {
 }
 
 impl ServerConfig {
+    /// Reads the upstream CA, if configured; errors name the key.
+    pub fn upstream(&self, path: &std::path::Path) -> Result<Option<crate::ca::UpstreamCa>, ConfigError> {
+        let (Some(cert), Some(key)) = (&self.upstream_ca_cert, &self.upstream_ca_key) else { return Ok(None) };
+        let read = |p: &PathBuf, key: &'static str| {
+            std::fs::read_to_string(p).map_err(|e| ConfigError::Invalid {
+                path: path.into(),
+                key,
+                message: format!("{}: {e}", p.display()),
+            })
+        };
+        let (cert_pem, key_pem) = (read(cert, "upstream_ca_cert")?, read(key, "upstream_ca_key")?);
+        crate::ca::UpstreamCa::from_pem(&cert_pem, &key_pem).map(Some).map_err(|e| ConfigError::Invalid {
+            path: path.into(),
+            key: "upstream_ca_cert",
+            message: e.to_string(),
+        })
+    }
+
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         Self::parse(&text, path)
@@ -95,6 +118,10 @@ impl ServerConfig {
                     format!("{ttl} is not between 1 and ca_ttl_seconds ({})", config.ca_ttl_seconds),
                 ));
             }
+        }
+        if config.upstream_ca_cert.is_some() != config.upstream_ca_key.is_some() {
+            let key = if config.upstream_ca_cert.is_some() { "upstream_ca_key" } else { "upstream_ca_cert" };
+            return Err(invalid(key, "upstream_ca_cert and upstream_ca_key go together".into()));
         }
         if config.server_names.is_empty() {
             return Err(invalid("server_names", "needs at least one DNS name".into()));

@@ -21,6 +21,7 @@ pub fn open_state(config: ServerConfig) -> anyhow::Result<Arc<State>> {
     std::fs::create_dir_all(&config.data_dir)?;
     std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))?;
     let store = Store::open(&config.data_dir.join("tether.db"))?;
+    let upstream = config.upstream(Path::new("(server config)"))?;
     let mut ca = match store.load_ca()? {
         Some(ca) if ca.trust_domain == config.trust_domain => ca,
         Some(ca) => anyhow::bail!(
@@ -29,11 +30,12 @@ pub fn open_state(config: ServerConfig) -> anyhow::Result<Arc<State>> {
             config.trust_domain
         ),
         None => {
-            let ca = CaState::new(&config.trust_domain, now(), config.ca_ttl_seconds)?;
-            tracing::info!(trust_domain = %config.trust_domain, "created the trust domain's first authorities");
+            let ca = CaState::with_upstream(&config.trust_domain, now(), config.ca_ttl_seconds, upstream.clone())?;
+            tracing::info!(trust_domain = %config.trust_domain, upstream = upstream.is_some(), "created the trust domain's first authorities");
             ca
         }
     };
+    ca.set_upstream(upstream, now())?;
     ca.rotate(now())?;
     store.save_ca(&ca)?;
     Ok(Arc::new(State { config, store, ca: RwLock::new(ca) }))

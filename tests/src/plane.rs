@@ -47,13 +47,18 @@ impl Plane {
 
     /// Starts a server, registers a join token for `node_id`, starts an agent with it.
     pub fn start(sync_seconds: u64) -> Plane {
+        Self::start_with(sync_seconds, "")
+    }
+
+    /// As [`Plane::start`], with extra lines for the server's TOML config.
+    pub fn start_with(sync_seconds: u64, server_extra: &str) -> Plane {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let trust_domain = "example.org".to_string();
         std::fs::write(
             dir.path().join("server.toml"),
             format!(
-                "trust_domain = \"{trust_domain}\"\ndata_dir = \"{}\"\nbind_address = \"127.0.0.1:{port}\"\n",
+                "trust_domain = \"{trust_domain}\"\ndata_dir = \"{}\"\nbind_address = \"127.0.0.1:{port}\"\n{server_extra}",
                 dir.path().join("server").display()
             ),
         )

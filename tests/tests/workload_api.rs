@@ -304,3 +304,75 @@ fn python_spiffe_client_gets_svids_sees_rotation_and_validates_jwt() {
         (Some("spiffe://example.org/py"), Some("spiffe://example.org/py"), Some("spiffe://example.org/py"))
     );
 }
+
+#[test]
+fn upstream_ca_from_disk_roots_the_bundle() {
+    require_root().unwrap();
+    let ca_dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (ca_dir.path().join("root.pem"), ca_dir.path().join("root.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "10",
+            "-subj",
+            "/CN=corp root",
+        ])
+        .args([
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plane = Plane::start_with(
+        1,
+        &format!("upstream_ca_cert = \"{}\"\nupstream_ca_key = \"{}\"\n", cert.display(), key.display()),
+    );
+    let cg = CgroupGuard::new("wl-upstream").unwrap();
+    plane.entry("spiffe://example.org/up", &[&cgroup_selector(&cg)], &[]);
+    let dir = plane.dir.path().join("fetched");
+    let mut cmd = Command::new(tether_tests::agent_bin());
+    cmd.args(["api", "fetch", "x509", "--socket"]).arg(plane.socket()).arg("--write").arg(&dir);
+    assert!((0..50).any(|_| {
+        let ok = cg.run(&mut cmd).unwrap().status.success();
+        if !ok {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ok
+    }));
+    // The bundle is the upstream root; the SVID chain carries Tether's intermediate.
+    assert_eq!(
+        std::fs::read_to_string(dir.join("bundle.0.pem")).unwrap().trim(),
+        std::fs::read_to_string(&cert).unwrap().trim()
+    );
+    let chain = std::fs::read_to_string(dir.join("svid.0.pem")).unwrap();
+    assert_eq!(chain.matches("BEGIN CERTIFICATE").count(), 2);
+    let verify = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(&cert)
+        .arg("-untrusted")
+        .arg(dir.join("svid.0.pem"))
+        .arg(dir.join("svid.0.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
