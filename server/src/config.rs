@@ -34,6 +34,9 @@ pub struct ServerConfig {
     /// Node SVID lifetime. Default 3600.
     #[serde(default = "default_x509_ttl")]
     pub node_svid_ttl_seconds: i64,
+    /// Store the registration data in PostgreSQL instead of the embedded SQLite file:
+    /// a libpq-style connection string (`host=... port=... user=... dbname=...`).
+    pub postgres: Option<String>,
     /// An upstream CA (PEM certificate, optionally followed by its chain to the root) whose
     /// key signs Tether's CAs as intermediates; the bundle then holds the upstream root.
     pub upstream_ca_cert: Option<PathBuf>,

@@ -20,7 +20,10 @@ use crate::{
 pub fn open_state(config: ServerConfig) -> anyhow::Result<Arc<State>> {
     std::fs::create_dir_all(&config.data_dir)?;
     std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))?;
-    let store = Store::open(&config.data_dir.join("tether.db"))?;
+    let store = match &config.postgres {
+        Some(conninfo) => Store::connect_postgres(conninfo)?,
+        None => Store::open(&config.data_dir.join("tether.db"))?,
+    };
     let upstream = config.upstream(Path::new("(server config)"))?;
     let mut ca = match store.load_ca()? {
         Some(ca) if ca.trust_domain == config.trust_domain => ca,

@@ -4,7 +4,6 @@
 
 use std::{collections::BTreeMap, path::Path, sync::Mutex};
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use tether_attestors::{Selector, SpiffeId};
 use thiserror::Error;
@@ -14,7 +13,7 @@ use crate::ca::CaState;
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("database: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(String),
     #[error("invalid entry: {0}")]
     Invalid(String),
     #[error("an entry with the same SPIFFE ID, parent and selectors exists: {0}")]
@@ -103,8 +102,199 @@ pub struct Agent {
     pub selectors: Vec<String>,
 }
 
+/// A value bound to, or read from, a statement. The schema uses only TEXT and BIGINT, so
+/// the same SQL runs on SQLite and PostgreSQL.
+#[derive(Clone, Debug, PartialEq)]
+enum Val {
+    Text(String),
+    Int(i64),
+    Null,
+}
+
+impl From<&str> for Val {
+    fn from(s: &str) -> Self {
+        Val::Text(s.to_owned())
+    }
+}
+impl From<String> for Val {
+    fn from(s: String) -> Self {
+        Val::Text(s)
+    }
+}
+impl From<i64> for Val {
+    fn from(v: i64) -> Self {
+        Val::Int(v)
+    }
+}
+impl From<Option<String>> for Val {
+    fn from(v: Option<String>) -> Self {
+        v.map_or(Val::Null, Val::Text)
+    }
+}
+
+impl Val {
+    fn text(&self) -> Result<String, StoreError> {
+        match self {
+            Val::Text(s) => Ok(s.clone()),
+            other => Err(StoreError::Corrupt(format!("expected text, found {other:?}"))),
+        }
+    }
+    fn opt_text(&self) -> Option<String> {
+        match self {
+            Val::Text(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+    fn int(&self) -> Result<i64, StoreError> {
+        match self {
+            Val::Int(v) => Ok(*v),
+            other => Err(StoreError::Corrupt(format!("expected integer, found {other:?}"))),
+        }
+    }
+}
+
+type Row = Vec<Val>;
+
+/// One open transaction on either database. Statements use `$1, $2, ...` placeholders.
+enum Tx<'a> {
+    Sqlite(rusqlite::Transaction<'a>),
+    Postgres(postgres::Transaction<'a>),
+}
+
+fn sqlite_err(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+            StoreError::Duplicate(String::new())
+        }
+        _ => StoreError::Db(e.to_string()),
+    }
+}
+
+fn pg_err(e: postgres::Error) -> StoreError {
+    if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) {
+        return StoreError::Duplicate(String::new());
+    }
+    StoreError::Db(e.to_string())
+}
+
+impl Tx<'_> {
+    fn rows(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Row>, StoreError> {
+        match self {
+            Tx::Sqlite(tx) => {
+                let mut stmt = tx.prepare_cached(sql).map_err(sqlite_err)?;
+                for (i, p) in params.iter().enumerate() {
+                    // Bind by name: SQLite numbers `$N` parameters by first appearance.
+                    let idx = stmt
+                        .parameter_index(&format!("${}", i + 1))
+                        .map_err(sqlite_err)?
+                        .ok_or_else(|| StoreError::Db(format!("no ${} in {sql}", i + 1)))?;
+                    match p {
+                        Val::Text(s) => stmt.raw_bind_parameter(idx, s),
+                        Val::Int(v) => stmt.raw_bind_parameter(idx, v),
+                        Val::Null => stmt.raw_bind_parameter(idx, rusqlite::types::Null),
+                    }
+                    .map_err(sqlite_err)?;
+                }
+                let ncols = stmt.column_count();
+                let mut out = Vec::new();
+                let mut rows = stmt.raw_query();
+                while let Some(row) = rows.next().map_err(sqlite_err)? {
+                    let mut vals = Vec::with_capacity(ncols);
+                    for i in 0..ncols {
+                        vals.push(match row.get::<_, rusqlite::types::Value>(i).map_err(sqlite_err)? {
+                            rusqlite::types::Value::Text(s) => Val::Text(s),
+                            rusqlite::types::Value::Integer(v) => Val::Int(v),
+                            _ => Val::Null,
+                        });
+                    }
+                    out.push(vals);
+                }
+                Ok(out)
+            }
+            Tx::Postgres(tx) => {
+                let boxed: Vec<Box<dyn postgres::types::ToSql + Sync>> = params
+                    .iter()
+                    .map(|p| -> Box<dyn postgres::types::ToSql + Sync> {
+                        match p {
+                            Val::Text(s) => Box::new(s.clone()),
+                            Val::Int(v) => Box::new(*v),
+                            Val::Null => Box::new(None::<String>),
+                        }
+                    })
+                    .collect();
+                let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = boxed.iter().map(|b| b.as_ref()).collect();
+                let rows = tx.query(sql, &refs).map_err(pg_err)?;
+                rows.iter()
+                    .map(|row| {
+                        (0..row.len())
+                            .map(|i| {
+                                Ok(match *row.columns()[i].type_() {
+                                    postgres::types::Type::INT8 => {
+                                        row.try_get::<_, Option<i64>>(i).map_err(pg_err)?.map_or(Val::Null, Val::Int)
+                                    }
+                                    postgres::types::Type::INT4 => row
+                                        .try_get::<_, Option<i32>>(i)
+                                        .map_err(pg_err)?
+                                        .map_or(Val::Null, |v| Val::Int(v.into())),
+                                    _ => row
+                                        .try_get::<_, Option<String>>(i)
+                                        .map_err(pg_err)?
+                                        .map_or(Val::Null, Val::Text),
+                                })
+                            })
+                            .collect()
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64, StoreError> {
+        match self {
+            Tx::Sqlite(tx) => {
+                let mut stmt = tx.prepare_cached(sql).map_err(sqlite_err)?;
+                for (i, p) in params.iter().enumerate() {
+                    let idx = stmt
+                        .parameter_index(&format!("${}", i + 1))
+                        .map_err(sqlite_err)?
+                        .ok_or_else(|| StoreError::Db(format!("no ${} in {sql}", i + 1)))?;
+                    match p {
+                        Val::Text(s) => stmt.raw_bind_parameter(idx, s),
+                        Val::Int(v) => stmt.raw_bind_parameter(idx, v),
+                        Val::Null => stmt.raw_bind_parameter(idx, rusqlite::types::Null),
+                    }
+                    .map_err(sqlite_err)?;
+                }
+                Ok(stmt.raw_execute().map_err(sqlite_err)? as u64)
+            }
+            Tx::Postgres(_) => {
+                // Same path as queries; RETURNING-less statements give zero rows.
+                let Tx::Postgres(tx) = self else { unreachable!() };
+                let boxed: Vec<Box<dyn postgres::types::ToSql + Sync>> = params
+                    .iter()
+                    .map(|p| -> Box<dyn postgres::types::ToSql + Sync> {
+                        match p {
+                            Val::Text(s) => Box::new(s.clone()),
+                            Val::Int(v) => Box::new(*v),
+                            Val::Null => Box::new(None::<String>),
+                        }
+                    })
+                    .collect();
+                let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = boxed.iter().map(|b| b.as_ref()).collect();
+                tx.execute(sql, &refs).map_err(pg_err)
+            }
+        }
+    }
+}
+
+enum Backend {
+    Sqlite(Mutex<rusqlite::Connection>),
+    Postgres(Mutex<postgres::Client>),
+}
+
+/// The registration store, on SQLite (embedded, default) or PostgreSQL.
 pub struct Store {
-    conn: Mutex<Connection>,
+    backend: Backend,
 }
 
 fn random_id() -> String {
@@ -113,72 +303,99 @@ fn random_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS entries (
-    id TEXT PRIMARY KEY,
-    spiffe_id TEXT NOT NULL,
-    parent_id TEXT NOT NULL,
-    selectors_key TEXT NOT NULL,
-    body TEXT NOT NULL,
-    UNIQUE (spiffe_id, parent_id, selectors_key)
-);
-CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent_id);
-CREATE TABLE IF NOT EXISTS join_tokens (
-    digest TEXT PRIMARY KEY,
-    expires_at INTEGER NOT NULL,
-    node_id TEXT,
-    used_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS agents (
-    spiffe_id TEXT PRIMARY KEY,
-    attestor TEXT NOT NULL,
-    attested_at INTEGER NOT NULL,
-    svid_expires_at INTEGER NOT NULL,
-    selectors TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS bans (spiffe_id TEXT PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS revision (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
-INSERT OR IGNORE INTO revision VALUES (1, 0);
-";
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS entries (id TEXT PRIMARY KEY, spiffe_id TEXT NOT NULL, parent_id TEXT NOT NULL, selectors_key TEXT NOT NULL, body TEXT NOT NULL, UNIQUE (spiffe_id, parent_id, selectors_key))",
+    "CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent_id)",
+    "CREATE TABLE IF NOT EXISTS join_tokens (digest TEXT PRIMARY KEY, expires_at BIGINT NOT NULL, node_id TEXT, used_at BIGINT)",
+    "CREATE TABLE IF NOT EXISTS agents (spiffe_id TEXT PRIMARY KEY, attestor TEXT NOT NULL, attested_at BIGINT NOT NULL, svid_expires_at BIGINT NOT NULL, selectors TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS bans (spiffe_id TEXT PRIMARY KEY)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS revision (id BIGINT PRIMARY KEY CHECK (id = 1), value BIGINT NOT NULL)",
+    "INSERT INTO revision VALUES (1, 0) ON CONFLICT DO NOTHING",
+];
+
+/// Runs `f` where the synchronous PostgreSQL client may block: outside any async runtime, or
+/// on a multi-threaded runtime's worker after telling it so.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
 
 impl Store {
-    /// Opens (creating) the store file; `:memory:` for tests.
+    /// Opens (creating) an SQLite store file; `:memory:` for tests.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;")?;
-        conn.execute_batch(SCHEMA)?;
-        Ok(Store { conn: Mutex::new(conn) })
+        let conn = rusqlite::Connection::open(path).map_err(sqlite_err)?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;")
+            .map_err(sqlite_err)?;
+        for stmt in SCHEMA {
+            conn.execute(stmt, []).map_err(sqlite_err)?;
+        }
+        Ok(Store { backend: Backend::Sqlite(Mutex::new(conn)) })
     }
 
-    fn with_tx<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
-        tx.commit()?;
-        Ok(out)
+    /// Connects to PostgreSQL (`host=... port=... user=... dbname=...`) and creates the
+    /// schema if needed.
+    pub fn connect_postgres(conninfo: &str) -> Result<Self, StoreError> {
+        blocking(|| {
+            let mut client = postgres::Client::connect(conninfo, postgres::NoTls).map_err(pg_err)?;
+            for stmt in SCHEMA {
+                client.batch_execute(stmt).map_err(pg_err)?;
+            }
+            Ok(Store { backend: Backend::Postgres(Mutex::new(client)) })
+        })
     }
 
-    fn next_revision(tx: &rusqlite::Transaction<'_>) -> Result<i64, StoreError> {
-        tx.execute("UPDATE revision SET value = value + 1 WHERE id = 1", [])?;
-        Ok(tx.query_row("SELECT value FROM revision WHERE id = 1", [], |r| r.get(0))?)
+    /// Runs `f` in one transaction, committed only if it returns Ok.
+    fn with_tx<T>(&self, f: impl FnOnce(&mut Tx<'_>) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(conn) => {
+                let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                let tx =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(sqlite_err)?;
+                let mut tx = Tx::Sqlite(tx);
+                let out = f(&mut tx)?;
+                let Tx::Sqlite(tx) = tx else { unreachable!() };
+                tx.commit().map_err(sqlite_err)?;
+                Ok(out)
+            }
+            Backend::Postgres(client) => blocking(|| {
+                let mut client = client.lock().unwrap_or_else(|p| p.into_inner());
+                let tx = client.transaction().map_err(pg_err)?;
+                let mut tx = Tx::Postgres(tx);
+                let out = f(&mut tx)?;
+                let Tx::Postgres(tx) = tx else { unreachable!() };
+                tx.commit().map_err(pg_err)?;
+                Ok(out)
+            }),
+        }
     }
 
-    fn write_entry(tx: &rusqlite::Transaction<'_>, e: &Entry, insert: bool) -> Result<(), StoreError> {
+    fn next_revision(tx: &mut Tx<'_>) -> Result<i64, StoreError> {
+        let rows = tx.rows("UPDATE revision SET value = value + 1 WHERE id = 1 RETURNING value", &[])?;
+        rows.first().and_then(|r| r.first()).ok_or_else(|| StoreError::Corrupt("no revision row".into()))?.int()
+    }
+
+    fn write_entry(tx: &mut Tx<'_>, e: &Entry, insert: bool) -> Result<(), StoreError> {
         let body = serde_json::to_string(e).map_err(|x| StoreError::Corrupt(x.to_string()))?;
         let sql = if insert {
-            "INSERT INTO entries (id, spiffe_id, parent_id, selectors_key, body) VALUES (?1, ?2, ?3, ?4, ?5)"
+            "INSERT INTO entries (id, spiffe_id, parent_id, selectors_key, body) VALUES ($1, $2, $3, $4, $5)"
         } else {
-            "UPDATE entries SET spiffe_id = ?2, parent_id = ?3, selectors_key = ?4, body = ?5 WHERE id = ?1"
+            "UPDATE entries SET spiffe_id = $2, parent_id = $3, selectors_key = $4, body = $5 WHERE id = $1"
         };
-        match tx.execute(sql, params![e.id, e.spiffe_id.to_string(), e.parent_id.to_string(), e.selectors_key(), body])
-        {
+        let params = [
+            e.id.as_str().into(),
+            e.spiffe_id.to_string().into(),
+            e.parent_id.to_string().into(),
+            e.selectors_key().into(),
+            body.into(),
+        ];
+        match tx.exec(sql, &params) {
             Ok(0) => Err(StoreError::NoEntry(e.id.clone())),
             Ok(_) => Ok(()),
-            Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                Err(StoreError::Duplicate(e.spiffe_id.to_string()))
-            }
-            Err(x) => Err(x.into()),
+            Err(StoreError::Duplicate(_)) => Err(StoreError::Duplicate(e.spiffe_id.to_string())),
+            Err(x) => Err(x),
         }
     }
 
@@ -219,7 +436,7 @@ impl Store {
     }
 
     pub fn delete_entry(&self, id: &str) -> Result<(), StoreError> {
-        self.with_tx(|tx| match tx.execute("DELETE FROM entries WHERE id = ?1", [id])? {
+        self.with_tx(|tx| match tx.exec("DELETE FROM entries WHERE id = $1", &[id.into()])? {
             0 => Err(StoreError::NoEntry(id.into())),
             _ => {
                 Self::next_revision(tx)?;
@@ -228,26 +445,26 @@ impl Store {
         })
     }
 
-    fn parse_entries(rows: Vec<String>) -> Result<Vec<Entry>, StoreError> {
-        rows.iter().map(|b| serde_json::from_str(b).map_err(|x| StoreError::Corrupt(x.to_string()))).collect()
+    fn parse_entries(rows: Vec<Row>) -> Result<Vec<Entry>, StoreError> {
+        rows.iter()
+            .map(|r| serde_json::from_str(&r[0].text()?).map_err(|x| StoreError::Corrupt(x.to_string())))
+            .collect()
     }
 
     pub fn get_entry(&self, id: &str) -> Result<Entry, StoreError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let body: Option<String> =
-            conn.query_row("SELECT body FROM entries WHERE id = ?1", [id], |r| r.get(0)).optional()?;
-        let body = body.ok_or_else(|| StoreError::NoEntry(id.into()))?;
-        serde_json::from_str(&body).map_err(|x| StoreError::Corrupt(x.to_string()))
+        let rows = self.with_tx(|tx| tx.rows("SELECT body FROM entries WHERE id = $1", &[id.into()]))?;
+        Self::parse_entries(rows)?.pop().ok_or_else(|| StoreError::NoEntry(id.into()))
     }
 
     /// All entries, optionally only those with this SPIFFE ID and/or parent.
     pub fn list_entries(&self, spiffe_id: Option<&str>, parent_id: Option<&str>) -> Result<Vec<Entry>, StoreError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let mut stmt = conn.prepare(
-            "SELECT body FROM entries WHERE (?1 IS NULL OR spiffe_id = ?1) AND (?2 IS NULL OR parent_id = ?2) ORDER BY spiffe_id, id",
-        )?;
-        let rows =
-            stmt.query_map(params![spiffe_id, parent_id], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        let params = [spiffe_id.map(str::to_owned).into(), parent_id.map(str::to_owned).into()];
+        let rows = self.with_tx(|tx| {
+            tx.rows(
+                "SELECT body FROM entries WHERE (CAST($1 AS TEXT) IS NULL OR spiffe_id = $1) AND (CAST($2 AS TEXT) IS NULL OR parent_id = $2) ORDER BY spiffe_id, id",
+                &params,
+            )
+        })?;
         Self::parse_entries(rows)
     }
 
@@ -258,9 +475,9 @@ impl Store {
         node_id: Option<&SpiffeId>,
     ) -> Result<(), StoreError> {
         self.with_tx(|tx| {
-            tx.execute(
-                "INSERT INTO join_tokens (digest, expires_at, node_id) VALUES (?1, ?2, ?3)",
-                params![digest, expires_at, node_id.map(ToString::to_string)],
+            tx.exec(
+                "INSERT INTO join_tokens (digest, expires_at, node_id) VALUES ($1, $2, $3)",
+                &[digest.into(), expires_at.into(), node_id.map(ToString::to_string).into()],
             )?;
             Ok(())
         })
@@ -276,52 +493,46 @@ impl Store {
         issue: impl FnOnce(&SpiffeId) -> Result<(T, i64), StoreError>,
     ) -> Result<(SpiffeId, T), StoreError> {
         self.with_tx(|tx| {
-            let row: Option<(i64, Option<String>, Option<i64>)> = tx
-                .query_row("SELECT expires_at, node_id, used_at FROM join_tokens WHERE digest = ?1", [digest], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .optional()?;
-            let Some((expires_at, node_id, None)) = row else { return Err(StoreError::BadToken) };
-            if expires_at <= now {
-                return Err(StoreError::BadToken);
-            }
-            let id = match node_id {
+            // Claiming the token is one statement, so two agents racing with it cannot both win.
+            let claimed = tx.rows(
+                "UPDATE join_tokens SET used_at = $2 WHERE digest = $1 AND used_at IS NULL AND expires_at > $2 RETURNING node_id",
+                &[digest.into(), now.into()],
+            )?;
+            let Some(row) = claimed.first() else { return Err(StoreError::BadToken) };
+            let id = match row[0].opt_text() {
                 Some(s) => SpiffeId::parse(&s).map_err(|e| StoreError::Corrupt(e.to_string()))?,
                 None => default_id,
             };
-            let banned: Option<String> = tx.query_row("SELECT spiffe_id FROM bans WHERE spiffe_id = ?1", [id.to_string()], |r| r.get(0)).optional()?;
-            if banned.is_some() {
+            if !tx.rows("SELECT spiffe_id FROM bans WHERE spiffe_id = $1", &[id.to_string().into()])?.is_empty() {
                 return Err(StoreError::Banned(id.to_string()));
             }
             let (out, svid_expires_at) = issue(&id)?;
-            tx.execute("UPDATE join_tokens SET used_at = ?2 WHERE digest = ?1", params![digest, now])?;
             let selectors = serde_json::to_string(&[format!("join_token:{}", digest.get(..32).unwrap_or(digest))]).unwrap_or_default();
-            tx.execute(
-                "INSERT INTO agents (spiffe_id, attestor, attested_at, svid_expires_at, selectors) VALUES (?1, 'join_token', ?2, ?3, ?4)
-                 ON CONFLICT(spiffe_id) DO UPDATE SET attestor = excluded.attestor, attested_at = excluded.attested_at,
+            tx.exec(
+                "INSERT INTO agents (spiffe_id, attestor, attested_at, svid_expires_at, selectors) VALUES ($1, 'join_token', $2, $3, $4)
+                 ON CONFLICT (spiffe_id) DO UPDATE SET attestor = excluded.attestor, attested_at = excluded.attested_at,
                  svid_expires_at = excluded.svid_expires_at, selectors = excluded.selectors",
-                params![id.to_string(), now, svid_expires_at, selectors],
+                &[id.to_string().into(), now.into(), svid_expires_at.into(), selectors.into()],
             )?;
             Ok((id, out))
         })
     }
 
     pub fn get_agent(&self, id: &SpiffeId) -> Result<Agent, StoreError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.query_row(
-            "SELECT spiffe_id, attestor, attested_at, svid_expires_at, selectors FROM agents WHERE spiffe_id = ?1",
-            [id.to_string()],
-            row_agent,
-        )
-        .optional()?
-        .ok_or_else(|| StoreError::NoAgent(id.to_string()))?
+        let rows = self.with_tx(|tx| {
+            tx.rows(
+                "SELECT spiffe_id, attestor, attested_at, svid_expires_at, selectors FROM agents WHERE spiffe_id = $1",
+                &[id.to_string().into()],
+            )
+        })?;
+        rows.first().map(row_agent).ok_or_else(|| StoreError::NoAgent(id.to_string()))?
     }
 
     pub fn renew_agent(&self, id: &SpiffeId, svid_expires_at: i64) -> Result<(), StoreError> {
         self.with_tx(|tx| {
-            match tx.execute(
-                "UPDATE agents SET svid_expires_at = ?2 WHERE spiffe_id = ?1",
-                params![id.to_string(), svid_expires_at],
+            match tx.exec(
+                "UPDATE agents SET svid_expires_at = $2 WHERE spiffe_id = $1",
+                &[id.to_string().into(), svid_expires_at.into()],
             )? {
                 0 => Err(StoreError::NoAgent(id.to_string())),
                 _ => Ok(()),
@@ -330,21 +541,22 @@ impl Store {
     }
 
     pub fn list_agents(&self) -> Result<Vec<Agent>, StoreError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let mut stmt = conn.prepare(
-            "SELECT spiffe_id, attestor, attested_at, svid_expires_at, selectors FROM agents ORDER BY spiffe_id",
-        )?;
-        let rows = stmt.query_map([], row_agent)?.collect::<Result<Vec<_>, _>>()?;
-        rows.into_iter().collect()
+        let rows = self.with_tx(|tx| {
+            tx.rows(
+                "SELECT spiffe_id, attestor, attested_at, svid_expires_at, selectors FROM agents ORDER BY spiffe_id",
+                &[],
+            )
+        })?;
+        rows.iter().map(row_agent).collect()
     }
 
     /// Removes an agent: its node SVID is no longer accepted and it must attest again.
     /// With `ban`, it never can again.
     pub fn evict_agent(&self, id: &SpiffeId, ban: bool) -> Result<(), StoreError> {
         self.with_tx(|tx| {
-            let n = tx.execute("DELETE FROM agents WHERE spiffe_id = ?1", [id.to_string()])?;
+            let n = tx.exec("DELETE FROM agents WHERE spiffe_id = $1", &[id.to_string().into()])?;
             if ban {
-                tx.execute("INSERT OR IGNORE INTO bans VALUES (?1)", [id.to_string()])?;
+                tx.exec("INSERT INTO bans VALUES ($1) ON CONFLICT DO NOTHING", &[id.to_string().into()])?;
             } else if n == 0 {
                 return Err(StoreError::NoAgent(id.to_string()));
             }
@@ -353,36 +565,29 @@ impl Store {
     }
 
     pub fn load_ca(&self) -> Result<Option<CaState>, StoreError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let v: Option<String> =
-            conn.query_row("SELECT value FROM meta WHERE key = 'ca'", [], |r| r.get(0)).optional()?;
-        v.map(|s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(e.to_string()))).transpose()
+        let rows = self.with_tx(|tx| tx.rows("SELECT value FROM meta WHERE key = 'ca'", &[]))?;
+        rows.first()
+            .map(|r| serde_json::from_str(&r[0].text()?).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()
     }
 
     pub fn save_ca(&self, ca: &CaState) -> Result<(), StoreError> {
         let v = serde_json::to_string(ca).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.with_tx(|tx| {
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES ('ca', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                [v],
-            )?;
+            tx.exec("INSERT INTO meta (key, value) VALUES ('ca', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value", &[v.into()])?;
             Ok(())
         })
     }
 }
 
-fn row_agent(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Agent, StoreError>> {
-    let id: String = r.get(0)?;
-    let selectors: String = r.get(4)?;
-    Ok((|| {
-        Ok(Agent {
-            spiffe_id: SpiffeId::parse(&id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            attestor: r.get(1)?,
-            attested_at: r.get(2)?,
-            svid_expires_at: r.get(3)?,
-            selectors: serde_json::from_str(&selectors).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-        })
-    })())
+fn row_agent(r: &Row) -> Result<Agent, StoreError> {
+    Ok(Agent {
+        spiffe_id: SpiffeId::parse(&r[0].text()?).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        attestor: r[1].text()?,
+        attested_at: r[2].int()?,
+        svid_expires_at: r[3].int()?,
+        selectors: serde_json::from_str(&r[4].text()?).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+    })
 }
 
 #[cfg(test)]
@@ -406,13 +611,28 @@ mod tests {
         }
     }
 
-    fn store() -> Store {
-        Store::open(Path::new(":memory:")).unwrap()
+    /// SQLite in memory, and PostgreSQL (a fresh schema) when `TETHER_TEST_POSTGRES` names a
+    /// server: `cargo xtask test` starts one on loopback and always sets it.
+    fn stores() -> Vec<(&'static str, Store)> {
+        let mut out = vec![("sqlite", Store::open(Path::new(":memory:")).unwrap())];
+        match std::env::var("TETHER_TEST_POSTGRES") {
+            Ok(base) => {
+                let schema = format!("t_{}", random_id());
+                let mut admin = postgres::Client::connect(&base, postgres::NoTls).unwrap();
+                admin.batch_execute(&format!("CREATE SCHEMA {schema}")).unwrap();
+                out.push((
+                    "postgres",
+                    Store::connect_postgres(&format!("{base} options='-c search_path={schema}'")).unwrap(),
+                ));
+            }
+            Err(_) => {
+                eprintln!("store tests: PostgreSQL skipped (TETHER_TEST_POSTGRES is not set; cargo xtask test sets it)")
+            }
+        }
+        out
     }
 
-    #[test]
-    fn entry_crud_and_duplicates() {
-        let s = store();
+    fn entry_crud_and_duplicates(s: &Store) {
         let e = s.create_entry(entry("spiffe://td/web", "spiffe://td/node", &["unix:uid:0"]), "td").unwrap();
         assert_eq!(s.get_entry(&e.id).unwrap(), e);
         // Same ID, parent and selectors (in any order): refused, and nothing written.
@@ -424,13 +644,15 @@ mod tests {
         let updated = s.update_entry(changed, "td").unwrap();
         assert!(updated.revision > e.revision);
         assert_eq!(s.list_entries(None, Some("spiffe://td/node")).unwrap()[0].hint, "internal");
+        s.create_entry(entry("spiffe://td/other", "spiffe://td/node2", &["unix:uid:0"]), "td").unwrap();
+        assert_eq!(s.list_entries(None, Some("spiffe://td/node")).unwrap().len(), 1, "the parent filter filters");
+        assert_eq!(s.list_entries(Some("spiffe://td/other"), None).unwrap().len(), 1);
+        assert_eq!(s.list_entries(None, None).unwrap().len(), 2);
         s.delete_entry(&e.id).unwrap();
         assert!(matches!(s.delete_entry(&e.id), Err(StoreError::NoEntry(_))));
     }
 
-    #[test]
-    fn batch_creation_is_all_or_nothing() {
-        let s = store();
+    fn batch_creation_is_all_or_nothing(s: &Store) {
         let good = entry("spiffe://td/a", "spiffe://td/n", &["unix:uid:1"]);
         let dup = entry("spiffe://td/a", "spiffe://td/n", &["unix:uid:1"]);
         assert!(matches!(s.create_entries(vec![good.clone(), dup], "td"), Err(StoreError::Duplicate(_))));
@@ -441,9 +663,7 @@ mod tests {
         );
     }
 
-    #[test]
-    fn invalid_entries_name_the_problem() {
-        let s = store();
+    fn invalid_entries_name_the_problem(s: &Store) {
         let cases = [
             (entry("spiffe://other/web", "spiffe://td/n", &["unix:uid:0"]), "not in trust domain td"),
             (entry("spiffe://td", "spiffe://td/n", &["unix:uid:0"]), "has no path"),
@@ -459,9 +679,7 @@ mod tests {
         assert!(s.list_entries(None, None).unwrap().is_empty());
     }
 
-    #[test]
-    fn join_tokens_are_one_time_and_expire_and_failures_burn_nothing() {
-        let s = store();
+    fn join_tokens_are_one_time_and_expire_and_failures_burn_nothing(s: &Store) {
         let id = SpiffeId::parse("spiffe://td/node/a").unwrap();
         s.create_join_token("d1", 1000, None).unwrap();
         // Issuing fails inside the transaction: the token survives.
@@ -484,9 +702,7 @@ mod tests {
         assert_eq!(s.list_agents().unwrap().len(), 1);
     }
 
-    #[test]
-    fn banned_nodes_cannot_attest_again() {
-        let s = store();
+    fn banned_nodes_cannot_attest_again(s: &Store) {
         let id = SpiffeId::parse("spiffe://td/node/a").unwrap();
         s.create_join_token("d1", 1000, Some(&id)).unwrap();
         s.attest_with_token("d1", 1, SpiffeId::parse("spiffe://td/x").unwrap(), |_| Ok(((), 9))).unwrap();
@@ -494,5 +710,44 @@ mod tests {
         assert!(matches!(s.get_agent(&id), Err(StoreError::NoAgent(_))));
         s.create_join_token("d2", 1000, Some(&id)).unwrap();
         assert!(matches!(s.attest_with_token("d2", 1, id.clone(), |_| Ok(((), 9))), Err(StoreError::Banned(_))));
+    }
+    #[test]
+    fn entry_crud_and_duplicates_on_every_backend() {
+        for (backend, store) in stores() {
+            eprintln!("entry_crud_and_duplicates: {backend}");
+            entry_crud_and_duplicates(&store);
+        }
+    }
+
+    #[test]
+    fn batch_creation_is_all_or_nothing_on_every_backend() {
+        for (backend, store) in stores() {
+            eprintln!("batch_creation_is_all_or_nothing: {backend}");
+            batch_creation_is_all_or_nothing(&store);
+        }
+    }
+
+    #[test]
+    fn invalid_entries_name_the_problem_on_every_backend() {
+        for (backend, store) in stores() {
+            eprintln!("invalid_entries_name_the_problem: {backend}");
+            invalid_entries_name_the_problem(&store);
+        }
+    }
+
+    #[test]
+    fn join_tokens_are_one_time_and_expire_and_failures_burn_nothing_on_every_backend() {
+        for (backend, store) in stores() {
+            eprintln!("join_tokens_are_one_time_and_expire_and_failures_burn_nothing: {backend}");
+            join_tokens_are_one_time_and_expire_and_failures_burn_nothing(&store);
+        }
+    }
+
+    #[test]
+    fn banned_nodes_cannot_attest_again_on_every_backend() {
+        for (backend, store) in stores() {
+            eprintln!("banned_nodes_cannot_attest_again: {backend}");
+            banned_nodes_cannot_attest_again(&store);
+        }
     }
 }

@@ -376,3 +376,27 @@ fn upstream_ca_from_disk_roots_the_bundle() {
         String::from_utf8_lossy(&verify.stderr)
     );
 }
+
+#[test]
+fn server_on_postgresql_serves_the_same_plane() {
+    require_root().unwrap();
+    let base = std::env::var("TETHER_TEST_POSTGRES").expect(
+        "TETHER_TEST_POSTGRES not set: run the suite with `cargo xtask test`, which starts a private PostgreSQL",
+    );
+    // A database of its own, so runs never see each other's rows.
+    let db = format!("tether_{}", std::process::id());
+    let out = Command::new("psql").args([&base, "-c", &format!("CREATE DATABASE {db}")]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let conninfo = base.replace("dbname=postgres", &format!("dbname={db}"));
+    let plane = Plane::start_with(1, &format!("postgres = \"{conninfo}\"\n"));
+    let cg = CgroupGuard::new("wl-pg").unwrap();
+    plane.entry("spiffe://example.org/pg", &[&cgroup_selector(&cg)], &[]);
+    let (ok, out, err) = run_in(&cg, plane.workload(Path::new(SPIFFE_CLIENT)).arg("x509"));
+    assert!(ok, "{err}\n{}", plane.log("server"));
+    assert_eq!(json_lines(&out)[0]["spiffe_id"], "spiffe://example.org/pg");
+    // The rows are in PostgreSQL, not in a SQLite file.
+    let rows =
+        Command::new("psql").args([conninfo.as_str(), "-At", "-c", "SELECT spiffe_id FROM entries"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&rows.stdout).trim(), "spiffe://example.org/pg");
+    assert!(!plane.dir.path().join("server/tether.db").exists());
+}

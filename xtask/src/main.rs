@@ -1,6 +1,7 @@
 //! The project's commands: `cargo xtask setup | test | bench | demo`.
 
 mod demo;
+mod postgres;
 mod setup;
 
 use std::process::Command;
@@ -112,10 +113,15 @@ fn test() -> Result<()> {
         .env("RUSTC_BOOTSTRAP", "1"))?;
     step("build (the agent embeds the eBPF object)");
     cargo(&["build", "--workspace", "--exclude", "tether-agent-ebpf", "--all-targets"])?;
-    step("unit tests");
-    cargo(&["test", "--workspace", "--exclude", "tether-agent-ebpf", "--exclude", "tether-tests"])?;
+    step("unit tests (the server's store against SQLite and a private PostgreSQL on loopback)");
+    let pg = postgres::Postgres::start()?;
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(&cargo_bin)
+        .args(["test", "--workspace", "--exclude", "tether-agent-ebpf", "--exclude", "tether-tests"])
+        .env("TETHER_TEST_POSTGRES", pg.conninfo()))?;
     step("privileged integration tests (real kernel, test-owned cgroups and namespaces)");
-    cargo(&["test", "-p", "tether-tests"])?;
+    run(Command::new(&cargo_bin).args(["test", "-p", "tether-tests"]).env("TETHER_TEST_POSTGRES", pg.conninfo()))?;
+    drop(pg);
     println!("\nall checks passed in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }

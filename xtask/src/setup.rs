@@ -19,6 +19,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libprotobuf-dev", "protobuf's well-known types (google/protobuf/struct.proto)"),
     ("libsqlite3-dev", "the server's embedded SQLite store"),
     ("openssl", "tests check SVIDs with `openssl verify`"),
+    ("postgresql", "the server's PostgreSQL store is tested against a real server"),
     ("qemu-system-x86", "a guest with another kernel, to prove the eBPF object is portable"),
     ("busybox-static", "the guest's userland"),
 ];
