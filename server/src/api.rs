@@ -23,6 +23,9 @@ pub struct State {
     pub config: ServerConfig,
     pub store: Store,
     pub ca: RwLock<CaState>,
+    /// Fault injection for tests (TETHER_FAULT_ATTEST_DELAY_MS): a pause inside the attestation
+    /// transaction, so a test can kill the server mid-request and check nothing was written.
+    pub fault_attest_delay: Option<std::time::Duration>,
 }
 
 impl From<StoreError> for Status {
@@ -164,6 +167,9 @@ impl node::node_server::Node for NodeService {
         let now = now();
         let ttl = s.config.node_svid_ttl_seconds;
         let (node_id, chain) = s.store.attest_with_token(&join_token::digest(&token), now, default_id, |id| {
+            if let Some(delay) = s.fault_attest_delay {
+                std::thread::sleep(delay);
+            }
             let chain = ca
                 .sign_x509_svid(&req.csr, &SvidRequest { spiffe_id: id, ttl, dns_names: &[] }, now)
                 .map_err(|e| StoreError::Invalid(e.to_string()))?;

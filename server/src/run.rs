@@ -41,7 +41,14 @@ pub fn open_state(config: ServerConfig) -> anyhow::Result<Arc<State>> {
     ca.set_upstream(upstream, now())?;
     ca.rotate(now())?;
     store.save_ca(&ca)?;
-    Ok(Arc::new(State { config, store, ca: RwLock::new(ca) }))
+    let fault_attest_delay =
+        std::env::var("TETHER_FAULT_ATTEST_DELAY_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
+    if fault_attest_delay.is_some() {
+        tracing::warn!(
+            "fault injection active: attestation pauses inside its transaction (TETHER_FAULT_ATTEST_DELAY_MS)"
+        );
+    }
+    Ok(Arc::new(State { config, store, ca: RwLock::new(ca), fault_attest_delay }))
 }
 
 /// The server's own TLS certificate: an SVID for spiffe://<td>/tether/server with the

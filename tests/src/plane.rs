@@ -34,6 +34,8 @@ pub struct Plane {
     pub port: u16,
     server: Option<KillOnDrop>,
     agent: Option<KillOnDrop>,
+    /// Extra environment for the next server start (e.g. fault injection).
+    pub server_env: Vec<(String, String)>,
 }
 
 impl Plane {
@@ -70,6 +72,7 @@ impl Plane {
             port,
             server: None,
             agent: None,
+            server_env: Vec::new(),
         };
         plane.start_server();
         let token = plane.cli(&["token", "generate", "--node-id", &plane.node_id.clone()]);
@@ -94,6 +97,7 @@ impl Plane {
             .arg("run")
             .arg("-c")
             .arg(self.server_config())
+            .envs(self.server_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -61,3 +61,41 @@ async fn nodes_only_get_what_they_may_serve() {
         .to_string();
     assert!(err.contains("banned"), "{err}");
 }
+
+/// The server dies in the middle of an attestation (between claiming the token and
+/// committing): after a restart the token is still unused and nothing of the node exists.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_killed_mid_attestation_leaves_nothing_half_written() {
+    sandbox::require_root().unwrap();
+    let mut plane = tokio::task::spawn_blocking(|| Plane::start(5)).await.unwrap();
+    let node = "spiffe://example.org/node/crash";
+    let tok = token(&plane, node);
+    plane.stop_server();
+    plane.server_env = vec![("TETHER_FAULT_ATTEST_DELAY_MS".into(), "3000".into())];
+    let mut plane = tokio::task::spawn_blocking(move || {
+        plane.start_server();
+        plane
+    })
+    .await
+    .unwrap();
+
+    let config = agent_config(&plane, "crash", &tok);
+    let attempt = tokio::spawn(async move { NodeSession::establish(&config).await.map(|_| ()) });
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await; // inside the transaction now
+    assert!(plane.log("server").contains("fault injection active"));
+    plane.stop_server(); // SIGKILL
+    assert!(attempt.await.unwrap().is_err(), "attestation cannot have completed");
+
+    plane.server_env.clear();
+    let plane = tokio::task::spawn_blocking(move || {
+        plane.start_server();
+        plane
+    })
+    .await
+    .unwrap();
+    let agents = String::from_utf8_lossy(&plane.cli(&["agent", "list"]).stdout).into_owned();
+    assert!(!agents.contains(node), "a half-attested node was stored: {agents}");
+    let session =
+        NodeSession::establish(&agent_config(&plane, "crash2", &tok)).await.expect("the token is still unused");
+    assert_eq!(session.node_svid.spiffe_id.to_string(), node);
+}
