@@ -46,13 +46,38 @@ pub struct Snapshot {
     pub bundle: Bundle,
     /// Whether the node holds a valid node SVID (attested).
     pub node_attested: bool,
+    /// For each selector, the entries (indices into `entries`) that require it: a workload
+    /// is only checked against entries sharing at least one of its selectors.
+    by_selector: HashMap<Selector, Vec<usize>>,
 }
 
 impl Snapshot {
+    pub fn new(
+        entries: Vec<LocalEntry>,
+        svids: HashMap<String, X509Svid>,
+        bundle: Bundle,
+        node_attested: bool,
+    ) -> Self {
+        let mut by_selector: HashMap<Selector, Vec<usize>> = HashMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            for s in &e.selectors {
+                by_selector.entry(s.clone()).or_default().push(i);
+            }
+        }
+        Snapshot { entries, svids, bundle, node_attested, by_selector }
+    }
+
     /// Entries whose selectors are all among the workload's, in a stable order.
     pub fn matching(&self, selectors: &[Selector]) -> Vec<&LocalEntry> {
-        let mut out: Vec<&LocalEntry> =
-            self.entries.iter().filter(|e| tether_attestors::is_subset(&e.selectors, selectors)).collect();
+        let mut candidates: Vec<usize> =
+            selectors.iter().filter_map(|s| self.by_selector.get(s)).flatten().copied().collect();
+        candidates.sort_unstable();
+        candidates.dedup();
+        let mut out: Vec<&LocalEntry> = candidates
+            .into_iter()
+            .map(|i| &self.entries[i])
+            .filter(|e| tether_attestors::is_subset(&e.selectors, selectors))
+            .collect();
         out.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id).then(a.id.cmp(&b.id)));
         out
     }
@@ -74,7 +99,7 @@ type CachedJwt = (String, i64, i64);
 impl Manager {
     pub async fn start(config: AgentConfig) -> Result<Arc<Self>, NodeError> {
         let session = NodeSession::establish(&config).await?;
-        let snapshot = Snapshot { bundle: session.bundle.clone(), node_attested: true, ..Default::default() };
+        let snapshot = Snapshot::new(Vec::new(), HashMap::new(), session.bundle.clone(), true);
         let (tx, _) = watch::channel(Arc::new(snapshot));
         let manager =
             Arc::new(Manager { config, session: Mutex::new(session), snapshot: tx, jwt_cache: Mutex::default() });
@@ -145,7 +170,7 @@ impl Manager {
                 }
             }
         }
-        let next = Snapshot { entries, svids, bundle: session.bundle.clone(), node_attested: true };
+        let next = Snapshot::new(entries, svids, session.bundle.clone(), true);
         let changed = next.bundle != cur.bundle
             || next.entries != cur.entries
             || next.svids.len() != cur.svids.len()
@@ -172,5 +197,40 @@ impl Manager {
         let exp = crate::workload_api::jwt_claims(&token).and_then(|c| c["exp"].as_i64()).unwrap_or(now);
         self.jwt_cache.lock().await.insert(key, (token.clone(), now, exp));
         Ok(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, sel: &[&str]) -> LocalEntry {
+        LocalEntry {
+            id: id.into(),
+            spiffe_id: SpiffeId::parse(&format!("spiffe://td/{id}")).unwrap(),
+            selectors: sel.iter().map(|s| Selector::parse(s).unwrap()).collect(),
+            hint: String::new(),
+            revision: 1,
+        }
+    }
+
+    #[test]
+    fn matching_is_subset_of_the_workloads_selectors() {
+        let snap = Snapshot::new(
+            vec![
+                entry("b", &["unix:uid:0", "cgroup:path:/a"]),
+                entry("a", &["unix:uid:0"]),
+                entry("c", &["unix:uid:1"]),
+                entry("d", &["unix:uid:0", "unix:gid:5"]),
+            ],
+            HashMap::new(),
+            Bundle::default(),
+            true,
+        );
+        let wl: Vec<Selector> =
+            ["unix:uid:0", "cgroup:path:/a", "unix:gid:0"].iter().map(|s| Selector::parse(s).unwrap()).collect();
+        let ids: Vec<&str> = snap.matching(&wl).iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, vec!["a", "b"], "all of an entry's selectors must match; ordered by SPIFFE ID");
+        assert!(snap.matching(&[]).is_empty());
     }
 }

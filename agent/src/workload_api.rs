@@ -29,11 +29,19 @@ use crate::{
 /// unit tests use a fake.
 pub trait SelectorSource: Send + Sync + 'static {
     fn selectors(&self, pidfd: &PidFd) -> Result<Vec<Selector>, IdentityError>;
+    /// A cheap answer when one is at hand (no blocking work); None sends the caller to
+    /// [`SelectorSource::selectors`] on a blocking thread.
+    fn selectors_fast(&self, _pidfd: &PidFd) -> Option<Vec<Selector>> {
+        None
+    }
 }
 
 impl SelectorSource for crate::process::caller::Resolver {
     fn selectors(&self, pidfd: &PidFd) -> Result<Vec<Selector>, IdentityError> {
         self.identify(pidfd).map(|id| id.selectors)
+    }
+    fn selectors_fast(&self, pidfd: &PidFd) -> Option<Vec<Selector>> {
+        self.identify_cached(pidfd).map(|id| id.selectors)
     }
 }
 

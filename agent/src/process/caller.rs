@@ -121,6 +121,21 @@ impl Resolver {
         Some(self.measure(&pidfd, pid, &exe))
     }
 
+    /// The identity of the process behind `pidfd` if one derived from its current record is
+    /// still fresh: a few syscalls, no hashing, so callers may run it on an async thread.
+    pub fn identify_cached(&self, pidfd: &PidFd) -> Option<ProcessIdentity> {
+        let pid = pidfd.pid()?;
+        let record = self.lookup(pidfd).ok()??;
+        let id = self
+            .recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&pid)
+            .filter(|(at, id)| at.elapsed() < REUSE_FOR && id.record == record)
+            .map(|(_, id)| id.clone())?;
+        (record.exe.and_then(|exe| exe_path(pid, &exe)) == id.path && pidfd.is_alive()).then_some(id)
+    }
+
     /// The identity of the process behind `pidfd`, as of now.
     pub fn identify(&self, pidfd: &PidFd) -> Result<ProcessIdentity, IdentityError> {
         for _ in 0..ATTEMPTS {
