@@ -177,24 +177,42 @@ fn pg_err(e: postgres::Error) -> StoreError {
     StoreError::Db(e.to_string())
 }
 
+/// Binds `$1..$n` by name: SQLite numbers `$N` parameters by first appearance, not by N.
+fn bind_sqlite(stmt: &mut rusqlite::CachedStatement<'_>, sql: &str, params: &[Val]) -> Result<(), StoreError> {
+    for (i, p) in params.iter().enumerate() {
+        let idx = stmt
+            .parameter_index(&format!("${}", i + 1))
+            .map_err(sqlite_err)?
+            .ok_or_else(|| StoreError::Db(format!("no ${} in {sql}", i + 1)))?;
+        match p {
+            Val::Text(s) => stmt.raw_bind_parameter(idx, s),
+            Val::Int(v) => stmt.raw_bind_parameter(idx, v),
+            Val::Null => stmt.raw_bind_parameter(idx, rusqlite::types::Null),
+        }
+        .map_err(sqlite_err)?;
+    }
+    Ok(())
+}
+
+fn pg_params(params: &[Val]) -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
+    params
+        .iter()
+        .map(|p| -> Box<dyn postgres::types::ToSql + Sync> {
+            match p {
+                Val::Text(s) => Box::new(s.clone()),
+                Val::Int(v) => Box::new(*v),
+                Val::Null => Box::new(None::<String>),
+            }
+        })
+        .collect()
+}
+
 impl Tx<'_> {
     fn rows(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Row>, StoreError> {
         match self {
             Tx::Sqlite(tx) => {
                 let mut stmt = tx.prepare_cached(sql).map_err(sqlite_err)?;
-                for (i, p) in params.iter().enumerate() {
-                    // Bind by name: SQLite numbers `$N` parameters by first appearance.
-                    let idx = stmt
-                        .parameter_index(&format!("${}", i + 1))
-                        .map_err(sqlite_err)?
-                        .ok_or_else(|| StoreError::Db(format!("no ${} in {sql}", i + 1)))?;
-                    match p {
-                        Val::Text(s) => stmt.raw_bind_parameter(idx, s),
-                        Val::Int(v) => stmt.raw_bind_parameter(idx, v),
-                        Val::Null => stmt.raw_bind_parameter(idx, rusqlite::types::Null),
-                    }
-                    .map_err(sqlite_err)?;
-                }
+                bind_sqlite(&mut stmt, sql, params)?;
                 let ncols = stmt.column_count();
                 let mut out = Vec::new();
                 let mut rows = stmt.raw_query();
@@ -212,16 +230,7 @@ impl Tx<'_> {
                 Ok(out)
             }
             Tx::Postgres(tx) => {
-                let boxed: Vec<Box<dyn postgres::types::ToSql + Sync>> = params
-                    .iter()
-                    .map(|p| -> Box<dyn postgres::types::ToSql + Sync> {
-                        match p {
-                            Val::Text(s) => Box::new(s.clone()),
-                            Val::Int(v) => Box::new(*v),
-                            Val::Null => Box::new(None::<String>),
-                        }
-                    })
-                    .collect();
+                let boxed = pg_params(params);
                 let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = boxed.iter().map(|b| b.as_ref()).collect();
                 let rows = tx.query(sql, &refs).map_err(pg_err)?;
                 rows.iter()
@@ -253,33 +262,11 @@ impl Tx<'_> {
         match self {
             Tx::Sqlite(tx) => {
                 let mut stmt = tx.prepare_cached(sql).map_err(sqlite_err)?;
-                for (i, p) in params.iter().enumerate() {
-                    let idx = stmt
-                        .parameter_index(&format!("${}", i + 1))
-                        .map_err(sqlite_err)?
-                        .ok_or_else(|| StoreError::Db(format!("no ${} in {sql}", i + 1)))?;
-                    match p {
-                        Val::Text(s) => stmt.raw_bind_parameter(idx, s),
-                        Val::Int(v) => stmt.raw_bind_parameter(idx, v),
-                        Val::Null => stmt.raw_bind_parameter(idx, rusqlite::types::Null),
-                    }
-                    .map_err(sqlite_err)?;
-                }
+                bind_sqlite(&mut stmt, sql, params)?;
                 Ok(stmt.raw_execute().map_err(sqlite_err)? as u64)
             }
-            Tx::Postgres(_) => {
-                // Same path as queries; RETURNING-less statements give zero rows.
-                let Tx::Postgres(tx) = self else { unreachable!() };
-                let boxed: Vec<Box<dyn postgres::types::ToSql + Sync>> = params
-                    .iter()
-                    .map(|p| -> Box<dyn postgres::types::ToSql + Sync> {
-                        match p {
-                            Val::Text(s) => Box::new(s.clone()),
-                            Val::Int(v) => Box::new(*v),
-                            Val::Null => Box::new(None::<String>),
-                        }
-                    })
-                    .collect();
+            Tx::Postgres(tx) => {
+                let boxed = pg_params(params);
                 let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = boxed.iter().map(|b| b.as_ref()).collect();
                 tx.execute(sql, &refs).map_err(pg_err)
             }
@@ -711,43 +698,27 @@ mod tests {
         s.create_join_token("d2", 1000, Some(&id)).unwrap();
         assert!(matches!(s.attest_with_token("d2", 1, id.clone(), |_| Ok(((), 9))), Err(StoreError::Banned(_))));
     }
-    #[test]
-    fn entry_crud_and_duplicates_on_every_backend() {
-        for (backend, store) in stores() {
-            eprintln!("entry_crud_and_duplicates: {backend}");
-            entry_crud_and_duplicates(&store);
-        }
+    /// A `#[test]` running `$name(&Store)` on every backend.
+    macro_rules! on_every_backend {
+        ($($name:ident),*) => {$(
+            #[test]
+            fn $name() {
+                for (backend, store) in stores() {
+                    eprintln!("{}: {backend}", stringify!($name));
+                    super::$name(&store);
+                }
+            }
+        )*};
     }
 
-    #[test]
-    fn batch_creation_is_all_or_nothing_on_every_backend() {
-        for (backend, store) in stores() {
-            eprintln!("batch_creation_is_all_or_nothing: {backend}");
-            batch_creation_is_all_or_nothing(&store);
-        }
-    }
-
-    #[test]
-    fn invalid_entries_name_the_problem_on_every_backend() {
-        for (backend, store) in stores() {
-            eprintln!("invalid_entries_name_the_problem: {backend}");
-            invalid_entries_name_the_problem(&store);
-        }
-    }
-
-    #[test]
-    fn join_tokens_are_one_time_and_expire_and_failures_burn_nothing_on_every_backend() {
-        for (backend, store) in stores() {
-            eprintln!("join_tokens_are_one_time_and_expire_and_failures_burn_nothing: {backend}");
-            join_tokens_are_one_time_and_expire_and_failures_burn_nothing(&store);
-        }
-    }
-
-    #[test]
-    fn banned_nodes_cannot_attest_again_on_every_backend() {
-        for (backend, store) in stores() {
-            eprintln!("banned_nodes_cannot_attest_again: {backend}");
-            banned_nodes_cannot_attest_again(&store);
-        }
+    mod every_backend {
+        use super::stores;
+        on_every_backend!(
+            entry_crud_and_duplicates,
+            batch_creation_is_all_or_nothing,
+            invalid_entries_name_the_problem,
+            join_tokens_are_one_time_and_expire_and_failures_burn_nothing,
+            banned_nodes_cannot_attest_again
+        );
     }
 }
