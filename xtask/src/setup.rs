@@ -20,6 +20,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libsqlite3-dev", "the server's embedded SQLite store"),
     ("openssl", "tests check SVIDs with `openssl verify`"),
     ("postgresql", "the server's PostgreSQL store is tested against a real server"),
+    ("python3-venv", "a venv for the Python SPIFFE client the tests use"),
     ("qemu-system-x86", "a guest with another kernel, to prove the eBPF object is portable"),
     ("busybox-static", "the guest's userland"),
 ];
