@@ -195,7 +195,11 @@ impl Manager {
         }
         let token = self.session.lock().await.mint_jwt(entry_id, audience).await?;
         let exp = crate::workload_api::jwt_claims(&token).and_then(|c| c["exp"].as_i64()).unwrap_or(now);
-        self.jwt_cache.lock().await.insert(key, (token.clone(), now, exp));
+        let mut cache = self.jwt_cache.lock().await;
+        // Audiences are chosen by workloads: drop expired tokens so the cache cannot grow
+        // without bound.
+        cache.retain(|_, (_, _, e)| *e > now);
+        cache.insert(key, (token.clone(), now, exp));
         Ok(token)
     }
 }
