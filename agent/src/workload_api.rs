@@ -151,10 +151,7 @@ fn td_key(snapshot: &Snapshot) -> String {
 /// The X.509 response for a caller's selectors: Ok(None) when it has entries but no SVID
 /// is ready yet.
 fn x509_response(snapshot: &Snapshot, selectors: &[Selector]) -> Result<Option<workload::X509svidResponse>, Status> {
-    let entries = snapshot.matching(selectors);
-    if entries.is_empty() {
-        return Err(Status::permission_denied("no identity issued: no registration entry matches the caller"));
-    }
+    let entries = require_identity(snapshot, selectors)?;
     let bundle = snapshot.bundle.x509_authorities.concat();
     let mut hints = std::collections::HashSet::new();
     let svids: Vec<workload::X509svid> = entries
@@ -187,46 +184,31 @@ fn jwt_jwks(snapshot: &Snapshot) -> Vec<u8> {
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-/// Streams `make(snapshot, selectors)` now and after every change; the caller is
-/// re-identified each time (an exec changes what it may have).
-/// `initial` are the selectors the handler resolved just before: the first message reuses
-/// them rather than identifying the caller twice for one call.
-fn watch_stream<S: SelectorSource, T: Send + 'static>(
-    source: Arc<S>,
-    manager: &Manager,
-    peer: Peer,
-    initial: Vec<Selector>,
-    make: fn(&Snapshot, &[Selector]) -> Result<Option<T>, Status>,
-) -> Stream2<T> {
-    let mut rx = manager.subscribe();
+type Make<T> = fn(&Snapshot, &[Selector]) -> Result<Option<T>, Status>;
+
+/// Opens a stream: the handler computes the first message from the snapshot it borrowed from
+/// `rx` (so errors such as PermissionDenied are returned as the call's status), then each
+/// later change re-identifies the caller (an exec changes what it may have) and sends
+/// `make(snapshot, selectors)` again.
+async fn open_stream<S: SelectorSource, T: Send + 'static, R>(
+    api: &WorkloadApi<S>,
+    req: &Request<R>,
+    make: Make<T>,
+) -> Result<Stream2<T>, Status> {
+    check_header(req)?;
+    let selectors = caller_selectors(&api.selectors, req).await?;
+    let mut rx = api.manager.subscribe();
+    let snapshot = rx.borrow_and_update().clone();
+    let first = make(&snapshot, &selectors)?
+        .ok_or_else(|| Status::unavailable("SVIDs for this caller are not issued yet; retry"))?;
+    let peer = req.extensions().get::<Peer>().cloned().unwrap_or(Peer(None));
+    let source = api.selectors.clone();
     let (tx, out) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
-        let mut initial = Some(initial);
+        let mut next = Some(first);
         loop {
-            let snapshot = rx.borrow_and_update().clone();
-            let selectors = match initial.take() {
-                Some(s) => s,
-                None => {
-                    let Some(pidfd) = peer.0.clone() else { break };
-                    let src = source.clone();
-                    match tokio::task::spawn_blocking(move || src.selectors(&pidfd)).await {
-                        Ok(Ok(s)) => s,
-                        _ => {
-                            let _ = tx.send(Err(Status::permission_denied("caller is no longer identifiable"))).await;
-                            break;
-                        }
-                    }
-                }
-            };
-            match make(&snapshot, &selectors) {
-                Ok(Some(msg)) => {
-                    if tx.send(Ok(msg)).await.is_err() {
-                        break;
-                    }
-                }
-                Ok(None) => {}
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
+            if let Some(msg) = next.take() {
+                if tx.send(Ok(msg)).await.is_err() {
                     break;
                 }
             }
@@ -234,9 +216,55 @@ fn watch_stream<S: SelectorSource, T: Send + 'static>(
                 changed = rx.changed() => if changed.is_err() { break },
                 _ = tx.closed() => break,
             }
+            let snapshot = rx.borrow_and_update().clone();
+            let Some(pidfd) = peer.0.clone() else { break };
+            let src = source.clone();
+            let selectors = match tokio::task::spawn_blocking(move || src.selectors(&pidfd)).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    let _ = tx.send(Err(Status::permission_denied("caller is no longer identifiable"))).await;
+                    break;
+                }
+            };
+            match make(&snapshot, &selectors) {
+                Ok(msg) => next = msg,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
+            }
         }
     });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
+    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out)))
+}
+
+fn no_identity() -> Status {
+    Status::permission_denied("no identity issued: no registration entry matches the caller")
+}
+
+/// The caller's entries; PermissionDenied when it has none.
+fn require_identity<'a>(
+    snapshot: &'a Snapshot,
+    selectors: &[Selector],
+) -> Result<Vec<&'a crate::manager::LocalEntry>, Status> {
+    let entries = snapshot.matching(selectors);
+    if entries.is_empty() {
+        return Err(no_identity());
+    }
+    Ok(entries)
+}
+
+fn x509_bundles(s: &Snapshot, sel: &[Selector]) -> Result<Option<workload::X509BundlesResponse>, Status> {
+    require_identity(s, sel)?;
+    Ok(Some(workload::X509BundlesResponse {
+        crl: vec![],
+        bundles: HashMap::from([(td_key(s), s.bundle.x509_authorities.concat())]),
+    }))
+}
+
+fn jwt_bundles(s: &Snapshot, sel: &[Selector]) -> Result<Option<workload::JwtBundlesResponse>, Status> {
+    require_identity(s, sel)?;
+    Ok(Some(workload::JwtBundlesResponse { bundles: HashMap::from([(td_key(s), jwt_jwks(s))]) }))
 }
 
 /// Decodes a compact JWS's claims without verifying it (for cache expiry only).
@@ -318,36 +346,14 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
         &self,
         req: Request<workload::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        check_header(&req)?;
-        let selectors = caller_selectors(&self.selectors, &req).await?;
-        let snapshot = self.manager.current();
-        if x509_response(&snapshot, &selectors)?.is_none() {
-            return Err(Status::unavailable("SVIDs for this caller are not issued yet; retry"));
-        }
-        let peer = req.extensions().get::<Peer>().cloned().unwrap_or(Peer(None));
-        Ok(Response::new(watch_stream(self.selectors.clone(), &self.manager, peer, selectors, x509_response)))
+        Ok(Response::new(open_stream(self, &req, x509_response).await?))
     }
 
     async fn fetch_x509_bundles(
         &self,
         req: Request<workload::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        check_header(&req)?;
-        let selectors = caller_selectors(&self.selectors, &req).await?;
-        if self.manager.current().matching(&selectors).is_empty() {
-            return Err(Status::permission_denied("no identity issued: no registration entry matches the caller"));
-        }
-        fn make(s: &Snapshot, sel: &[Selector]) -> Result<Option<workload::X509BundlesResponse>, Status> {
-            if s.matching(sel).is_empty() {
-                return Err(Status::permission_denied("no identity issued"));
-            }
-            Ok(Some(workload::X509BundlesResponse {
-                crl: vec![],
-                bundles: HashMap::from([(td_key(s), s.bundle.x509_authorities.concat())]),
-            }))
-        }
-        let peer = req.extensions().get::<Peer>().cloned().unwrap_or(Peer(None));
-        Ok(Response::new(watch_stream(self.selectors.clone(), &self.manager, peer, selectors, make)))
+        Ok(Response::new(open_stream(self, &req, x509_bundles).await?))
     }
 
     async fn fetch_jwtsvid(
@@ -362,10 +368,7 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
         let selectors = caller_selectors(&self.selectors, &req).await?;
         let r = req.get_ref();
         let snapshot = self.manager.current();
-        let entries = snapshot.matching(&selectors);
-        if entries.is_empty() {
-            return Err(Status::permission_denied("no identity issued: no registration entry matches the caller"));
-        }
+        let entries = require_identity(&snapshot, &selectors)?;
         let wanted: Vec<_> =
             entries.into_iter().filter(|e| r.spiffe_id.is_empty() || e.spiffe_id.to_string() == r.spiffe_id).collect();
         if wanted.is_empty() {
@@ -391,19 +394,7 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
         &self,
         req: Request<workload::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        check_header(&req)?;
-        let selectors = caller_selectors(&self.selectors, &req).await?;
-        if self.manager.current().matching(&selectors).is_empty() {
-            return Err(Status::permission_denied("no identity issued: no registration entry matches the caller"));
-        }
-        fn make(s: &Snapshot, sel: &[Selector]) -> Result<Option<workload::JwtBundlesResponse>, Status> {
-            if s.matching(sel).is_empty() {
-                return Err(Status::permission_denied("no identity issued"));
-            }
-            Ok(Some(workload::JwtBundlesResponse { bundles: HashMap::from([(td_key(s), jwt_jwks(s))]) }))
-        }
-        let peer = req.extensions().get::<Peer>().cloned().unwrap_or(Peer(None));
-        Ok(Response::new(watch_stream(self.selectors.clone(), &self.manager, peer, selectors, make)))
+        Ok(Response::new(open_stream(self, &req, jwt_bundles).await?))
     }
 
     async fn validate_jwtsvid(
@@ -419,11 +410,10 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
             return Err(Status::invalid_argument("svid must be specified"));
         }
         let selectors = caller_selectors(&self.selectors, &req).await?;
-        if self.manager.current().matching(&selectors).is_empty() {
-            return Err(Status::permission_denied("no identity issued: no registration entry matches the caller"));
-        }
+        let snapshot = self.manager.current();
+        require_identity(&snapshot, &selectors)?;
         let r = req.get_ref();
-        let (id, claims) = validate_jwt(&self.manager.current(), &r.svid, &r.audience)
+        let (id, claims) = validate_jwt(&snapshot, &r.svid, &r.audience)
             .map_err(|e| Status::invalid_argument(format!("invalid JWT-SVID: {e}")))?;
         let fields = claims
             .as_object()

@@ -111,3 +111,22 @@ pub fn spawn_retrying(cmd: &mut Command) -> std::io::Result<std::process::Child>
         }
     }
 }
+
+/// Polls `f` until it yields a value (every 10 ms, 30 s at most; then the test fails naming
+/// `what`).
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// sha256 by an independent implementation (coreutils), as hex.
+pub fn sha256sum(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap_or_else(|e| panic!("sha256sum: {e}"));
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_owned()
+}

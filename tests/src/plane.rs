@@ -4,7 +4,6 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    time::{Duration, Instant},
 };
 
 use crate::KillOnDrop;
@@ -19,12 +18,8 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    crate::wait_for(what, || ok().then_some(()))
 }
 
 pub struct Plane {
@@ -105,7 +100,7 @@ impl Plane {
         self.server = Some(KillOnDrop(child));
         let admin = self.dir.path().join("server/admin.sock");
         let port = self.port;
-        wait_for("the server", || admin.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        wait_until("the server", || admin.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
     }
 
     pub fn stop_server(&mut self) {
@@ -124,7 +119,7 @@ impl Plane {
             .unwrap();
         self.agent = Some(KillOnDrop(child));
         let socket = self.socket();
-        wait_for("the agent's Workload API socket", || socket.exists());
+        wait_until("the agent's Workload API socket", || socket.exists());
     }
 
     pub fn log(&self, which: &str) -> String {
@@ -157,7 +152,7 @@ impl Plane {
     /// Waits until the agent has issued an X.509-SVID for `spiffe_id` (its log says so).
     pub fn wait_issued(&self, spiffe_id: &str) {
         let needle = format!("X.509-SVID issued spiffe_id={spiffe_id}");
-        wait_for(&needle, || self.log("agent").contains(&needle));
+        wait_until(&needle, || self.log("agent").contains(&needle));
     }
 
     /// A command with SPIFFE_ENDPOINT_SOCKET pointing at this agent.

@@ -1,7 +1,7 @@
 //! connect4 attached to a test cgroup: processes in denied cgroups get EPERM from connect(),
 //! and the refused SYN never reaches the listener.
 
-use std::{net::TcpListener, process::Command, time::Duration};
+use std::{net::TcpListener, time::Duration};
 
 use sandbox::{require_root, CgroupGuard};
 use tether_agent::{cgroup::Cgroup, ebpf};
@@ -31,7 +31,7 @@ async fn denied_cgroup_gets_eperm_and_listener_sees_nothing() {
     assert!(listener.accept().is_err(), "a denied connection reached the listener");
 
     // Outside the hooked cgroup nothing changes.
-    let out = Command::new("bash").args(["-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")]).output().unwrap();
+    let out = bash_connect(port).output().unwrap();
     assert!(out.status.success());
 }
 

@@ -6,7 +6,7 @@ use std::{
     os::{fd::AsFd, unix::net::UnixListener, unix::net::UnixStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use sandbox::{cgroup2_root, require_root, CgroupGuard};
@@ -20,7 +20,7 @@ use tether_agent::{
     },
 };
 use tether_common::measurement_state;
-use tether_tests::{kill_and_reap, spawn_retrying, spawn_with_pid, KillOnDrop};
+use tether_tests::{kill_and_reap, sha256sum, spawn_retrying, spawn_with_pid, wait_for, KillOnDrop};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_tether-test-client");
 
@@ -62,29 +62,12 @@ impl World {
     /// Identifies `pid` once its record shows it executing `exe` (exec is asynchronous to us).
     fn identify_running(&self, pid: u32, exe: &Path) -> ProcessIdentity {
         let want = FileId::from_metadata(&std::fs::metadata(exe).unwrap());
-        wait_for(|| self.identify(pid).ok().filter(|id| id.record.exe == Some(want)))
+        wait_for("the process's kernel record", || self.identify(pid).ok().filter(|id| id.record.exe == Some(want)))
     }
 
     fn cgroup_rel(&self) -> String {
         format!("/{}", self.cg.path().strip_prefix(cgroup2_root().unwrap()).unwrap().display())
     }
-}
-
-fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "condition not reached within 10 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// sha256 by an independent implementation (coreutils).
-fn sha256sum(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
 }
 
 fn strings(id: &ProcessIdentity) -> Vec<String> {
@@ -183,7 +166,7 @@ fn pid_reuse_never_transfers_identity() {
     let err = w.resolver.attest_caller(from_victim.as_fd()).expect_err("identity for a dead caller");
     assert!(matches!(err, IdentityError::PeerPidfd(_) | IdentityError::Exited), "{err}");
     // ... and the impostor is only ever itself.
-    let id = wait_for(|| w.resolver.attest_caller(from_impostor.as_fd()).ok());
+    let id = wait_for("the process's kernel record", || w.resolver.attest_caller(from_impostor.as_fd()).ok());
     assert_eq!(sha_selector(&id), Some(format!("unix:sha256:{}", sha256sum(&impostor_bin))));
     assert_eq!(id.path.as_deref(), Some(impostor_bin.as_path()));
 }
@@ -222,7 +205,9 @@ fn exec_after_connect_is_identified_as_the_new_binary() {
     conn.read_exact(&mut byte).unwrap();
 
     let after_id = FileId::from_metadata(&std::fs::metadata(&after).unwrap());
-    let id = wait_for(|| w.resolver.attest_caller(conn.as_fd()).ok().filter(|id| id.record.exe == Some(after_id)));
+    let id = wait_for("the process's kernel record", || {
+        w.resolver.attest_caller(conn.as_fd()).ok().filter(|id| id.record.exe == Some(after_id))
+    });
     assert_eq!(sha_selector(&id), Some(format!("unix:sha256:{}", sha256sum(&after))));
     assert!(!strings(&id).iter().any(|s| s.contains(&sha256sum(&client))), "former binary's identity kept");
     assert_eq!(id.record.origin, Origin::Exec);
@@ -354,7 +339,7 @@ fn unmeasurable_binaries_get_no_sha256_selector() {
     let gone = w.binary("gone", "/usr/bin/sleep", b"");
     let child = w.spawn(Command::new(&gone).arg("30"));
     let want = FileId::from_metadata(&std::fs::metadata(&gone).unwrap());
-    wait_for(|| {
+    wait_for("the process's kernel record", || {
         let pidfd = PidFd::open(child.0.id()).ok()?;
         let monitor_has_it = w.resolver.identify(&pidfd).ok()?.record.exe == Some(want);
         monitor_has_it.then_some(())

@@ -3,10 +3,7 @@
 
 use std::{os::unix::fs::PermissionsExt, process::Command};
 
-fn sha256sum(path: &std::path::Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
-}
+use tether_tests::sha256sum;
 
 #[test]
 fn measure_writes_a_manifest_of_the_executables() {

@@ -126,12 +126,18 @@ impl Resolver {
     pub fn identify_cached(&self, pidfd: &PidFd) -> Option<ProcessIdentity> {
         let pid = pidfd.pid()?;
         let record = self.lookup(pidfd).ok()??;
+        self.reuse(pidfd, pid, &record)
+    }
+
+    /// A recently derived identity for exactly this record, if its executable path still
+    /// holds (re-checked every time, two syscalls: a rename must take effect at once).
+    fn reuse(&self, pidfd: &PidFd, pid: u32, record: &Record) -> Option<ProcessIdentity> {
         let id = self
             .recent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&pid)
-            .filter(|(at, id)| at.elapsed() < REUSE_FOR && id.record == record)
+            .filter(|(at, id)| at.elapsed() < REUSE_FOR && id.record == *record)
             .map(|(_, id)| id.clone())?;
         (record.exe.and_then(|exe| exe_path(pid, &exe)) == id.path && pidfd.is_alive()).then_some(id)
     }
@@ -143,19 +149,8 @@ impl Resolver {
             let Some(record) = self.lookup(pidfd)? else {
                 return Err(if pidfd.is_alive() { IdentityError::NoRecord } else { IdentityError::Exited });
             };
-            let reusable = self
-                .recent
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&pid)
-                .filter(|(at, id)| at.elapsed() < REUSE_FOR && id.record == record)
-                .map(|(_, id)| id.clone());
-            // The executable's path is re-checked every time (two syscalls): a rename must
-            // take effect at once for unix:path.
-            if let Some(id) = reusable {
-                if record.exe.and_then(|exe| exe_path(pid, &exe)) == id.path && pidfd.is_alive() {
-                    return Ok(id);
-                }
+            if let Some(id) = self.reuse(pidfd, pid, &record) {
+                return Ok(id);
             }
             let measurement = record.exe.map(|exe| self.measure(pidfd, pid, &exe));
             let path = record.exe.and_then(|exe| exe_path(pid, &exe));
