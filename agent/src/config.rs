@@ -30,6 +30,8 @@ pub struct AgentConfig {
     /// Executables larger than this are not hashed.
     #[serde(default = "default_max_measure")]
     pub max_measure_bytes: u64,
+    /// Attest the node with its TPM (instead of a join token).
+    pub tpm: Option<crate::tpm::TpmConfig>,
 }
 
 fn default_server_name() -> String {
@@ -76,6 +78,15 @@ impl AgentConfig {
         if c.sync_interval_seconds == 0 {
             return Err(invalid("sync_interval_seconds", "must be at least 1".into()));
         }
+        if let Some(t) = &c.tpm {
+            tether_attestors::tpm::device::parse_tcti(&t.tcti).map_err(|e| invalid("tpm.tcti", e.to_string()))?;
+            if t.reattest_interval_seconds == 0 {
+                return Err(invalid("tpm.reattest_interval_seconds", "must be at least 1".into()));
+            }
+            if c.join_token.is_some() {
+                return Err(invalid("join_token", "a node attests with either [tpm] or a join token, not both".into()));
+            }
+        }
         if c.server_address.parse::<std::net::SocketAddr>().is_err() && !c.server_address.contains(':') {
             return Err(invalid("server_address", format!("{:?} is not host:port", c.server_address)));
         }
@@ -106,5 +117,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown field `surprise`"), "{e}");
+    }
+
+    #[test]
+    fn tpm_section_is_checked() {
+        let base = "trust_domain = \"e.org\"\nserver_address = \"127.0.0.1:8081\"\ntrust_bundle_path = \"/b.pem\"\ndata_dir = \"/d\"\nsocket_path = \"/s\"\n";
+        let p = Path::new("a.toml");
+        let c = AgentConfig::parse(&format!("{base}[tpm]\n"), p).unwrap();
+        let t = c.tpm.unwrap();
+        assert_eq!((t.tcti.as_str(), t.reattest_interval_seconds), ("device:/dev/tpmrm0", 300));
+        let e = AgentConfig::parse(&format!("{base}[tpm]\ntcti = \"swtpm:path=/x\"\n"), p).unwrap_err().to_string();
+        assert!(e.starts_with("a.toml: key `tpm.tcti`: tcti \"swtpm:path=/x\""), "{e}");
+        let e = AgentConfig::parse(&format!("join_token = \"t\"\n{base}[tpm]\n"), p).unwrap_err().to_string();
+        assert!(e.contains("key `join_token`"), "{e}");
+        let e = AgentConfig::parse(&format!("{base}[tpm]\nek = \"dsa\"\n"), p).unwrap_err().to_string();
+        assert!(e.contains("unknown variant `dsa`"), "{e}");
     }
 }

@@ -74,6 +74,72 @@ enum Command {
     /// Talk to a running agent's Workload API, as a workload would.
     #[command(subcommand)]
     Api(ApiCmd),
+    /// The node's TPM: golden PCR values for image builders, what the server will see.
+    #[command(subcommand)]
+    Tpm(TpmCmd),
+    /// Enforcement policy files: check one, or explain a flow's verdict.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Parse and validate a policy file; errors name the file, line and key.
+    Check { file: PathBuf },
+    /// Which rule allows a flow, or why none does.
+    Explain {
+        #[arg(long)]
+        policy: PathBuf,
+        /// A SPIFFE ID (a protected workload) or an IPv4 address (the network).
+        #[arg(long)]
+        from: String,
+        /// A SPIFFE ID or IPv4 address, optionally with :PORT.
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "udp"])]
+        proto: String,
+        /// Namespace of --from / --to (default "default").
+        #[arg(long)]
+        from_namespace: Option<String>,
+        #[arg(long)]
+        to_namespace: Option<String>,
+        /// KEY=VALUE labels of --from / --to (repeatable).
+        #[arg(long)]
+        from_label: Vec<String>,
+        #[arg(long)]
+        to_label: Vec<String>,
+        /// Treat both ends' binaries as matching the golden manifest.
+        #[arg(long)]
+        golden: bool,
+        /// Explain as if the node's attestation had failed.
+        #[arg(long)]
+        node_unattested: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TpmCmd {
+    /// Print the current PCR values as a golden policy file for the server's policy_dir.
+    Pcrs {
+        /// device:/dev/tpmrm0 or swtpm:host=H,port=P.
+        #[arg(long, default_value = "device:/dev/tpmrm0")]
+        tcti: String,
+        /// The policy's name (it becomes the node selector tpm:policy:NAME).
+        #[arg(long, default_value = "golden")]
+        name: String,
+        #[arg(long, default_value = "sha256", value_parser = ["sha1", "sha256"])]
+        bank: String,
+        /// PCR indices, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [0u32, 1, 2, 3, 4, 5, 6, 7])]
+        pcrs: Vec<u32>,
+    },
+    /// Vendor, endorsement key and its hash (the node's tpm:ek-hash and SPIFFE ID suffix).
+    Info {
+        #[arg(long, default_value = "device:/dev/tpmrm0")]
+        tcti: String,
+        #[arg(long, default_value = "rsa", value_parser = ["rsa", "ecc"])]
+        ek: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -122,6 +188,60 @@ async fn real_main() -> Result<()> {
         Command::Run { config } => run_agent(&config).await,
         Command::Api(ApiCmd::Fetch { what, socket, audience, write }) => {
             api_fetch(&what, socket, &audience, write.as_deref()).await
+        }
+        Command::Policy(PolicyCmd::Check { file }) => {
+            let policy = tether_agent::policy::Policy::load(&file)?;
+            println!("{}", tether_agent::policy::check_summary(&policy));
+            Ok(())
+        }
+        Command::Policy(PolicyCmd::Explain {
+            policy,
+            from,
+            to,
+            proto,
+            from_namespace,
+            to_namespace,
+            from_label,
+            to_label,
+            golden,
+            node_unattested,
+        }) => {
+            use tether_agent::policy::{self, Endpoint, Proto};
+            let policy = policy::Policy::load(&policy)?;
+            let endpoint = |s: &str, ns: Option<String>, labels: &[String]| -> Result<(Endpoint, Option<u16>)> {
+                let (mut e, port) = Endpoint::parse(s).map_err(|e| anyhow::anyhow!("{s}: {e}"))?;
+                if let Endpoint::Identity(id) = &mut e {
+                    if let Some(ns) = ns {
+                        id.namespace = ns;
+                    }
+                    for l in labels {
+                        let (k, v) = l.split_once('=').with_context(|| format!("label {l:?} is not KEY=VALUE"))?;
+                        id.labels.insert(k.into(), v.into());
+                    }
+                    id.golden = golden;
+                }
+                Ok((e, port))
+            };
+            let (from, _) = endpoint(&from, from_namespace, &from_label)?;
+            let (to, port) = endpoint(&to, to_namespace, &to_label)?;
+            let proto = if proto == "udp" { Proto::Udp } else { Proto::Tcp };
+            let ctx = policy::Context { node_attested: !node_unattested };
+            let answer = policy::explain(&policy, &from, &to, port, proto, &ctx);
+            println!("{answer}");
+            if !answer.allowed {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+        Command::Tpm(TpmCmd::Pcrs { tcti, name, bank, pcrs }) => {
+            print!("{}", tether_agent::tpm::policy_snippet(&tcti, &name, &bank, &pcrs)?);
+            Ok(())
+        }
+        Command::Tpm(TpmCmd::Info { tcti, ek }) => {
+            use tether_attestors::tpm::device::EkAlgorithm;
+            let ek = if ek == "ecc" { EkAlgorithm::Ecc } else { EkAlgorithm::Rsa };
+            print!("{}", tether_agent::tpm::info(&tcti, ek)?);
+            Ok(())
         }
     }
 }

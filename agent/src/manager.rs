@@ -23,6 +23,9 @@ pub struct LocalEntry {
     pub selectors: Vec<Selector>,
     pub hint: String,
     pub revision: i64,
+    /// For enforcement policy rules.
+    pub namespace: String,
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl LocalEntry {
@@ -33,6 +36,8 @@ impl LocalEntry {
             selectors: e.selectors.iter().map(|s| Selector::parse(s)).collect::<Result<_, _>>().ok()?,
             hint: e.hint.clone(),
             revision: e.revision,
+            namespace: if e.namespace.is_empty() { "default".into() } else { e.namespace.clone() },
+            labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         })
     }
 }
@@ -88,6 +93,8 @@ pub struct Manager {
     session: Mutex<NodeSession>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     jwt_cache: Mutex<HashMap<JwtKey, CachedJwt>>,
+    /// Unix time of the next re-attestation (TPM nodes).
+    next_reattest: Mutex<i64>,
 }
 
 /// (entry id, sorted audience)
@@ -101,8 +108,15 @@ impl Manager {
         let session = NodeSession::establish(&config).await?;
         let snapshot = Snapshot::new(Vec::new(), HashMap::new(), session.bundle.clone(), true);
         let (tx, _) = watch::channel(Arc::new(snapshot));
-        let manager =
-            Arc::new(Manager { config, session: Mutex::new(session), snapshot: tx, jwt_cache: Mutex::default() });
+        let manager = Arc::new(Manager {
+            config,
+            session: Mutex::new(session),
+            snapshot: tx,
+            jwt_cache: Mutex::default(),
+            next_reattest: Mutex::new(0),
+        });
+        manager.schedule_reattest().await;
+        manager.set_node_status(true, "");
         if let Err(e) = manager.tick().await {
             tracing::warn!("first sync failed: {e}");
         }
@@ -137,11 +151,62 @@ impl Manager {
         }
     }
 
-    /// One round: node SVID renewal if due, entry sync, SVID issuance and renewal.
+    /// One round. A TPM node whose evidence the server refused is unattested: it stops
+    /// serving SVIDs at once (not when they expire) and attests from scratch each interval
+    /// until its evidence passes again.
     pub async fn tick(&self) -> Result<(), NodeError> {
         let mut session = self.session.lock().await;
+        if !self.current().node_attested {
+            if now() < *self.next_reattest.lock().await {
+                return Ok(());
+            }
+            self.schedule_reattest().await;
+            session.reestablish(&self.config).await?;
+            tracing::info!(node = %session.node_svid.spiffe_id, "node attested again");
+            self.set_node_status(true, "");
+        }
+        match self.tick_attested(&mut session).await {
+            Err(NodeError::Status(s)) if session.uses_tpm() && s.code() == tonic::Code::PermissionDenied => {
+                tracing::error!(
+                    reason = s.message(),
+                    "NODE NOT ATTESTED: the server refused this node's evidence; workload SVIDs withdrawn"
+                );
+                self.set_node_status(false, s.message());
+                let cur = self.current();
+                let mut next = (*cur).clone();
+                next.svids.clear();
+                next.node_attested = false;
+                self.snapshot.send_replace(Arc::new(next));
+                self.jwt_cache.lock().await.clear();
+                Err(NodeError::Status(s))
+            }
+            other => other,
+        }
+    }
+
+    async fn schedule_reattest(&self) {
+        let every = self.config.tpm.as_ref().map(|t| t.reattest_interval_seconds).unwrap_or(0) as i64;
+        *self.next_reattest.lock().await = now() + every;
+    }
+
+    /// `<data_dir>/node-status.json`: whether the node is attested, and why not; what the
+    /// enforcement side reads.
+    fn set_node_status(&self, attested: bool, reason: &str) {
+        let status = serde_json::json!({ "attested": attested, "reason": reason, "at": now() });
+        let path = self.config.data_dir.join("node-status.json");
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, status.to_string()).and_then(|_| std::fs::rename(&tmp, &path)) {
+            tracing::warn!("writing {}: {e}", path.display());
+        }
+    }
+
+    async fn tick_attested(&self, session: &mut NodeSession) -> Result<(), NodeError> {
         if now() >= session.node_svid.renew_at(0.0) {
             session.renew(&self.config).await?;
+            self.schedule_reattest().await;
+        } else if session.uses_tpm() && now() >= *self.next_reattest.lock().await {
+            session.reattest().await?;
+            self.schedule_reattest().await;
         }
         let entries: Vec<LocalEntry> = session.sync().await?.iter().filter_map(LocalEntry::from_proto).collect();
         let cur = self.current();
@@ -215,6 +280,8 @@ mod tests {
             selectors: sel.iter().map(|s| Selector::parse(s).unwrap()).collect(),
             hint: String::new(),
             revision: 1,
+            namespace: "default".into(),
+            labels: Default::default(),
         }
     }
 

@@ -9,6 +9,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use crate::{
     config::AgentConfig,
     svid::{new_key, now, SvidError, X509Svid},
+    tpm::NodeTpm,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -29,8 +30,10 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("no node SVID on disk and no join_token in the config: cannot attest")]
+    #[error("no node SVID on disk and no join_token or [tpm] in the config: cannot attest")]
     NoCredential,
+    #[error("TPM: {0}")]
+    Tpm(#[from] crate::tpm::TpmError),
     #[error("the server answered without a bundle")]
     NoBundle,
 }
@@ -75,7 +78,10 @@ async fn channel(config: &AgentConfig, roots_pem: &str, identity: Option<&X509Sv
 pub struct NodeSession {
     pub node_svid: X509Svid,
     pub bundle: Bundle,
+    pub node_selectors: Vec<String>,
     client: NodeClient<Channel>,
+    /// Present when the node attests with its TPM: every renewal carries a fresh quote.
+    tpm: Option<NodeTpm>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, NodeError> {
@@ -106,12 +112,23 @@ fn load_node_svid(dir: &Path) -> Option<X509Svid> {
 impl NodeSession {
     /// Reuses a valid node SVID from `data_dir`, else attests with the join token.
     pub async fn establish(config: &AgentConfig) -> Result<Self, NodeError> {
+        let tpm = match &config.tpm {
+            Some(t) => Some(NodeTpm::open(t, &config.data_dir.join("tpm")).await?),
+            None => None,
+        };
+        Self::establish_with(config, tpm).await
+    }
+
+    async fn establish_with(config: &AgentConfig, tpm: Option<NodeTpm>) -> Result<Self, NodeError> {
         let roots = String::from_utf8_lossy(&read(&config.trust_bundle_path)?).into_owned();
-        if let Some(svid) = load_node_svid(&config.data_dir) {
+        // A TPM node proves its state on every start: a stored node SVID is not enough.
+        if let Some(svid) = load_node_svid(&config.data_dir).filter(|_| tpm.is_none()) {
             let mut session = NodeSession {
                 client: NodeClient::new(channel(config, &roots, Some(&svid)).await?),
                 node_svid: svid,
                 bundle: Bundle::default(),
+                node_selectors: vec![],
+                tpm: None,
             };
             match session.sync().await {
                 Ok(_) => {
@@ -121,17 +138,35 @@ impl NodeSession {
                 Err(e) => tracing::warn!("stored node SVID not accepted ({e}); attesting again"),
             }
         }
-        let token = config.join_token.as_deref().ok_or(NodeError::NoCredential)?;
         let pending = new_key()?;
         let mut client = NodeClient::new(channel(config, &roots, None).await?);
-        let resp = client
-            .attest(node::AttestRequest {
-                attestor: join_token::ATTESTOR.into(),
-                payload: token.as_bytes().to_vec(),
-                csr: pending.csr_der,
-            })
-            .await?
-            .into_inner();
+        let request = match &tpm {
+            Some(t) => {
+                let challenge = client
+                    .begin_attestation(node::BeginAttestationRequest {
+                        attestor: "tpm".into(),
+                        payload: t.hello().await?,
+                    })
+                    .await?
+                    .into_inner();
+                node::AttestRequest {
+                    attestor: "tpm".into(),
+                    payload: t.answer(&challenge.payload).await?,
+                    csr: pending.csr_der,
+                    challenge_id: challenge.challenge_id,
+                }
+            }
+            None => {
+                let token = config.join_token.as_deref().ok_or(NodeError::NoCredential)?;
+                node::AttestRequest {
+                    attestor: join_token::ATTESTOR.into(),
+                    payload: token.as_bytes().to_vec(),
+                    csr: pending.csr_der,
+                    challenge_id: String::new(),
+                }
+            }
+        };
+        let resp = client.attest(request).await?.into_inner();
         let node_svid = X509Svid::new(&pending.key, &resp.svid_chain)?;
         let bundle = Bundle::from_proto(resp.bundle)?;
         if let Err(e) = save_node_svid(&config.data_dir, &node_svid) {
@@ -139,13 +174,44 @@ impl NodeSession {
         }
         tracing::info!(node = %node_svid.spiffe_id, selectors = ?resp.node_selectors, "node attested");
         let client = NodeClient::new(channel(config, &bundle.pem(), Some(&node_svid)).await?);
-        Ok(NodeSession { node_svid, bundle, client })
+        Ok(NodeSession { node_svid, bundle, node_selectors: resp.node_selectors, client, tpm })
     }
 
-    /// A fresh node SVID (new key), then a new mTLS channel with it.
+    /// Attests from scratch with the same TPM (after the server revoked the node).
+    pub async fn reestablish(&mut self, config: &AgentConfig) -> Result<(), NodeError> {
+        *self = Self::establish_with(config, self.tpm.clone()).await?;
+        Ok(())
+    }
+
+    pub fn uses_tpm(&self) -> bool {
+        self.tpm.is_some()
+    }
+
+    /// A fresh challenge answered with fresh evidence: (challenge id, evidence).
+    async fn evidence(&mut self) -> Result<Option<(String, Vec<u8>)>, NodeError> {
+        let Some(t) = &self.tpm else { return Ok(None) };
+        let c = self.client.begin_reattestation(node::BeginReattestationRequest {}).await?.into_inner();
+        Ok(Some((c.challenge_id, t.answer(&c.payload).await?)))
+    }
+
+    /// Re-attests (a fresh quote) without renewing; the server revokes the node if it fails.
+    pub async fn reattest(&mut self) -> Result<(), NodeError> {
+        let Some((challenge_id, evidence)) = self.evidence().await? else { return Ok(()) };
+        let resp = self.client.reattest(node::ReattestRequest { challenge_id, evidence }).await?.into_inner();
+        self.node_selectors = resp.node_selectors;
+        Ok(())
+    }
+
+    /// A fresh node SVID (new key), then a new mTLS channel with it. TPM nodes send fresh
+    /// evidence with the request.
     pub async fn renew(&mut self, config: &AgentConfig) -> Result<(), NodeError> {
         let pending = new_key()?;
-        let resp = self.client.renew_node_svid(node::RenewRequest { csr: pending.csr_der }).await?.into_inner();
+        let (challenge_id, evidence) = self.evidence().await?.unwrap_or_default();
+        let resp = self
+            .client
+            .renew_node_svid(node::RenewRequest { csr: pending.csr_der, challenge_id, evidence })
+            .await?
+            .into_inner();
         self.node_svid = X509Svid::new(&pending.key, &resp.svid_chain)?;
         self.bundle = Bundle::from_proto(resp.bundle)?;
         if let Err(e) = save_node_svid(&config.data_dir, &self.node_svid) {

@@ -247,6 +247,11 @@ fn require_identity<'a>(
     snapshot: &'a Snapshot,
     selectors: &[Selector],
 ) -> Result<Vec<&'a crate::manager::LocalEntry>, Status> {
+    if !snapshot.node_attested {
+        return Err(Status::permission_denied(
+            "this node is not attested (its evidence was refused): no identities are issued",
+        ));
+    }
     let entries = snapshot.matching(selectors);
     if entries.is_empty() {
         return Err(no_identity());

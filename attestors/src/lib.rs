@@ -5,6 +5,7 @@ pub mod join_token;
 pub mod pem;
 mod selector;
 mod spiffe_id;
+pub mod tpm;
 
 pub use selector::{is_subset, Selector, SelectorError};
 pub use spiffe_id::{parse_trust_domain, SpiffeId, SpiffeIdError, MAX_LEN};

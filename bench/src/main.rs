@@ -1,6 +1,7 @@
 //! tether-bench: the measurements behind `cargo xtask bench`. Each benchmark runs its
 //! baseline in the same run, interleaved, and reports ratios (see ../shared/BENCHMARKS.md).
 
+mod attest;
 mod connect;
 mod exec;
 mod report;
@@ -19,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// B8: quote + verify on a private swtpm vs tpm2_quote + tpm2_checkquote; verifications/s.
+    Attest(attest::Args),
     /// B1: TCP connect+close from a test cgroup, connect4 attached vs nothing attached.
     Connect(connect::Args),
     /// B4: fork+exec with the process programs (and measuring agent) vs none vs hashing
@@ -62,6 +65,7 @@ enum Bench {
 
 fn main() -> Result<()> {
     match Cli::parse().bench {
+        Bench::Attest(args) => attest::run(&args),
         Bench::Connect(args) => connect::run(&args),
         Bench::ConnectLoop { port, count } => connect::client_loop(port, count),
         Bench::Exec(args) => exec::run(&args),

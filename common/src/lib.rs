@@ -19,6 +19,38 @@ pub mod maps {
     pub const MEASUREMENTS: &str = "MEASUREMENTS";
     /// HashMap cgroup id (u64) -> u8: connect4 refuses callers in these cgroups.
     pub const DENY_CGROUPS: &str = "DENY_CGROUPS";
+
+    // Enforcement. Every map below is pinned by name under the agent's bpffs directory, so
+    // enforcement outlives the agent and a new agent re-adopts it.
+    /// HashMap [`super::IdentityKey`] -> [`super::IdentityVal`]: who a process is, by what
+    /// the kernel recorded of it (written by the agent from registration entries).
+    pub const IDENTITIES: &str = "IDENTITIES";
+    /// Socket storage of [`super::SockStamp`]: the identity of the process that made it.
+    pub const SOCK_STAMPS: &str = "SOCK_STAMPS";
+    /// HashMap tgid (u32) -> exec ktime (u64): the current exec of each process, so a socket
+    /// stamped before an exec (or by a dead process whose PID was reused) stops working.
+    pub const EXEC_GEN: &str = "EXEC_GEN";
+    /// LRU HashMap [`super::TupleKey`] -> identity (u32): same-node connections, recorded by
+    /// the client side, read by the server side's ingress.
+    pub const PEERS: &str = "PEERS";
+    /// HashMap [`super::PortKey`] -> identity (u32): protected workloads' bound ports
+    /// ([`super::UNIDENTIFIED`] when bound by a process without identity).
+    pub const BOUND: &str = "BOUND";
+    /// Two generations of each policy map; [`super::EnforceConfig::generation`] picks one, so a
+    /// reload is one write (never a mix of old and new rules, never none).
+    pub const FLOWS: [&str; 2] = ["FLOWS_0", "FLOWS_1"];
+    pub const EGRESS: [&str; 2] = ["EGRESS_0", "EGRESS_1"];
+    pub const INGRESS: [&str; 2] = ["INGRESS_0", "INGRESS_1"];
+    /// Array with one [`super::EnforceConfig`].
+    pub const ENFORCE_CONFIG: &str = "ENFORCE_CONFIG";
+    /// RingBuf of [`super::DropEvent`].
+    pub const DROP_EVENTS: &str = "DROP_EVENTS";
+    /// PerCpuArray u64 indexed by [`super::drop_reason`]: every drop counted.
+    pub const DROP_COUNTS: &str = "DROP_COUNTS";
+    /// LRU HashMap source (identity or address, u64) -> last report ktime (its low 16 bits
+    /// hold the count of events suppressed since): events are rate-limited per source;
+    /// counts are not.
+    pub const AUDIT_LIMIT: &str = "AUDIT_LIMIT";
 }
 
 /// Names of the programs in the eBPF object.
@@ -35,6 +67,14 @@ pub mod programs {
     pub const SEED_TASKS: &str = "seed_tasks";
     /// `cgroup/connect4`.
     pub const CONNECT4: &str = "connect4";
+    // Enforcement programs, attached to protected cgroups.
+    pub const SOCK_CREATE: &str = "enforce_sock_create";
+    pub const CONNECT4_ENFORCE: &str = "enforce_connect4";
+    pub const SENDMSG4: &str = "enforce_sendmsg4";
+    pub const POST_BIND4: &str = "enforce_post_bind4";
+    pub const SOCK_OPS: &str = "enforce_sock_ops";
+    pub const SKB_INGRESS: &str = "enforce_ingress";
+    pub const SKB_EGRESS: &str = "enforce_egress";
 }
 
 /// Names of load-time globals (`volatile const` in C terms) the agent fills in from the
@@ -164,8 +204,154 @@ pub struct ExecEvent {
     pub _pad: u32,
 }
 
+/// Who a process is for enforcement: the kernel-recorded facts the agent's entry matching
+/// depends on (cgroup, executable, effective uid/gid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IdentityKey {
+    pub cgroup_id: u64,
+    pub exe: FileKey,
+    pub euid: u32,
+    pub egid: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdentityVal {
+    /// Nonzero; the policy compiler's numbering.
+    pub identity: u32,
+    pub _pad: u32,
+}
+
+/// Not an identity: marks, in [`maps::BOUND`], a port bound by a process without one, so
+/// its listener is neither unprotected nor taken for the port's previous owner. The policy
+/// compiler never assigns it.
+pub const UNIDENTIFIED: u32 = u32::MAX;
+
+/// Stamped on a socket when it is created in a protected cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockStamp {
+    /// 0: its creator had no identity (it may not send).
+    pub identity: u32,
+    pub tgid: u32,
+    /// The creator's exec (see [`maps::EXEC_GEN`]).
+    pub exec_ktime_ns: u64,
+}
+
+/// An IPv4 flow as seen from the client: addresses and ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: u16,
+    /// IPPROTO_TCP (6) or IPPROTO_UDP (17).
+    pub proto: u32,
+}
+
+/// Identity to identity: `dport` host order, 0 = any port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: u32,
+    pub dst: u32,
+    pub dport: u16,
+    pub _pad: u16,
+    pub proto: u32,
+}
+
+/// LPM trie key: the identity, protocol and port are always matched in full (64 bits), then
+/// `prefixlen - 64` bits of the address. `port` host order, 0 = any port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CidrKey {
+    pub prefixlen: u32,
+    pub identity: u32,
+    pub proto: u16,
+    pub port: u16,
+    /// Network byte order.
+    pub addr: [u8; 4],
+}
+
+/// Value of the policy maps: which rule allowed the flow (index into the compiled rules).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleRef {
+    pub rule: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnforceConfig {
+    /// Which of the two policy map generations is live (0 or 1).
+    pub generation: u32,
+    /// 1 while the node's attestation holds; 0 drops every flow of protected workloads.
+    pub node_attested: u32,
+    /// Minimum interval between two drop events from the same source.
+    pub audit_interval_ns: u64,
+}
+
+pub mod drop_reason {
+    /// The process (or the socket's creator) matches no entry.
+    pub const NO_IDENTITY: u32 = 1;
+    /// The socket was made before its creator exec'd (or its creator is gone).
+    pub const STALE_SOCKET: u32 = 2;
+    pub const NODE_UNATTESTED: u32 = 3;
+    /// No rule allows this flow.
+    pub const POLICY: u32 = 4;
+    /// Inbound from a peer that is neither a known same-node identity nor an allowed range.
+    pub const UNAUTHENTICATED_PEER: u32 = 5;
+    /// A map was full: denied, and alerted.
+    pub const MAP_FULL: u32 = 6;
+    pub const COUNT: u32 = 7;
+}
+
+pub mod direction {
+    pub const EGRESS: u32 = 1;
+    pub const INGRESS: u32 = 2;
+}
+
+/// One drop, for the audit log.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    pub ktime_ns: u64,
+    pub cgroup_id: u64,
+    pub reason: u32,
+    pub direction: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub tuple: TupleKey,
+    /// The process, when the hook runs in its context (0 otherwise).
+    pub tgid: u32,
+    /// Events from this source not reported since the last one (rate limit).
+    pub suppressed: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: repr(C), no implicit padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::IdentityKey {}
+    unsafe impl aya::Pod for super::IdentityVal {}
+    unsafe impl aya::Pod for super::SockStamp {}
+    unsafe impl aya::Pod for super::TupleKey {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::CidrKey {}
+    unsafe impl aya::Pod for super::RuleRef {}
+    unsafe impl aya::Pod for super::EnforceConfig {}
+    unsafe impl aya::Pod for super::DropEvent {}
     // SAFETY: all of these are repr(C) with no implicit padding and every bit pattern valid.
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::TraceFilter {}

@@ -19,6 +19,11 @@ pub mod tether {
             tonic::include_proto!("tether.admin.v1");
         }
     }
+    pub mod tpm {
+        pub mod v1 {
+            tonic::include_proto!("tether.tpm.v1");
+        }
+    }
 }
 
-pub use tether::{admin::v1 as admin, node::v1 as node};
+pub use tether::{admin::v1 as admin, node::v1 as node, tpm::v1 as tpm};

@@ -13,6 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod swtpm;
+
 /// Prefix of every cgroup and namespace this crate creates, so leftovers are recognisable.
 pub const PREFIX: &str = "tether-test";
 

@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use tether_attestors::{join_token, Selector, SpiffeId};
+use tether_attestors::{is_subset, join_token, Selector, SpiffeId};
 use tether_proto::{admin, node};
 use tokio::sync::RwLock;
 use tonic::{Request, Response, Status};
@@ -11,7 +11,8 @@ use x509_parser::prelude::*;
 use crate::{
     ca::{CaError, CaState, SvidRequest},
     config::ServerConfig,
-    store::{Entry, Store, StoreError},
+    store::{Agent, Entry, Store, StoreError, TpmRegistration},
+    tpm::{TpmAttestor, TpmError, ATTESTOR as TPM},
 };
 
 pub fn now() -> i64 {
@@ -26,6 +27,19 @@ pub struct State {
     /// Fault injection for tests (TETHER_FAULT_ATTEST_DELAY_MS): a pause inside the attestation
     /// transaction, so a test can kill the server mid-request and check nothing was written.
     pub fault_attest_delay: Option<std::time::Duration>,
+    /// TPM node attestation, when `[tpm]` is configured.
+    pub tpm: Option<TpmAttestor>,
+}
+
+impl From<TpmError> for Status {
+    fn from(e: TpmError) -> Self {
+        match e {
+            TpmError::Malformed { .. } => Status::invalid_argument(e.to_string()),
+            TpmError::Busy => Status::resource_exhausted(e.to_string()),
+            TpmError::Policy(_) | TpmError::CaStore(_) | TpmError::Credential(_) => Status::internal(e.to_string()),
+            _ => Status::permission_denied(e.to_string()),
+        }
+    }
 }
 
 impl From<StoreError> for Status {
@@ -35,7 +49,7 @@ impl From<StoreError> for Status {
             StoreError::Duplicate(_) => Status::already_exists(e.to_string()),
             StoreError::NoEntry(_) | StoreError::NoAgent(_) => Status::not_found(e.to_string()),
             StoreError::BadToken => Status::permission_denied(e.to_string()),
-            StoreError::Banned(_) => Status::permission_denied(e.to_string()),
+            StoreError::Banned(_) | StoreError::Refused(_) => Status::permission_denied(e.to_string()),
             StoreError::Db(_) | StoreError::Corrupt(_) => Status::internal(e.to_string()),
         }
     }
@@ -123,39 +137,197 @@ pub struct NodeService(pub Arc<State>);
 impl NodeService {
     /// The calling node, from its TLS client certificate (verified against the bundle during
     /// the handshake); it must still be a registered agent.
-    fn caller<T>(&self, req: &Request<T>) -> Result<SpiffeId, Status> {
+    fn caller<T>(&self, req: &Request<T>) -> Result<Agent, Status> {
         let certs = req
             .peer_certs()
             .ok_or_else(|| Status::unauthenticated("a node SVID (TLS client certificate) is required"))?;
         let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let id = cert_spiffe_id(leaf).ok_or_else(|| Status::unauthenticated("client certificate has no SPIFFE ID"))?;
-        self.0
-            .store
-            .get_agent(&id)
-            .map_err(|_| Status::permission_denied(format!("{id} is not an attested agent (evicted?)")))?;
-        Ok(id)
+        let agent =
+            self.0.store.get_agent(&id).map_err(|_| {
+                Status::permission_denied(format!("{id} is not an attested agent (evicted or revoked?)"))
+            })?;
+        if agent.attestor == TPM {
+            self.check_evidence_age(&agent)?;
+        }
+        Ok(agent)
     }
 
-    fn entry_for(&self, node_id: &SpiffeId, entry_id: &str) -> Result<Entry, Status> {
+    /// A TPM node that stopped re-attesting is not served on old evidence.
+    fn check_evidence_age(&self, agent: &Agent) -> Result<(), Status> {
+        let s = &self.0;
+        let max_age = match s.config.tpm.as_ref().map(|t| t.max_evidence_age_seconds) {
+            Some(a) if a > 0 => a,
+            _ => s.config.node_svid_ttl_seconds,
+        };
+        let node = s
+            .store
+            .tpm_node(&agent.spiffe_id)?
+            .ok_or_else(|| Status::permission_denied(format!("{} has no TPM record", agent.spiffe_id)))?;
+        if node.quoted_at + max_age < now() {
+            return Err(Status::permission_denied(format!(
+                "{}: last TPM quote is {} s old (limit {max_age} s): re-attest",
+                agent.spiffe_id,
+                now() - node.quoted_at
+            )));
+        }
+        Ok(())
+    }
+
+    /// The IDs entries for this node may have as parent: the node's own, and every node
+    /// alias (an entry parented by the server whose selectors the node's attestation
+    /// produced, e.g. `tpm:policy:image-2026-11`) it matches.
+    fn parents(&self, node: &Agent) -> Result<Vec<SpiffeId>, Status> {
+        let server = SpiffeId::from_parts(&self.0.config.trust_domain, &["tether", "server"])
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let node_selectors: Vec<Selector> = node.selectors.iter().filter_map(|s| Selector::parse(s).ok()).collect();
+        let mut parents = vec![node.spiffe_id.clone()];
+        for alias in self.0.store.list_entries(None, Some(&server.to_string()))? {
+            if is_subset(&alias.selectors, &node_selectors) && !parents.contains(&alias.spiffe_id) {
+                parents.push(alias.spiffe_id);
+            }
+        }
+        Ok(parents)
+    }
+
+    fn entry_for(&self, node: &Agent, parents: &[SpiffeId], entry_id: &str) -> Result<Entry, Status> {
         let entry = self
             .0
             .store
             .get_entry(entry_id)
             .map_err(|_| Status::permission_denied(format!("entry {entry_id:?} is not one this node may serve")))?;
-        if entry.parent_id != *node_id {
+        if !parents.contains(&entry.parent_id) {
             return Err(Status::permission_denied(format!(
-                "{node_id} may not request {} (entry {entry_id})",
-                entry.spiffe_id
+                "{} may not request {} (entry {entry_id})",
+                node.spiffe_id, entry.spiffe_id
             )));
         }
         Ok(entry)
+    }
+
+    async fn attest_tpm(&self, req: node::AttestRequest) -> Result<Response<node::AttestResponse>, Status> {
+        let s = &self.0;
+        let store = &s.store;
+        let attested = self
+            .tpm()?
+            .finish(&s.config.trust_domain, &req.challenge_id, &req.payload, |ek_hash| {
+                store.tpm_by_ek(ek_hash).ok().flatten().map(|n| n.clock)
+            })
+            .inspect_err(|e| tracing::warn!(reason = %e, "TPM attestation refused"))?;
+        let selectors: Vec<String> = attested.selectors.iter().map(ToString::to_string).collect();
+        let ca = s.ca.read().await;
+        let now = now();
+        let ttl = s.config.node_svid_ttl_seconds;
+        let chain = store
+            .attest_with_tpm(
+                &TpmRegistration {
+                    id: &attested.node_id,
+                    ek_hash: &attested.ek_hash,
+                    ak: &attested.ak,
+                    quote: &attested.quote,
+                    selectors: &selectors,
+                },
+                now,
+                || {
+                    let chain = ca
+                        .sign_x509_svid(
+                            &req.csr,
+                            &SvidRequest { spiffe_id: &attested.node_id, ttl, dns_names: &[] },
+                            now,
+                        )
+                        .map_err(|e| StoreError::Invalid(e.to_string()))?;
+                    let exp = not_after(&chain[0]);
+                    Ok((chain, exp))
+                },
+            )
+            .inspect_err(|e| tracing::warn!(node = %attested.node_id, reason = %e, "TPM attestation refused"))?;
+        drop(ca);
+        tracing::info!(node = %attested.node_id, selectors = ?selectors, "node attested with its TPM");
+        Ok(Response::new(node::AttestResponse {
+            node_id: attested.node_id.to_string(),
+            svid_chain: chain.concat(),
+            bundle: Some(s.bundle().await?),
+            node_selectors: selectors,
+        }))
+    }
+
+    fn tpm(&self) -> Result<&TpmAttestor, Status> {
+        self.0.tpm.as_ref().ok_or_else(|| Status::failed_precondition("this server has no [tpm] configuration"))
+    }
+
+    /// Verifies a re-attestation; failing evidence revokes the node (logged with the reason).
+    fn reattest_node(&self, agent: &Agent, challenge_id: &str, evidence: &[u8]) -> Result<Vec<String>, Status> {
+        let s = &self.0;
+        let id = &agent.spiffe_id;
+        let node = s.store.tpm_node(id)?.ok_or_else(|| Status::permission_denied(format!("{id} has no TPM record")))?;
+        let outcome =
+            self.tpm()?.finish_again(id, challenge_id, evidence, &node.ak, node.clock).map_err(Status::from).and_then(
+                |(matched, quote)| {
+                    let mut selectors: Vec<String> =
+                        agent.selectors.iter().filter(|sel| !sel.starts_with("tpm:policy:")).cloned().collect();
+                    selectors.extend(matched.iter().map(|m| format!("tpm:policy:{m}")));
+                    s.store.record_quote(id, &quote, &selectors, now())?;
+                    Ok(selectors)
+                },
+            );
+        match outcome {
+            Ok(selectors) => {
+                tracing::info!(node = %id, "TPM re-attestation passed");
+                Ok(selectors)
+            }
+            Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                tracing::error!(node = %id, reason = status.message(), "TPM re-attestation failed: node revoked");
+                s.store.revoke_tpm(id, status.message())?;
+                Err(Status::permission_denied(format!("node revoked: {}", status.message())))
+            }
+            Err(status) => Err(status),
+        }
     }
 }
 
 #[tonic::async_trait]
 impl node::node_server::Node for NodeService {
+    async fn begin_attestation(
+        &self,
+        req: Request<node::BeginAttestationRequest>,
+    ) -> Result<Response<node::Challenge>, Status> {
+        let req = req.into_inner();
+        if req.attestor != TPM {
+            return Err(Status::invalid_argument(format!("attestor {:?} takes no challenge", req.attestor)));
+        }
+        let store = &self.0.store;
+        let td = &self.0.config.trust_domain;
+        let (challenge_id, payload) =
+            self.tpm()?.begin(td, &req.payload, now(), |id| store.is_banned(id)).inspect_err(|e| {
+                tracing::warn!(reason = %e, "TPM attestation refused");
+            })?;
+        Ok(Response::new(node::Challenge { challenge_id, payload }))
+    }
+
+    async fn begin_reattestation(
+        &self,
+        req: Request<node::BeginReattestationRequest>,
+    ) -> Result<Response<node::Challenge>, Status> {
+        let agent = self.caller(&req)?;
+        if agent.attestor != TPM {
+            return Err(Status::failed_precondition(format!("{} was not attested with evidence", agent.spiffe_id)));
+        }
+        let (challenge_id, payload) = self.tpm()?.begin_again(agent.spiffe_id)?;
+        Ok(Response::new(node::Challenge { challenge_id, payload }))
+    }
+
+    async fn reattest(&self, req: Request<node::ReattestRequest>) -> Result<Response<node::ReattestResponse>, Status> {
+        let agent = self.caller(&req)?;
+        let req = req.into_inner();
+        let node_selectors = self.reattest_node(&agent, &req.challenge_id, &req.evidence)?;
+        Ok(Response::new(node::ReattestResponse { node_selectors }))
+    }
+
     async fn attest(&self, req: Request<node::AttestRequest>) -> Result<Response<node::AttestResponse>, Status> {
         let req = req.into_inner();
+        if req.attestor == TPM {
+            return self.attest_tpm(req).await;
+        }
         if req.attestor != join_token::ATTESTOR {
             return Err(Status::invalid_argument(format!("unknown attestor {:?}", req.attestor)));
         }
@@ -188,11 +360,19 @@ impl node::node_server::Node for NodeService {
     }
 
     async fn renew_node_svid(&self, req: Request<node::RenewRequest>) -> Result<Response<node::RenewResponse>, Status> {
-        let id = self.caller(&req)?;
+        let agent = self.caller(&req)?;
+        let req = req.into_inner();
+        if agent.attestor == TPM {
+            if req.challenge_id.is_empty() {
+                return Err(Status::failed_precondition("TPM nodes renew with fresh evidence (BeginReattestation)"));
+            }
+            self.reattest_node(&agent, &req.challenge_id, &req.evidence)?;
+        }
+        let id = agent.spiffe_id;
         let s = &self.0;
         let now = now();
         let chain = s.ca.read().await.sign_x509_svid(
-            &req.into_inner().csr,
+            &req.csr,
             &SvidRequest { spiffe_id: &id, ttl: s.config.node_svid_ttl_seconds, dns_names: &[] },
             now,
         )?;
@@ -201,8 +381,11 @@ impl node::node_server::Node for NodeService {
     }
 
     async fn sync_entries(&self, req: Request<node::SyncRequest>) -> Result<Response<node::SyncResponse>, Status> {
-        let id = self.caller(&req)?;
-        let entries = self.0.store.list_entries(None, Some(&id.to_string()))?;
+        let agent = self.caller(&req)?;
+        let mut entries = Vec::new();
+        for parent in self.parents(&agent)? {
+            entries.extend(self.0.store.list_entries(None, Some(&parent.to_string()))?);
+        }
         Ok(Response::new(node::SyncResponse {
             entries: entries.iter().map(entry_to_proto).collect(),
             bundle: Some(self.0.bundle().await?),
@@ -210,12 +393,14 @@ impl node::node_server::Node for NodeService {
     }
 
     async fn sign_x509_svids(&self, req: Request<node::SignRequest>) -> Result<Response<node::SignResponse>, Status> {
-        let id = self.caller(&req)?;
+        let agent = self.caller(&req)?;
+        let parents = self.parents(&agent)?;
         let s = &self.0;
         let now = now();
         let csrs = req.into_inner().csrs;
         // Authorise every request before signing any: all or nothing.
-        let entries = csrs.iter().map(|c| self.entry_for(&id, &c.entry_id)).collect::<Result<Vec<_>, _>>()?;
+        let entries =
+            csrs.iter().map(|c| self.entry_for(&agent, &parents, &c.entry_id)).collect::<Result<Vec<_>, _>>()?;
         let ca = s.ca.read().await;
         let mut svids = Vec::with_capacity(csrs.len());
         for (csr, entry) in csrs.iter().zip(&entries) {
@@ -236,12 +421,13 @@ impl node::node_server::Node for NodeService {
         &self,
         req: Request<node::MintJwtRequest>,
     ) -> Result<Response<node::MintJwtResponse>, Status> {
-        let id = self.caller(&req)?;
+        let agent = self.caller(&req)?;
         let req = req.into_inner();
         if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("at least one non-empty audience is required"));
         }
-        let entry = self.entry_for(&id, &req.entry_id)?;
+        let parents = self.parents(&agent)?;
+        let entry = self.entry_for(&agent, &parents, &req.entry_id)?;
         let ttl = if entry.jwt_ttl > 0 { entry.jwt_ttl } else { self.0.config.default_jwt_svid_ttl_seconds };
         let token = self.0.ca.read().await.mint_jwt(&entry.spiffe_id, &req.audience, ttl, now())?;
         Ok(Response::new(node::MintJwtResponse { token }))
@@ -326,7 +512,15 @@ impl admin::admin_server::Admin for AdminService {
 
     async fn evict_agent(&self, req: Request<admin::AgentId>) -> Result<Response<admin::Empty>, Status> {
         let r = req.into_inner();
-        let id = SpiffeId::parse(&r.spiffe_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // A TPM node can be named by its EK hash (the selector form): its ID derives from it.
+        let id = match r.spiffe_id.strip_prefix("tpm:ek-hash:") {
+            Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                crate::tpm::node_id(&self.0.config.trust_domain, &h.to_ascii_lowercase())
+                    .ok_or_else(|| Status::invalid_argument("bad EK hash"))?
+            }
+            Some(_) => return Err(Status::invalid_argument("tpm:ek-hash: takes 64 hex digits (SHA-256)")),
+            None => SpiffeId::parse(&r.spiffe_id).map_err(|e| Status::invalid_argument(e.to_string()))?,
+        };
         self.0.store.evict_agent(&id, r.ban)?;
         tracing::warn!(node = %id, ban = r.ban, "agent evicted");
         Ok(Response::new(admin::Empty {}))

@@ -42,6 +42,8 @@ pub struct ServerConfig {
     pub upstream_ca_cert: Option<PathBuf>,
     /// Its PKCS#8 private key (PEM).
     pub upstream_ca_key: Option<PathBuf>,
+    /// TPM node attestation (EK chain, credential activation, quotes against golden PCRs).
+    pub tpm: Option<crate::tpm::TpmConfig>,
 }
 
 fn default_bind() -> SocketAddr {
@@ -126,6 +128,14 @@ impl ServerConfig {
             let key = if config.upstream_ca_cert.is_some() { "upstream_ca_key" } else { "upstream_ca_cert" };
             return Err(invalid(key, "upstream_ca_cert and upstream_ca_key go together".into()));
         }
+        if let Some(tpm) = &config.tpm {
+            if tpm.challenge_ttl_seconds == 0 {
+                return Err(invalid("tpm.challenge_ttl_seconds", "must be at least 1".into()));
+            }
+            if tpm.max_evidence_age_seconds < 0 {
+                return Err(invalid("tpm.max_evidence_age_seconds", "cannot be negative".into()));
+            }
+        }
         if config.server_names.is_empty() {
             return Err(invalid("server_names", "needs at least one DNS name".into()));
         }
@@ -158,5 +168,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`default_jwt_svid_ttl_seconds`"), "{e}");
+    }
+
+    #[test]
+    fn tpm_section() {
+        let base = "trust_domain = \"e.org\"\ndata_dir = \"/x\"\n[tpm]\nek_ca_dir = \"/cas\"\npolicy_dir = \"/p\"\n";
+        let c = parse(base).unwrap();
+        let t = c.tpm.unwrap();
+        assert_eq!((t.challenge_ttl_seconds, t.max_evidence_age_seconds), (60, 0));
+        let e = parse(&format!("{base}challenge_ttl_seconds = 0\n")).unwrap_err().to_string();
+        assert!(e.contains("key `tpm.challenge_ttl_seconds`"), "{e}");
+        let e =
+            parse("trust_domain = \"e.org\"\ndata_dir = \"/x\"\n[tpm]\nek_ca_dir = \"/c\"\n").unwrap_err().to_string();
+        assert!(e.contains("missing field `policy_dir`"), "{e}");
     }
 }

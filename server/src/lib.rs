@@ -7,3 +7,4 @@ pub mod ca;
 pub mod config;
 pub mod run;
 pub mod store;
+pub mod tpm;

@@ -108,6 +108,8 @@ enum BundleCmd {
 enum AgentCmd {
     List,
     Evict {
+        /// The node's SPIFFE ID, or `tpm:ek-hash:<sha256>` for a TPM node (its ID derives
+        /// from the EK, so banning it bans the EK).
         #[arg(long)]
         spiffe_id: String,
         /// Never let this node attest again.

@@ -48,7 +48,13 @@ pub fn open_state(config: ServerConfig) -> anyhow::Result<Arc<State>> {
             "fault injection active: attestation pauses inside its transaction (TETHER_FAULT_ATTEST_DELAY_MS)"
         );
     }
-    Ok(Arc::new(State { config, store, ca: RwLock::new(ca), fault_attest_delay }))
+    let tpm = match &config.tpm {
+        Some(t) => {
+            Some(crate::tpm::TpmAttestor::new(t.clone()).map_err(|e| anyhow::anyhow!("[tpm] configuration: {e}"))?)
+        }
+        None => None,
+    };
+    Ok(Arc::new(State { config, store, ca: RwLock::new(ca), fault_attest_delay, tpm }))
 }
 
 /// The server's own TLS certificate: an SVID for spiffe://<td>/tether/server with the

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use tether_attestors::{Selector, SpiffeId};
 use thiserror::Error;
 
-use crate::ca::CaState;
+use tether_attestors::tpm::verify::{check_clock, ClockState, QuoteInfo};
+
+use crate::{ca::CaState, tpm::AkRecord};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -28,6 +30,9 @@ pub enum StoreError {
     Banned(String),
     #[error("stored state is corrupt: {0}")]
     Corrupt(String),
+    /// Evidence refused inside the transaction (e.g. a TPM clock older than recorded).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A registration entry.
@@ -296,6 +301,7 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS join_tokens (digest TEXT PRIMARY KEY, expires_at BIGINT NOT NULL, node_id TEXT, used_at BIGINT)",
     "CREATE TABLE IF NOT EXISTS agents (spiffe_id TEXT PRIMARY KEY, attestor TEXT NOT NULL, attested_at BIGINT NOT NULL, svid_expires_at BIGINT NOT NULL, selectors TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS bans (spiffe_id TEXT PRIMARY KEY)",
+    "CREATE TABLE IF NOT EXISTS tpm_nodes (spiffe_id TEXT PRIMARY KEY, ek_hash TEXT NOT NULL UNIQUE, ak_public TEXT NOT NULL, ak_qualified_name TEXT NOT NULL, reset_count BIGINT NOT NULL, restart_count BIGINT NOT NULL, clock BIGINT NOT NULL, quoted_at BIGINT NOT NULL, revoked_reason TEXT)",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS revision (id BIGINT PRIMARY KEY CHECK (id = 1), value BIGINT NOT NULL)",
     "INSERT INTO revision VALUES (1, 0) ON CONFLICT DO NOTHING",
@@ -567,6 +573,172 @@ impl Store {
     }
 }
 
+/// What the store keeps of a TPM-attested node beyond its agent row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TpmNode {
+    pub ek_hash: String,
+    pub ak: AkRecord,
+    pub clock: ClockState,
+    pub quoted_at: i64,
+    /// Why its last evidence was refused (it is then no longer an agent).
+    pub revoked_reason: Option<String>,
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>, StoreError> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect::<Option<Vec<u8>>>()
+        .ok_or_else(|| StoreError::Corrupt("an AK column is not hex".into()))
+}
+
+fn tohex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn row_tpm(r: &Row) -> Result<TpmNode, StoreError> {
+    let int32 = |v: &Val| v.int().and_then(|i| u32::try_from(i).map_err(|_| StoreError::Corrupt("counter".into())));
+    Ok(TpmNode {
+        ek_hash: r[0].text()?,
+        ak: AkRecord { public: unhex(&r[1].text()?)?, qualified_name: unhex(&r[2].text()?)? },
+        clock: ClockState {
+            reset_count: int32(&r[3])?,
+            restart_count: int32(&r[4])?,
+            clock: u64::try_from(r[5].int()?).map_err(|_| StoreError::Corrupt("clock".into()))?,
+        },
+        quoted_at: r[6].int()?,
+        revoked_reason: r[7].opt_text(),
+    })
+}
+
+/// A TPM node as a first attestation registers it.
+#[derive(Clone, Copy)]
+pub struct TpmRegistration<'a> {
+    pub id: &'a SpiffeId,
+    pub ek_hash: &'a str,
+    pub ak: &'a AkRecord,
+    pub quote: &'a QuoteInfo,
+    pub selectors: &'a [String],
+}
+
+const TPM_COLUMNS: &str =
+    "ek_hash, ak_public, ak_qualified_name, reset_count, restart_count, clock, quoted_at, revoked_reason";
+
+impl Store {
+    /// Fails closed: a database error counts as banned.
+    pub fn is_banned(&self, id: &SpiffeId) -> bool {
+        self.with_tx(|tx| tx.rows("SELECT spiffe_id FROM bans WHERE spiffe_id = $1", &[id.to_string().into()]))
+            .map(|r| !r.is_empty())
+            .unwrap_or(true)
+    }
+
+    /// The TPM state recorded for an EK (by hash), attested now or before.
+    pub fn tpm_by_ek(&self, ek_hash: &str) -> Result<Option<TpmNode>, StoreError> {
+        let rows = self.with_tx(|tx| {
+            tx.rows(&format!("SELECT {TPM_COLUMNS} FROM tpm_nodes WHERE ek_hash = $1"), &[ek_hash.into()])
+        })?;
+        rows.first().map(row_tpm).transpose()
+    }
+
+    pub fn tpm_node(&self, id: &SpiffeId) -> Result<Option<TpmNode>, StoreError> {
+        let rows = self.with_tx(|tx| {
+            tx.rows(&format!("SELECT {TPM_COLUMNS} FROM tpm_nodes WHERE spiffe_id = $1"), &[id.to_string().into()])
+        })?;
+        rows.first().map(row_tpm).transpose()
+    }
+
+    /// Registers a TPM-attested node in one transaction: ban check, the clock check again
+    /// (two attestations of one TPM may race), its TPM state, its agent row; `issue` runs
+    /// inside and nothing is stored if it fails.
+    pub fn attest_with_tpm<T>(
+        &self,
+        node: &TpmRegistration<'_>,
+        now: i64,
+        issue: impl FnOnce() -> Result<(T, i64), StoreError>,
+    ) -> Result<T, StoreError> {
+        let TpmRegistration { id, ek_hash, ak, quote, selectors } = *node;
+        self.with_tx(|tx| {
+            if !tx.rows("SELECT spiffe_id FROM bans WHERE spiffe_id = $1", &[id.to_string().into()])?.is_empty() {
+                return Err(StoreError::Banned(id.to_string()));
+            }
+            let prev = tx.rows(&format!("SELECT {TPM_COLUMNS} FROM tpm_nodes WHERE ek_hash = $1"), &[ek_hash.into()])?;
+            if let Some(prev) = prev.first().map(row_tpm).transpose()? {
+                check_clock(&prev.clock, quote).map_err(|e| StoreError::Refused(format!("TPM clock: {e}")))?;
+            }
+            let (out, svid_expires_at) = issue()?;
+            tx.exec(
+                "INSERT INTO tpm_nodes (spiffe_id, ek_hash, ak_public, ak_qualified_name, reset_count, restart_count, clock, quoted_at, revoked_reason)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL)
+                 ON CONFLICT (spiffe_id) DO UPDATE SET ak_public = excluded.ak_public, ak_qualified_name = excluded.ak_qualified_name,
+                 reset_count = excluded.reset_count, restart_count = excluded.restart_count, clock = excluded.clock,
+                 quoted_at = excluded.quoted_at, revoked_reason = NULL",
+                &[
+                    id.to_string().into(),
+                    ek_hash.into(),
+                    tohex(&ak.public).into(),
+                    tohex(&ak.qualified_name).into(),
+                    i64::from(quote.reset_count).into(),
+                    i64::from(quote.restart_count).into(),
+                    i64::try_from(quote.clock).unwrap_or(i64::MAX).into(),
+                    now.into(),
+                ],
+            )?;
+            let selectors = serde_json::to_string(selectors).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            tx.exec(
+                "INSERT INTO agents (spiffe_id, attestor, attested_at, svid_expires_at, selectors) VALUES ($1, 'tpm', $2, $3, $4)
+                 ON CONFLICT (spiffe_id) DO UPDATE SET attestor = excluded.attestor, attested_at = excluded.attested_at,
+                 svid_expires_at = excluded.svid_expires_at, selectors = excluded.selectors",
+                &[id.to_string().into(), now.into(), svid_expires_at.into(), selectors.into()],
+            )?;
+            Ok(out)
+        })
+    }
+
+    /// A re-attestation passed: the newer clock, and the selectors (the golden set matched
+    /// can change during a rollout). Refused if the clock is not newer than the stored one.
+    pub fn record_quote(
+        &self,
+        id: &SpiffeId,
+        quote: &QuoteInfo,
+        selectors: &[String],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            let prev = tx.rows(&format!("SELECT {TPM_COLUMNS} FROM tpm_nodes WHERE spiffe_id = $1"), &[id.to_string().into()])?;
+            let prev = prev.first().map(row_tpm).transpose()?.ok_or_else(|| StoreError::NoAgent(id.to_string()))?;
+            check_clock(&prev.clock, quote).map_err(|e| StoreError::Refused(format!("TPM clock: {e}")))?;
+            tx.exec(
+                "UPDATE tpm_nodes SET reset_count = $2, restart_count = $3, clock = $4, quoted_at = $5 WHERE spiffe_id = $1",
+                &[
+                    id.to_string().into(),
+                    i64::from(quote.reset_count).into(),
+                    i64::from(quote.restart_count).into(),
+                    i64::try_from(quote.clock).unwrap_or(i64::MAX).into(),
+                    now.into(),
+                ],
+            )?;
+            let selectors = serde_json::to_string(selectors).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            match tx.exec("UPDATE agents SET selectors = $2 WHERE spiffe_id = $1", &[id.to_string().into(), selectors.into()])? {
+                0 => Err(StoreError::NoAgent(id.to_string())),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    /// Evidence failed: the node is no longer an agent (its node SVID is refused, nothing is
+    /// issued under it) until it attests again with evidence that passes.
+    pub fn revoke_tpm(&self, id: &SpiffeId, reason: &str) -> Result<(), StoreError> {
+        self.with_tx(|tx| {
+            tx.exec("DELETE FROM agents WHERE spiffe_id = $1", &[id.to_string().into()])?;
+            tx.exec(
+                "UPDATE tpm_nodes SET revoked_reason = $2 WHERE spiffe_id = $1",
+                &[id.to_string().into(), reason.into()],
+            )?;
+            Ok(())
+        })
+    }
+}
+
 fn row_agent(r: &Row) -> Result<Agent, StoreError> {
     Ok(Agent {
         spiffe_id: SpiffeId::parse(&r[0].text()?).map_err(|e| StoreError::Corrupt(e.to_string()))?,
@@ -698,6 +870,52 @@ mod tests {
         s.create_join_token("d2", 1000, Some(&id)).unwrap();
         assert!(matches!(s.attest_with_token("d2", 1, id.clone(), |_| Ok(((), 9))), Err(StoreError::Banned(_))));
     }
+    fn tpm_nodes_keep_their_clock_and_lose_service_on_revocation(s: &Store) {
+        use tether_attestors::tpm::wire::PcrSelection;
+        let id = SpiffeId::parse("spiffe://td/tether/agent/tpm/ab").unwrap();
+        let ak = AkRecord { public: vec![1, 2, 3], qualified_name: vec![0, 11, 9] };
+        let quote = |reset, clock| QuoteInfo {
+            clock,
+            reset_count: reset,
+            restart_count: 0,
+            safe: true,
+            firmware_version: 0,
+            selection: PcrSelection::new(),
+        };
+        let sel = vec!["tpm:ek-hash:ab".to_owned(), "tpm:policy:v1".to_owned()];
+        let attest = |q: QuoteInfo, now: i64| {
+            s.attest_with_tpm(
+                &TpmRegistration { id: &id, ek_hash: "ab", ak: &ak, quote: &q, selectors: &sel },
+                now,
+                || Ok(((), 99)),
+            )
+        };
+        attest(quote(2, 100), 10).unwrap();
+        let node = s.tpm_node(&id).unwrap().unwrap();
+        assert_eq!((node.ak.clone(), node.clock.clock, node.quoted_at), (ak.clone(), 100, 10));
+        assert_eq!(s.tpm_by_ek("ab").unwrap().unwrap().clock.reset_count, 2);
+        assert_eq!(s.get_agent(&id).unwrap().attestor, "tpm");
+        // An older quote is refused inside the transaction, and changes nothing.
+        let e = s.record_quote(&id, &quote(2, 50), &sel, 20).unwrap_err().to_string();
+        assert!(e.contains("TPM clock"), "{e}");
+        let e = attest(quote(1, 500), 20).unwrap_err();
+        assert!(matches!(e, StoreError::Refused(_)), "{e}");
+        assert_eq!(s.tpm_node(&id).unwrap().unwrap().quoted_at, 10);
+        // A newer one moves it and updates the node's selectors.
+        let sel2 = vec!["tpm:ek-hash:ab".to_owned(), "tpm:policy:v2".to_owned()];
+        s.record_quote(&id, &quote(3, 5), &sel2, 30).unwrap();
+        assert_eq!(s.get_agent(&id).unwrap().selectors, sel2);
+        // Revoked: no longer an agent, the reason kept; a ban is seen by is_banned.
+        s.revoke_tpm(&id, "PCR 7 drifted").unwrap();
+        assert!(matches!(s.get_agent(&id), Err(StoreError::NoAgent(_))));
+        assert_eq!(s.tpm_node(&id).unwrap().unwrap().revoked_reason.as_deref(), Some("PCR 7 drifted"));
+        assert!(!s.is_banned(&id));
+        s.evict_agent(&id, true).unwrap();
+        assert!(s.is_banned(&id));
+        let e = attest(quote(9, 1), 40).unwrap_err();
+        assert!(matches!(e, StoreError::Banned(_)), "{e}");
+    }
+
     /// A `#[test]` running `$name(&Store)` on every backend.
     macro_rules! on_every_backend {
         ($($name:ident),*) => {$(
@@ -718,7 +936,8 @@ mod tests {
             batch_creation_is_all_or_nothing,
             invalid_entries_name_the_problem,
             join_tokens_are_one_time_and_expire_and_failures_burn_nothing,
-            banned_nodes_cannot_attest_again
+            banned_nodes_cannot_attest_again,
+            tpm_nodes_keep_their_clock_and_lose_service_on_revocation
         );
     }
 }

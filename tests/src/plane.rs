@@ -49,6 +49,50 @@ impl Plane {
 
     /// As [`Plane::start`], with extra lines for the server's TOML config.
     pub fn start_with(sync_seconds: u64, server_extra: &str) -> Plane {
+        let mut plane = Self::server_only(server_extra);
+        let token = plane.cli(&["token", "generate", "--node-id", &plane.node_id.clone()]);
+        let token = String::from_utf8_lossy(&token.stdout).trim().trim_start_matches("Token: ").to_owned();
+        plane.write_agent_config(sync_seconds, &format!("join_token = \"{token}\"\n"));
+        plane.start_agent();
+        plane
+    }
+
+    /// A server trusting `tpm`'s manufacturer CAs with the golden policies in `policy_dir`,
+    /// and an agent attesting with that TPM (re-attesting every `reattest_seconds`). The
+    /// node ID is the one the server derives from the EK.
+    pub fn start_tpm(
+        sync_seconds: u64,
+        tpm: &sandbox::swtpm::Swtpm,
+        policy_dir: &Path,
+        ek: &str,
+        reattest_seconds: u64,
+    ) -> Plane {
+        let mut plane = Self::server_only(&format!(
+            "[tpm]\nek_ca_dir = \"{}\"\npolicy_dir = \"{}\"\n",
+            sandbox::swtpm::Swtpm::ca_dir().display(),
+            policy_dir.display()
+        ));
+        plane.write_agent_config(
+            sync_seconds,
+            &format!(
+                "[tpm]\ntcti = \"{}\"\nek = \"{ek}\"\nreattest_interval_seconds = {reattest_seconds}\n",
+                tpm.tcti()
+            ),
+        );
+        plane.start_agent();
+        let log = plane.log("agent");
+        plane.node_id = log
+            .lines()
+            .find(|l| l.contains("node attested"))
+            .and_then(|l| l.split("node=").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no node ID in the agent log:\n{log}"))
+            .to_owned();
+        plane
+    }
+
+    /// A running server (SQLite) with `server_extra` in its config; no agent yet.
+    pub fn server_only(server_extra: &str) -> Plane {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let trust_domain = "example.org".to_string();
@@ -70,20 +114,22 @@ impl Plane {
             server_env: Vec::new(),
         };
         plane.start_server();
-        let token = plane.cli(&["token", "generate", "--node-id", &plane.node_id.clone()]);
-        let token = String::from_utf8_lossy(&token.stdout).trim().trim_start_matches("Token: ").to_owned();
+        plane
+    }
+
+    /// agent.toml; `credential` is the join_token line or a [tpm] table (it goes last).
+    pub fn write_agent_config(&self, sync_seconds: u64, credential: &str) {
         std::fs::write(
-            plane.dir.path().join("agent.toml"),
+            self.dir.path().join("agent.toml"),
             format!(
-                "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:{port}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{token}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = {sync_seconds}\n",
-                plane.dir.path().join("server/bundle.pem").display(),
-                plane.dir.path().join("agent").display(),
-                plane.socket().display()
+                "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:{}\"\ntrust_bundle_path = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = {sync_seconds}\n{credential}",
+                self.port,
+                self.dir.path().join("server/bundle.pem").display(),
+                self.dir.path().join("agent").display(),
+                self.socket().display()
             ),
         )
         .unwrap();
-        plane.start_agent();
-        plane
     }
 
     pub fn start_server(&mut self) {

@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: the main job on embedded defaults. A server (SQLite) and an agent on
-//! loopback; a workload in a demo cgroup is identified by what the kernel recorded about it
-//! (cgroup, uid, the sha256 of the binary it executed) and fetches its SVID with an
-//! unmodified SPIFFE client; the same client outside the cgroup gets nothing.
+//! loopback; the node attests with its TPM (a private swtpm: EK certificate chain, credential
+//! activation, a quote against golden PCR values); a workload in a demo cgroup is identified
+//! by what the kernel recorded about it (cgroup, uid, the sha256 of the binary it executed)
+//! and fetches its SVID with an unmodified SPIFFE client; the same client outside the cgroup
+//! gets nothing; a changed boot measurement revokes the node and its workloads' SVIDs.
 
 use std::{
     path::Path,
@@ -10,7 +12,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use sandbox::CgroupGuard;
+use sandbox::{swtpm::Swtpm, CgroupGuard};
 
 /// Ends a process this demo started, by its PID, also on error.
 struct Started(Child, &'static str);
@@ -74,13 +76,26 @@ pub fn run() -> Result<()> {
 }
 
 fn demo(dir: &Path, server_bin: &Path, agent_bin: &Path, client_bin: &Path) -> Result<()> {
+    step("a private software TPM (swtpm) manufactured with an EK certificate chain");
+    let tpm = Swtpm::start();
+    println!("    {} (manufacturer CAs in {})", tpm.tcti(), Swtpm::ca_dir().display());
+    let policies = dir.join("golden-pcrs");
+    std::fs::create_dir_all(&policies)?;
+    step("tether-agent tpm pcrs --name demo-image: the image's golden PCR values, as an image builder commits them");
+    let golden = output(Command::new(agent_bin).args(["tpm", "pcrs", "--tcti", &tpm.tcti(), "--name", "demo-image"]))?;
+    std::fs::write(policies.join("demo-image.toml"), &golden)?;
+    indent(golden.lines().take(9).collect::<Vec<_>>().join("\n").as_str());
+    println!("    ...");
+
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let server_cfg = dir.join("server.toml");
     std::fs::write(
         &server_cfg,
         format!(
-            "trust_domain = \"demo.tether\"\ndata_dir = \"{}\"\nbind_address = \"127.0.0.1:{port}\"\n",
-            dir.join("server").display()
+            "trust_domain = \"demo.tether\"\ndata_dir = \"{}\"\nbind_address = \"127.0.0.1:{port}\"\n[tpm]\nek_ca_dir = \"{}\"\npolicy_dir = \"{}\"\n",
+            dir.join("server").display(),
+            Swtpm::ca_dir().display(),
+            policies.display()
         ),
     )?;
     step(&format!("tether-server run (trust domain demo.tether, SQLite store in {})", dir.join("server").display()));
@@ -98,23 +113,19 @@ fn demo(dir: &Path, server_bin: &Path, agent_bin: &Path, client_bin: &Path) -> R
     })?;
     let cli = |args: &[&str]| output(Command::new(server_bin).arg("-c").arg(&server_cfg).args(args));
 
-    step("tether-server token generate --node-id spiffe://demo.tether/node/demo");
-    let token = cli(&["token", "generate", "--node-id", "spiffe://demo.tether/node/demo", "--ttl", "300"])?;
-    let token = token.trim().trim_start_matches("Token: ").to_owned();
-    println!("    (a one-time join token for this node)");
-
     let socket = dir.join("agent.sock");
     let agent_cfg = dir.join("agent.toml");
     std::fs::write(
         &agent_cfg,
         format!(
-            "trust_domain = \"demo.tether\"\nserver_address = \"127.0.0.1:{port}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{token}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = 1\n",
+            "trust_domain = \"demo.tether\"\nserver_address = \"127.0.0.1:{port}\"\ntrust_bundle_path = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = 1\n[tpm]\ntcti = \"{}\"\nreattest_interval_seconds = 2\n",
             dir.join("server/bundle.pem").display(),
             dir.join("agent").display(),
-            socket.display()
+            socket.display(),
+            tpm.tcti()
         ),
     )?;
-    step("tether-agent run: loads the kernel programs, attests the node, serves the Workload API");
+    step("tether-agent run: loads the kernel programs, attests the node with its TPM, serves the Workload API");
     let _agent = Started(
         Command::new(agent_bin)
             .arg("run")
@@ -126,12 +137,23 @@ fn demo(dir: &Path, server_bin: &Path, agent_bin: &Path, client_bin: &Path) -> R
         "tether-agent",
     );
     wait_for("the agent's socket", || socket.exists())?;
-    for line in std::fs::read_to_string(dir.join("agent.log"))?
-        .lines()
-        .filter(|l| l.contains("kernel support") || l.contains("node attested") || l.contains("Workload API"))
-    {
-        println!("    agent | {}", line.split_once(" INFO ").map_or(line, |(_, rest)| rest));
+    for line in std::fs::read_to_string(dir.join("agent.log"))?.lines().filter(|l| {
+        l.contains("kernel support")
+            || l.contains("node attested")
+            || l.contains("Workload API")
+            || l.contains("SOFTWARE TPM")
+    }) {
+        println!(
+            "    agent | {}",
+            line.split_once(" INFO ").or(line.split_once(" WARN ")).map_or(line, |(_, rest)| rest)
+        );
     }
+    let node_id = std::fs::read_to_string(dir.join("agent.log"))?
+        .lines()
+        .find_map(|l| l.split("node=").nth(1).and_then(|r| r.split_whitespace().next()).map(str::to_owned))
+        .context("no node ID in the agent log")?;
+    step("tether-server agent list: the node's ID derives from its EK; its selectors come from the evidence");
+    indent(&cli(&["agent", "list"])?);
 
     let cg = CgroupGuard::new("demo")?;
     let cg_rel = format!("/{}", cg.path().strip_prefix(sandbox::cgroup2_root()?)?.display());
@@ -144,7 +166,7 @@ fn demo(dir: &Path, server_bin: &Path, agent_bin: &Path, client_bin: &Path) -> R
         "--spiffe-id",
         "spiffe://demo.tether/web",
         "--parent-id",
-        "spiffe://demo.tether/node/demo",
+        &node_id,
         "--selector",
         &format!("cgroup:path:{cg_rel}"),
         "--selector",
@@ -212,7 +234,7 @@ fn demo(dir: &Path, server_bin: &Path, agent_bin: &Path, client_bin: &Path) -> R
         "--spiffe-id",
         "spiffe://demo.tether/ops",
         "--parent-id",
-        "spiffe://demo.tether/node/demo",
+        &node_id,
         "--selector",
         &format!("cgroup:path:{cg_rel}"),
         "--selector",
@@ -241,6 +263,16 @@ fn demo(dir: &Path, server_bin: &Path, agent_bin: &Path, client_bin: &Path) -> R
             .arg(fetched.join("bundle.0.pem"))
             .arg(fetched.join("svid.0.pem")),
     )?);
-    step("demo done: stopping the agent and the server, removing the demo cgroup");
+    step("the node boots something else: PCR 7 is extended, and the next re-attestation fails");
+    output(tpm.tool("tpm2_pcrextend").arg(format!("7:sha256={}", "ab".repeat(32))))?;
+    wait_for("the agent to report the node unattested", || {
+        std::fs::read_to_string(dir.join("agent.log")).is_ok_and(|l| l.contains("NODE NOT ATTESTED"))
+    })?;
+    let out = cg.run(&mut fetch)?;
+    println!("    workload refused: {}", String::from_utf8_lossy(&out.stderr).trim().trim_start_matches("error: "));
+    if out.status.success() {
+        bail!("a workload on a node with drifted evidence still received an SVID");
+    }
+    step("demo done: stopping the agent, the server and the TPM, removing the demo cgroup");
     Ok(())
 }

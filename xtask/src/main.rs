@@ -1,6 +1,7 @@
-//! The project's commands: `cargo xtask setup | test | bench | demo`.
+//! The project's commands: `cargo xtask setup | test | bench | demo | fuzz`.
 
 mod demo;
+mod fuzz;
 mod postgres;
 mod setup;
 
@@ -21,12 +22,13 @@ enum Cmd {
     /// Install what the build and the tests need (Debian packages, bpf-linker); a fast
     /// no-op when everything is present.
     Setup,
-    /// Everything CI runs: setup, fmt, clippy (host and eBPF), unit and privileged tests.
+    /// Everything CI runs: setup, fmt, clippy (host and eBPF), unit and privileged tests, a
+    /// fuzz smoke run.
     Test,
     /// Benchmarks from ../shared/BENCHMARKS.md, as ratios against a same-run baseline.
     Bench {
-        /// Which one (connect = B1, exec = B4, workload-api = B5, server = B9).
-        #[arg(value_parser = ["connect", "exec", "server", "workload-api"])]
+        /// Which one (connect = B1, exec = B4, workload-api = B5, attest = B8, server = B9).
+        #[arg(value_parser = ["attest", "connect", "exec", "server", "workload-api"])]
         name: String,
         /// Passed to the benchmark (e.g. --rounds 11 --connects 10000).
         #[arg(last = true)]
@@ -34,6 +36,15 @@ enum Cmd {
     },
     /// The main job: shows a workload's exec observed by the kernel in a demo cgroup.
     Demo,
+    /// Fuzzes the parsers of outside input (cargo-fuzz targets in fuzz/).
+    Fuzz {
+        /// One target; all of them when omitted.
+        #[arg(value_parser = fuzz::TARGETS)]
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 fn main() {
@@ -56,6 +67,7 @@ fn real_main() -> Result<()> {
             setup::run()?;
             demo::run()
         }
+        Cmd::Fuzz { target, seconds } => fuzz::run(target.as_deref(), seconds),
     }
 }
 
@@ -122,6 +134,7 @@ fn test() -> Result<()> {
     step("privileged integration tests (real kernel, test-owned cgroups and namespaces)");
     run(Command::new(&cargo_bin).args(["test", "-p", "tether-tests"]).env("TETHER_TEST_POSTGRES", pg.conninfo()))?;
     drop(pg);
+    fuzz::smoke()?;
     println!("\nall checks passed in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }

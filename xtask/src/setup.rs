@@ -23,6 +23,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("python3-venv", "a venv for the Python SPIFFE client the tests use"),
     ("qemu-system-x86", "a guest with another kernel, to prove the eBPF object is portable"),
     ("busybox-static", "the guest's userland"),
+    ("swtpm", "a private software TPM per test (node attestation)"),
+    ("swtpm-tools", "swtpm_setup manufactures TPMs with an EK certificate chain for tests"),
+    ("tpm2-tools", "tpm2_quote/tpm2_checkquote, the baseline of the attestation benchmark"),
+    ("libtss2-dev", "tpm2-tss 3.2, which tss-esapi 7.7 links (the agent's TPM client)"),
 ];
 
 /// The guest kernel for the portability test: Debian 12's own 6.1 (a different struct

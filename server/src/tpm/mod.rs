@@ -1,0 +1,348 @@
+//! TPM node attestation, the server's half: challenges and their verification. The TPM
+//! structures are checked by `tether_attestors::tpm` (pure Rust); this module holds the
+//! protocol state (one-time challenges), the golden PCR policy and the node's identity.
+//!
+//! First attestation (two calls):
+//! 1. `BeginAttestation(Hello)`: EK certificate chained to a manufacturer CA, EK public key
+//!    equal to the certificate's, AK attributes; a credential bound to the AK's name is made
+//!    for the EK, with a fresh nonce and the policy's PCR selection.
+//! 2. `Attest(Evidence)`: the activated secret proves the AK is in the EK's TPM; the quote,
+//!    signed by that AK over the nonce, proves the PCR values; they must satisfy a golden set.
+//!
+//! Re-attestation (renewal, interval) is the same without the credential: the AK is known.
+
+pub mod policy;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use prost::Message;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tether_attestors::{
+    tpm::{
+        credential,
+        verify::{self, AkVerifier, ClockState, QuoteInfo},
+        wire,
+    },
+    Selector, SpiffeId,
+};
+use tether_proto::tpm as pb;
+
+pub use policy::Policy;
+
+pub const ATTESTOR: &str = "tpm";
+
+/// `[tpm]` in the server config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmConfig {
+    /// Manufacturer CA certificates (PEM or DER, roots and intermediates) EK certificates
+    /// must chain to.
+    pub ek_ca_dir: PathBuf,
+    /// Golden PCR policies, one TOML file per allowed set (see policy.rs).
+    pub policy_dir: PathBuf,
+    /// How long a challenge may be answered. Default 60.
+    #[serde(default = "default_challenge_ttl")]
+    pub challenge_ttl_seconds: u64,
+    /// A TPM node whose last verified quote is older than this is refused service (it has
+    /// stopped re-attesting). Default 0: the node SVID lifetime.
+    #[serde(default)]
+    pub max_evidence_age_seconds: i64,
+}
+
+fn default_challenge_ttl() -> u64 {
+    60
+}
+
+/// Why TPM evidence was refused. Each is its own message: operators read these in logs.
+#[derive(Debug, thiserror::Error)]
+pub enum TpmError {
+    #[error("malformed {what}: {message}")]
+    Malformed { what: &'static str, message: String },
+    #[error("EK certificate: {0}")]
+    EkCertificate(String),
+    #[error("EK public key does not match its certificate: {0}")]
+    EkMismatch(String),
+    #[error("attestation key: {0}")]
+    AkAttributes(String),
+    #[error("credential activation failed: the AK is not in the same TPM as the EK")]
+    Activation,
+    #[error("unknown, expired or already used challenge (replayed attestation?)")]
+    UnknownChallenge,
+    #[error("node {0} is banned")]
+    Banned(String),
+    #[error("too many attestations in progress; try again")]
+    Busy,
+    #[error("quote: {0}")]
+    Quote(String),
+    #[error("TPM clock: {0}")]
+    Clock(String),
+    #[error("{0}")]
+    OutsidePolicy(#[from] policy::OutsidePolicy),
+    #[error("golden PCR policy unavailable: {0}")]
+    Policy(#[from] policy::PolicyError),
+    #[error("EK CA directory: {0}")]
+    CaStore(String),
+    #[error("making the credential: {0}")]
+    Credential(String),
+}
+
+fn malformed(what: &'static str) -> impl FnOnce(String) -> TpmError {
+    move |message| TpmError::Malformed { what, message }
+}
+
+/// What a first attestation established.
+#[derive(Debug)]
+pub struct Attested {
+    pub node_id: SpiffeId,
+    pub ek_hash: String,
+    pub ak: AkRecord,
+    pub selectors: Vec<Selector>,
+    pub quote: QuoteInfo,
+}
+
+/// The AK as re-attestations need it: its public area and its qualified name (quotes name
+/// their signer by it; it chains through the EK, so the EK need not be kept).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AkRecord {
+    pub public: Vec<u8>,
+    pub qualified_name: Vec<u8>,
+}
+
+enum PendingKind {
+    First { ek_hash: String, ca_subject: String, ek_kind: String, ak: AkRecord, secret: Vec<u8> },
+    Again { node_id: SpiffeId },
+}
+
+struct Pending {
+    kind: PendingKind,
+    nonce: Vec<u8>,
+    policy: Policy,
+    expires: Instant,
+}
+
+const MAX_PENDING: usize = 4096;
+
+pub struct TpmAttestor {
+    pub config: TpmConfig,
+    cas: verify::EkCaStore,
+    pending: Mutex<HashMap<String, Pending>>,
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn random(n: usize) -> Result<Vec<u8>, TpmError> {
+    let mut b = vec![0; n];
+    getrandom::fill(&mut b).map_err(|e| TpmError::Credential(e.to_string()))?;
+    Ok(b)
+}
+
+/// `spiffe://<td>/tether/agent/tpm/<ek-hash>`: the same EK always gets the same ID.
+pub fn node_id(trust_domain: &str, ek_hash: &str) -> Option<SpiffeId> {
+    SpiffeId::from_parts(trust_domain, &["tether", "agent", ATTESTOR, ek_hash]).ok()
+}
+
+impl TpmAttestor {
+    /// Loads the CA directory and checks the policy directory at start-up (the policy is
+    /// re-read for every attestation, so a rollout's new file needs no restart).
+    pub fn new(config: TpmConfig) -> Result<Self, TpmError> {
+        let cas = verify::EkCaStore::load_dir(&config.ek_ca_dir).map_err(|e| TpmError::CaStore(e.to_string()))?;
+        Policy::load_dir(&config.policy_dir)?;
+        Ok(TpmAttestor { config, cas, pending: Mutex::new(HashMap::new()) })
+    }
+
+    fn park(&self, kind: PendingKind, policy: Policy) -> Result<(String, Vec<u8>), TpmError> {
+        let id = hex(&random(16)?);
+        let nonce = random(32)?;
+        let now = Instant::now();
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.retain(|_, p| p.expires > now);
+        if pending.len() >= MAX_PENDING {
+            return Err(TpmError::Busy);
+        }
+        let expires = now + Duration::from_secs(self.config.challenge_ttl_seconds);
+        pending.insert(id.clone(), Pending { kind, nonce: nonce.clone(), policy, expires });
+        Ok((id, nonce))
+    }
+
+    fn take(&self, id: &str) -> Result<Pending, TpmError> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        // Removed whether or not it verifies: a challenge is answered once.
+        match pending.remove(id) {
+            Some(p) if p.expires > Instant::now() => Ok(p),
+            _ => Err(TpmError::UnknownChallenge),
+        }
+    }
+
+    fn selection(policy: &Policy) -> pb::PcrSelection {
+        pb::PcrSelection { bank: policy.bank.clone(), pcrs: policy.selection() }
+    }
+
+    /// Step 1 of a first attestation. Returns (challenge id, encoded `tpm.Challenge`).
+    pub fn begin(
+        &self,
+        trust_domain: &str,
+        hello: &[u8],
+        now_unix: i64,
+        banned: impl FnOnce(&SpiffeId) -> bool,
+    ) -> Result<(String, Vec<u8>), TpmError> {
+        let hello = pb::Hello::decode(hello).map_err(|e| malformed("hello")(e.to_string()))?;
+        let ek =
+            wire::Public::parse(&hello.ek_public).map_err(|e| malformed("EK public (TPMT_PUBLIC)")(e.to_string()))?;
+        let ak =
+            wire::Public::parse(&hello.ak_public).map_err(|e| malformed("AK public (TPMT_PUBLIC)")(e.to_string()))?;
+        let cert = verify::verify_ek_certificate(&self.cas, &hello.ek_certificate, &hello.ek_intermediates, now_unix)
+            .map_err(|e| TpmError::EkCertificate(e.to_string()))?;
+        verify::check_ek_matches_certificate(&ek, &cert).map_err(|e| TpmError::EkMismatch(e.to_string()))?;
+        verify::check_ak_attributes(&ak).map_err(|e| TpmError::AkAttributes(e.to_string()))?;
+        let ak_verifier = AkVerifier::new(&ak, &ek).map_err(|e| TpmError::AkAttributes(e.to_string()))?;
+        let ek_hash = spki_hash(&hello.ek_certificate)?;
+        let id =
+            node_id(trust_domain, &ek_hash).ok_or_else(|| TpmError::EkCertificate("cannot form a node ID".into()))?;
+        // Before any work for it: a banned EK gets no credential.
+        if banned(&id) {
+            return Err(TpmError::Banned(id.to_string()));
+        }
+        let policy = Policy::load_dir(&self.config.policy_dir)?;
+        let secret = random(32)?;
+        let made =
+            credential::make_credential(&ek, &ak.name(), &secret).map_err(|e| TpmError::Credential(e.to_string()))?;
+        let ek_kind = match ek.key() {
+            wire::PublicKey::Rsa { key_bits, .. } => format!("rsa-{key_bits}"),
+            wire::PublicKey::Ecc { curve, .. } => format!("ecc-{}", curve_name(*curve)),
+        };
+        let kind = PendingKind::First {
+            ek_hash,
+            ca_subject: cert.anchor_subject.clone(),
+            ek_kind,
+            ak: AkRecord { public: hello.ak_public, qualified_name: ak_verifier.qualified_name().to_vec() },
+            secret,
+        };
+        let selection = Self::selection(&policy);
+        let (id, nonce) = self.park(kind, policy)?;
+        let challenge = pb::Challenge {
+            credential_blob: made.credential_blob,
+            encrypted_secret: made.encrypted_secret,
+            nonce,
+            pcrs: Some(selection),
+        };
+        Ok((id, challenge.encode_to_vec()))
+    }
+
+    /// Step 1 of a re-attestation by an already attested node.
+    pub fn begin_again(&self, node_id: SpiffeId) -> Result<(String, Vec<u8>), TpmError> {
+        let policy = Policy::load_dir(&self.config.policy_dir)?;
+        let selection = Self::selection(&policy);
+        let (id, nonce) = self.park(PendingKind::Again { node_id }, policy)?;
+        let challenge = pb::Challenge { nonce, pcrs: Some(selection), ..Default::default() };
+        Ok((id, challenge.encode_to_vec()))
+    }
+
+    /// Checks a quote against the challenge's nonce and policy; the PCR names matched.
+    fn check_quote(
+        ak: &AkRecord,
+        pending: &Pending,
+        ev: &pb::Evidence,
+        previous: Option<ClockState>,
+    ) -> Result<(Vec<String>, QuoteInfo), TpmError> {
+        let public =
+            wire::Public::parse(&ak.public).map_err(|e| malformed("AK public (TPMT_PUBLIC)")(e.to_string()))?;
+        let verifier = AkVerifier::with_qualified_name(&public, ak.qualified_name.clone())
+            .map_err(|e| TpmError::AkAttributes(e.to_string()))?;
+        let mut values = verify::PcrValues::new();
+        let mut bank_values = BTreeMap::new();
+        for v in &ev.pcr_values {
+            if v.bank != pending.policy.bank {
+                return Err(TpmError::Quote(format!("PCR {} of bank {:?} was not asked for", v.index, v.bank)));
+            }
+            values.insert_named(&v.bank, v.index, v.value.clone()).map_err(|e| TpmError::Quote(e.to_string()))?;
+            bank_values.insert(v.index, v.value.clone());
+        }
+        let want: Vec<u32> = pending.policy.selection();
+        let got: Vec<u32> = bank_values.keys().copied().collect();
+        if want != got {
+            return Err(TpmError::Quote(format!("PCRs {got:?} sent, {want:?} asked for")));
+        }
+        let info = verifier
+            .verify_quote(&ev.quote, &ev.signature, &pending.nonce, &values)
+            .map_err(|e| TpmError::Quote(e.to_string()))?;
+        if let Some(prev) = previous {
+            verify::check_clock(&prev, &info).map_err(|e| TpmError::Clock(e.to_string()))?;
+        }
+        let matched = pending.policy.evaluate(&bank_values)?;
+        Ok((matched, info))
+    }
+
+    /// Step 2 of a first attestation. `previous` looks up the clock state last recorded for
+    /// an EK hash (a node seen before).
+    pub fn finish(
+        &self,
+        trust_domain: &str,
+        challenge_id: &str,
+        evidence: &[u8],
+        previous: impl FnOnce(&str) -> Option<ClockState>,
+    ) -> Result<Attested, TpmError> {
+        let pending = self.take(challenge_id)?;
+        let PendingKind::First { ek_hash, ca_subject, ek_kind, ak, secret } = &pending.kind else {
+            return Err(TpmError::UnknownChallenge);
+        };
+        let ev = pb::Evidence::decode(evidence).map_err(|e| malformed("evidence")(e.to_string()))?;
+        if !constant_time_eq(&ev.activated_secret, secret) {
+            return Err(TpmError::Activation);
+        }
+        let (matched, quote) = Self::check_quote(ak, &pending, &ev, previous(ek_hash))?;
+        let node_id =
+            node_id(trust_domain, ek_hash).ok_or_else(|| TpmError::EkCertificate("cannot form a node ID".into()))?;
+        let mut selectors = vec![
+            Selector::new(ATTESTOR, format!("ek-hash:{ek_hash}")),
+            Selector::new(ATTESTOR, format!("ca-subject:{ca_subject}")),
+            Selector::new(ATTESTOR, format!("ek-type:{ek_kind}")),
+        ];
+        selectors.extend(matched.iter().map(|m| Selector::new(ATTESTOR, format!("policy:{m}"))));
+        Ok(Attested { node_id, ek_hash: ek_hash.clone(), ak: ak.clone(), selectors, quote })
+    }
+
+    /// Step 2 of a re-attestation: the node that asked, its stored AK and clock state.
+    pub fn finish_again(
+        &self,
+        caller: &SpiffeId,
+        challenge_id: &str,
+        evidence: &[u8],
+        ak: &AkRecord,
+        previous: ClockState,
+    ) -> Result<(Vec<String>, QuoteInfo), TpmError> {
+        let pending = self.take(challenge_id)?;
+        match &pending.kind {
+            PendingKind::Again { node_id } if node_id == caller => {}
+            _ => return Err(TpmError::UnknownChallenge),
+        }
+        let ev = pb::Evidence::decode(evidence).map_err(|e| malformed("evidence")(e.to_string()))?;
+        Self::check_quote(ak, &pending, &ev, Some(previous))
+    }
+}
+
+/// SHA-256 of the EK certificate's SubjectPublicKeyInfo: what `openssl x509 -pubkey | openssl
+/// pkey -pubin -outform der | sha256sum` prints, so operators can compute a node's ID.
+fn spki_hash(cert_der: &[u8]) -> Result<String, TpmError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| TpmError::EkCertificate(format!("does not parse: {e}")))?;
+    Ok(hex(&Sha256::digest(cert.public_key().raw)))
+}
+
+fn curve_name(c: wire::EccCurve) -> &'static str {
+    match c {
+        wire::EccCurve::NistP256 => "p256",
+        wire::EccCurve::NistP384 => "p384",
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,389 @@
+//! TPM node attestation end to end: a private swtpm per test, the real server binary, the real
+//! agent. Forged evidence is built from a real TPM's output and then altered, each forgery
+//! refused with its own error and nothing issued.
+
+use std::{path::Path, process::Command};
+
+use prost::Message;
+use sandbox::swtpm::{Swtpm, Vendor};
+use sandbox::{cgroup2_root, require_root, CgroupGuard};
+use tether_attestors::tpm::device::{AttestationKey, Device, EkAlgorithm, Endorsement};
+use tether_proto::{node, node::node_client::NodeClient, tpm as pb};
+use tether_tests::{plane::Plane, wait_for};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+const SPIFFE_CLIENT: &str = env!("CARGO_BIN_EXE_tether-spiffe-client");
+
+/// A golden policy directory holding the TPM's current PCRs 0-7, written by the agent's own
+/// `tpm pcrs` command (what an image builder runs).
+fn policy_from(tpm: &Swtpm, dir: &Path, name: &str) -> String {
+    let out = Command::new(tether_tests::agent_bin())
+        .args(["tpm", "pcrs", "--tcti", &tpm.tcti(), "--name", name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "tpm pcrs: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    std::fs::write(dir.join(format!("{name}.toml")), &text).unwrap();
+    text
+}
+
+/// The EK hash computed independently of Tether: the certificate read with tpm2-tools, its
+/// public key hashed with openssl.
+fn ek_hash_by_tools(tpm: &Swtpm, dir: &Path) -> String {
+    let nv = dir.join("ek-nv.bin");
+    let out = tpm.tool("tpm2_nvread").args(["0x1c00002", "-C", "o", "-o"]).arg(&nv).output().unwrap();
+    assert!(out.status.success(), "tpm2_nvread: {}", String::from_utf8_lossy(&out.stderr));
+    let script = format!(
+        "openssl x509 -inform der -in {} -pubkey -noout | openssl pkey -pubin -outform der | sha256sum",
+        nv.display()
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hash = text.split_whitespace().next().unwrap_or_default().to_owned();
+    assert_eq!(hash.len(), 64, "openssl: {text} {}", String::from_utf8_lossy(&out.stderr));
+    hash
+}
+
+fn cgroup_selector(cg: &CgroupGuard) -> String {
+    format!("cgroup:path:/{}", cg.path().strip_prefix(cgroup2_root().unwrap()).unwrap().display())
+}
+
+fn fetch(plane: &Plane, cg: &CgroupGuard) -> (bool, String, String) {
+    let out = cg.run(plane.workload(Path::new(SPIFFE_CLIENT)).arg("x509")).unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn agents(plane: &Plane) -> String {
+    String::from_utf8_lossy(&plane.cli(&["agent", "list"]).stdout).into_owned()
+}
+
+#[test]
+fn tpm_node_attests_and_its_workloads_get_svids() {
+    require_root().unwrap();
+    let tpm = Swtpm::start();
+    let policies = tempfile::tempdir().unwrap();
+    let snippet = policy_from(&tpm, policies.path(), "base");
+    assert_eq!(snippet.lines().filter(|l| l.contains(" = \"0000")).count(), 8, "PCRs 0-7, zero on swtpm:\n{snippet}");
+    let expected_hash = ek_hash_by_tools(&tpm, policies.path());
+
+    let plane = Plane::start_tpm(1, &tpm, policies.path(), "rsa", 60);
+    assert_eq!(plane.node_id, format!("spiffe://example.org/tether/agent/tpm/{expected_hash}"));
+    assert!(plane.log("agent").contains("RUNNING ON A SOFTWARE TPM"), "the agent must say so loudly");
+    let list = agents(&plane);
+    for sel in [
+        format!("tpm:ek-hash:{expected_hash}"),
+        "tpm:policy:base".into(),
+        "tpm:ek-type:rsa-2048".into(),
+        "tpm:ca-subject:".into(),
+    ] {
+        assert!(list.contains(&sel), "node selector {sel} missing:\n{list}");
+    }
+
+    // A workload entry directly under the node, and one under a node alias chosen by node
+    // selector (every node whose TPM matched the golden policy "base").
+    let cg = CgroupGuard::new("tpm-wl").unwrap();
+    let cg2 = CgroupGuard::new("tpm-wl-alias").unwrap();
+    plane.entry("spiffe://example.org/tpm-web", &[&cgroup_selector(&cg), "unix:uid:0"], &[]);
+    let alias = "spiffe://example.org/fleet/golden";
+    plane.entry_under("spiffe://example.org/tether/server", alias, &["tpm:policy:base"], &[]);
+    plane.entry_under(alias, "spiffe://example.org/fleet-web", &[&cgroup_selector(&cg2), "unix:uid:0"], &[]);
+    plane.wait_issued("spiffe://example.org/tpm-web");
+    plane.wait_issued("spiffe://example.org/fleet-web");
+    let (ok, out, err) = fetch(&plane, &cg);
+    assert!(ok && out.contains("spiffe://example.org/tpm-web"), "{out}{err}");
+    let (ok, out, err) = fetch(&plane, &cg2);
+    assert!(ok && out.contains("spiffe://example.org/fleet-web"), "{out}{err}");
+}
+
+#[test]
+fn a_changed_boot_measurement_revokes_and_a_staged_policy_restores() {
+    require_root().unwrap();
+    let tpm = Swtpm::start();
+    let policies = tempfile::tempdir().unwrap();
+    policy_from(&tpm, policies.path(), "image-v1");
+    let plane = Plane::start_tpm(1, &tpm, policies.path(), "ecc", 1);
+    let cg = CgroupGuard::new("tpm-drift").unwrap();
+    plane.entry("spiffe://example.org/drift", &[&cgroup_selector(&cg), "unix:uid:0"], &[]);
+    plane.wait_issued("spiffe://example.org/drift");
+    assert!(fetch(&plane, &cg).0);
+
+    // The node "boots" something else: PCR 7 changes.
+    let out = tpm.tool("tpm2_pcrextend").arg(format!("7:sha256={}", "ab".repeat(32))).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("the agent to report the node unattested", || {
+        plane.log("agent").contains("NODE NOT ATTESTED").then_some(())
+    });
+    let server = plane.log("server");
+    assert!(server.contains("TPM re-attestation failed") && server.contains("PCR 7 is"), "{server}");
+    // The agent's own client shows the status the Workload API answers with (the SPIFFE
+    // libraries retry PermissionDenied silently).
+    let out = cg.run(plane.workload(&tether_tests::agent_bin()).args(["api", "fetch", "x509"])).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not attested"), "workload SVIDs must stop at once: {err}");
+    assert!(!agents(&plane).contains(&plane.node_id), "the server revoked the node");
+    let status = std::fs::read_to_string(plane.dir.path().join("agent/node-status.json")).unwrap();
+    assert!(status.contains("\"attested\":false") && status.contains("PCR 7"), "{status}");
+
+    // The operator stages the new image's golden values: the node attests again by itself.
+    policy_from(&tpm, policies.path(), "image-v2");
+    wait_for("the node to attest again", || plane.log("agent").contains("node attested again").then_some(()));
+    wait_for("a workload SVID again", || fetch(&plane, &cg).0.then_some(()));
+    assert!(agents(&plane).contains("tpm:policy:image-v2"));
+}
+
+// ---- forgeries, against the server's node API directly ----
+
+struct Forge {
+    plane: Plane,
+    _policies: tempfile::TempDir,
+    client: NodeClient<Channel>,
+}
+
+impl Forge {
+    async fn new(policies: tempfile::TempDir) -> Forge {
+        let dir = policies.path().to_owned();
+        let plane = tokio::task::spawn_blocking(move || {
+            Plane::server_only(&format!(
+                "[tpm]\nek_ca_dir = \"{}\"\npolicy_dir = \"{}\"\n",
+                Swtpm::ca_dir().display(),
+                dir.display()
+            ))
+        })
+        .await
+        .unwrap();
+        let bundle = std::fs::read_to_string(plane.dir.path().join("server/bundle.pem")).unwrap();
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(bundle)).domain_name("localhost");
+        let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", plane.port))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        Forge { plane, _policies: policies, client: NodeClient::new(channel) }
+    }
+
+    async fn begin(&mut self, hello: &pb::Hello) -> Result<(String, pb::Challenge), tonic::Status> {
+        let c = self
+            .client
+            .begin_attestation(node::BeginAttestationRequest { attestor: "tpm".into(), payload: hello.encode_to_vec() })
+            .await?
+            .into_inner();
+        Ok((c.challenge_id, pb::Challenge::decode(c.payload.as_slice()).unwrap()))
+    }
+
+    async fn attest(&mut self, challenge_id: &str, ev: &pb::Evidence) -> Result<node::AttestResponse, tonic::Status> {
+        let csr = tether_agent::svid::new_key().unwrap().csr_der;
+        Ok(self
+            .client
+            .attest(node::AttestRequest {
+                attestor: "tpm".into(),
+                payload: ev.encode_to_vec(),
+                csr,
+                challenge_id: challenge_id.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    fn assert_nothing_issued(&self) {
+        let list = agents(&self.plane);
+        assert!(list.starts_with("Found 0 attested agents"), "{list}");
+    }
+}
+
+/// A TPM as the test drives it: context, EK, AK.
+struct Node {
+    dev: Device,
+    ek: Endorsement,
+    ak: AttestationKey,
+    _ak_dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn open(tpm: &Swtpm, alg: EkAlgorithm) -> Node {
+        let ak_dir = tempfile::tempdir().unwrap();
+        let mut dev = Device::open(&tpm.tcti()).unwrap();
+        let ek = dev.endorsement(alg).unwrap();
+        let ak = dev.attestation_key(&ek, ak_dir.path()).unwrap();
+        Node { dev, ek, ak, _ak_dir: ak_dir }
+    }
+
+    fn hello(&self) -> pb::Hello {
+        pb::Hello {
+            ek_public: self.ek.public.clone(),
+            ek_certificate: self.ek.certificate.clone(),
+            ek_intermediates: vec![],
+            ak_public: self.ak.public.clone(),
+        }
+    }
+
+    fn answer(&mut self, c: &pb::Challenge) -> pb::Evidence {
+        let secret = self.dev.activate_credential(&self.ek, &self.ak, &c.credential_blob, &c.encrypted_secret).unwrap();
+        let mut ev = self.quote(c, &c.nonce.clone());
+        ev.activated_secret = secret;
+        ev
+    }
+
+    fn quote(&mut self, c: &pb::Challenge, nonce: &[u8]) -> pb::Evidence {
+        let sel = c.pcrs.clone().unwrap();
+        let q = self.dev.quote(&self.ak, nonce, &sel.bank, &sel.pcrs).unwrap();
+        pb::Evidence {
+            activated_secret: vec![],
+            quote: q.attest,
+            signature: q.signature,
+            pcr_values: q.pcrs.into_iter().map(|(bank, index, value)| pb::PcrValue { bank, index, value }).collect(),
+            event_log: vec![],
+        }
+    }
+}
+
+fn refused(r: Result<impl std::fmt::Debug, tonic::Status>, code: tonic::Code, needle: &str) {
+    match r {
+        Ok(v) => panic!("accepted, expected refusal containing {needle:?}: {v:?}"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{}", s.message());
+            assert!(s.message().contains(needle), "expected {needle:?} in {:?}", s.message());
+        }
+    }
+}
+
+fn zero_policy() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let mut text = String::from("name = \"zeros\"\nbank = \"sha256\"\n[pcrs]\n");
+    for i in 0..8 {
+        text.push_str(&format!("{i} = \"{}\"\n", "00".repeat(32)));
+    }
+    std::fs::write(d.path().join("zeros.toml"), text).unwrap();
+    d
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_identities_are_refused_and_nothing_is_issued() {
+    let mut f = Forge::new(zero_policy()).await;
+    let tpm_a = Swtpm::start();
+    let tpm_b = Swtpm::start_vendor(Vendor::B);
+    let mut a = Node::open(&tpm_a, EkAlgorithm::Rsa);
+    let mut b = Node::open(&tpm_b, EkAlgorithm::Rsa);
+
+    // EK certificate from a manufacturer the server does not trust.
+    refused(f.begin(&b.hello()).await, tonic::Code::PermissionDenied, "EK certificate");
+
+    // A genuine certificate that is not this EK's (the ECC EK's certificate, the RSA EK).
+    let a_ecc = Node::open(&tpm_a, EkAlgorithm::Ecc);
+    let mut h = a.hello();
+    h.ek_certificate = a_ecc.ek.certificate.clone();
+    refused(f.begin(&h).await, tonic::Code::PermissionDenied, "does not match its certificate");
+
+    // An AK with the wrong attributes: `restricted` cleared (TPMT_PUBLIC bytes 4..8).
+    let mut h = a.hello();
+    h.ak_public[5] &= !0x01; // restricted is bit 16
+    refused(f.begin(&h).await, tonic::Code::PermissionDenied, "restricted");
+
+    // An AK not in the EK's TPM: A's EK and certificate, B's AK. B cannot activate a
+    // credential made for A's EK; a made-up secret is refused.
+    let mut h = a.hello();
+    h.ak_public = b.ak.public.clone();
+    let (id, c) = f.begin(&h).await.unwrap();
+    assert!(b.dev.activate_credential(&b.ek, &b.ak, &c.credential_blob, &c.encrypted_secret).is_err());
+    let mut ev = b.quote(&c, &c.nonce.clone());
+    ev.activated_secret = vec![7; 32];
+    refused(f.attest(&id, &ev).await, tonic::Code::PermissionDenied, "credential activation failed");
+
+    // A quote signed by another key (B's AK) for A's attestation.
+    let (id, c) = f.begin(&a.hello()).await.unwrap();
+    let mut ev = a.answer(&c);
+    let forged = b.quote(&c, &c.nonce.clone());
+    ev.quote = forged.quote;
+    ev.signature = forged.signature;
+    refused(f.attest(&id, &ev).await, tonic::Code::PermissionDenied, "quote");
+
+    // A stale nonce: a quote made for another challenge.
+    let (id, c) = f.begin(&a.hello()).await.unwrap();
+    let mut ev = a.answer(&c);
+    let stale = a.quote(&c, b"an old nonce from another round");
+    ev.quote = stale.quote;
+    ev.signature = stale.signature;
+    refused(f.attest(&id, &ev).await, tonic::Code::PermissionDenied, "nonce");
+
+    // PCR values that are not the ones quoted.
+    let (id, c) = f.begin(&a.hello()).await.unwrap();
+    let mut ev = a.answer(&c);
+    ev.pcr_values[3].value[0] ^= 1;
+    refused(f.attest(&id, &ev).await, tonic::Code::PermissionDenied, "digest");
+
+    // Truncated and garbage structures.
+    let mut h = a.hello();
+    h.ek_public.truncate(20);
+    refused(f.begin(&h).await, tonic::Code::InvalidArgument, "malformed EK public");
+    let r = f
+        .client
+        .begin_attestation(node::BeginAttestationRequest { attestor: "tpm".into(), payload: vec![0xff; 40] })
+        .await;
+    refused(r, tonic::Code::InvalidArgument, "malformed hello");
+    let (id, c) = f.begin(&a.hello()).await.unwrap();
+    let mut ev = a.answer(&c);
+    ev.quote.truncate(ev.quote.len() / 2);
+    refused(f.attest(&id, &ev).await, tonic::Code::PermissionDenied, "quote");
+    f.assert_nothing_issued();
+
+    // The genuine flow passes; replaying it, whole or with a new challenge, does not.
+    let (id, c) = f.begin(&a.hello()).await.unwrap();
+    let ev = a.answer(&c);
+    let ok = f.attest(&id, &ev).await.unwrap();
+    assert!(ok.node_id.starts_with("spiffe://example.org/tether/agent/tpm/"));
+    refused(f.attest(&id, &ev).await, tonic::Code::PermissionDenied, "already used challenge");
+    let (id2, _) = f.begin(&a.hello()).await.unwrap();
+    refused(f.attest(&id2, &ev).await, tonic::Code::PermissionDenied, "credential activation failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn evidence_outside_policy_rolled_back_tpms_and_banned_eks_are_refused() {
+    let mut f = Forge::new(zero_policy()).await;
+    let mut tpm = Swtpm::start();
+    let snapshot = tempfile::tempdir().unwrap();
+
+    // First attestation, then a reboot whose pre-reboot state we keep.
+    let ok = {
+        let mut a = Node::open(&tpm, EkAlgorithm::Rsa);
+        let (id, c) = f.begin(&a.hello()).await.unwrap();
+        f.attest(&id, &a.answer(&c)).await.unwrap()
+    };
+    tpm.snapshot_and_reboot(snapshot.path());
+    // Booting the snapshot would itself be one reboot; a second real one puts it behind.
+    tpm.reboot();
+    {
+        let mut a = Node::open(&tpm, EkAlgorithm::Rsa);
+        let (id, c) = f.begin(&a.hello()).await.unwrap();
+        f.attest(&id, &a.answer(&c)).await.unwrap();
+    }
+    // The TPM rolled back to its state from before that reboot: its counters are behind.
+    let old = Swtpm::start_from_state(snapshot.path());
+    {
+        let mut a = Node::open(&old, EkAlgorithm::Rsa);
+        let (id, c) = f.begin(&a.hello()).await.unwrap();
+        refused(f.attest(&id, &a.answer(&c)).await, tonic::Code::PermissionDenied, "TPM clock");
+    }
+
+    // A genuine quote of PCR values outside every golden set.
+    {
+        let mut a = Node::open(&tpm, EkAlgorithm::Rsa);
+        a.dev.extend("sha256", 4, &[0x42; 32]).unwrap();
+        let (id, c) = f.begin(&a.hello()).await.unwrap();
+        refused(f.attest(&id, &a.answer(&c)).await, tonic::Code::PermissionDenied, "zeros: PCR 4 is");
+    }
+
+    // Banned by EK hash: this EK never attests again (whatever its PCRs).
+    let hash = ok.node_id.rsplit('/').next().unwrap().to_owned();
+    let out = f.plane.cli(&["agent", "evict", "--spiffe-id", &format!("tpm:ek-hash:{hash}"), "--ban"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Refused before the server makes it any credential.
+    let fresh = Swtpm::start();
+    let a = Node::open(&fresh, EkAlgorithm::Rsa);
+    refused(f.begin(&a.hello()).await, tonic::Code::PermissionDenied, "is banned");
+    assert!(!agents(&f.plane).contains(&hash));
+}
