@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod enforce;
 mod process;
 mod sockets;
 

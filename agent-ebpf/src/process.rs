@@ -114,8 +114,9 @@ impl<T> TaskStorage<T> {
     }
 }
 
+/// Read by the enforcement hooks (enforce.rs) for the current task.
 #[btf_map]
-static TASK_RECORDS: TaskStorage<ProcRecord> = TaskStorage::new();
+pub(crate) static TASK_RECORDS: TaskStorage<ProcRecord> = TaskStorage::new();
 
 /// Written by the agent after hashing an executable.
 #[map]
@@ -221,6 +222,8 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // An exec replaces the record of a process that had one (exec after exec, or after fork).
     // SAFETY: slot points into this task's storage, valid for the program's run.
     unsafe { *slot = record };
+    // Sockets made before this exec stop carrying the process's traffic.
+    crate::enforce::note_exec(record.tgid, record.exec_ktime_ns, false);
 
     if in_trace_scope() {
         if let Some(mut entry) = EXEC_EVENTS.reserve::<ExecEvent>(0) {
@@ -285,6 +288,8 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     if let Some(slot) = unsafe { TASK_RECORDS.get_or_insert(child, &mut record) } {
         // SAFETY: valid for this run.
         unsafe { *slot = record };
+        // A new process runs its parent's image (for a thread this rewrites the same value).
+        crate::enforce::note_exec(tgid, record.exec_ktime_ns, false);
     }
     0
 }
@@ -296,6 +301,16 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
     let task: *mut task_struct = ctx.arg(0);
     // SAFETY: trusted tracepoint argument.
     unsafe { TASK_RECORDS.delete(task) };
+    let off = offsets();
+    let task_ptr = task as *const u8;
+    if off.valid == 0 {
+        return 0;
+    }
+    if let (Some(pid), Some(tgid)) = (read::<u32>(task_ptr, off.task_pid), read::<u32>(task_ptr, off.task_tgid)) {
+        if pid == tgid {
+            crate::enforce::note_exit(tgid);
+        }
+    }
     0
 }
 
@@ -354,5 +369,7 @@ pub extern "C" fn seed_tasks(ctx: *mut c_void) -> i32 {
     }
     // SAFETY: trusted iterator argument.
     unsafe { TASK_RECORDS.get_or_insert(task, &mut record) };
+    // Seeded processes have exec time 0; an entry written at a real exec is kept.
+    crate::enforce::note_exec(record.tgid, record.exec_ktime_ns, true);
     0
 }

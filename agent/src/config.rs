@@ -32,6 +32,8 @@ pub struct AgentConfig {
     pub max_measure_bytes: u64,
     /// Attest the node with its TPM (instead of a join token).
     pub tpm: Option<crate::tpm::TpmConfig>,
+    /// In-kernel enforcement on protected cgroups.
+    pub enforcement: Option<crate::enforcement::EnforcementConfig>,
 }
 
 fn default_server_name() -> String {
@@ -87,6 +89,14 @@ impl AgentConfig {
                 return Err(invalid("join_token", "a node attests with either [tpm] or a join token, not both".into()));
             }
         }
+        if let Some(e) = &c.enforcement {
+            if e.protected_cgroups.is_empty() {
+                return Err(invalid("enforcement.protected_cgroups", "name at least one cgroup".into()));
+            }
+            if e.protected_cgroups.iter().any(|p| p.as_os_str().is_empty() || p == Path::new("/")) {
+                return Err(invalid("enforcement.protected_cgroups", "never the root cgroup".into()));
+            }
+        }
         if c.server_address.parse::<std::net::SocketAddr>().is_err() && !c.server_address.contains(':') {
             return Err(invalid("server_address", format!("{:?} is not host:port", c.server_address)));
         }
@@ -132,5 +142,23 @@ mod tests {
         assert!(e.contains("key `join_token`"), "{e}");
         let e = AgentConfig::parse(&format!("{base}[tpm]\nek = \"dsa\"\n"), p).unwrap_err().to_string();
         assert!(e.contains("unknown variant `dsa`"), "{e}");
+    }
+
+    #[test]
+    fn enforcement_never_protects_the_root_cgroup() {
+        let base = "trust_domain = \"e.org\"\nserver_address = \"127.0.0.1:8081\"\ntrust_bundle_path = \"/b.pem\"\ndata_dir = \"/d\"\nsocket_path = \"/s\"\n";
+        let p = Path::new("a.toml");
+        let ok = AgentConfig::parse(
+            &format!("{base}[enforcement]\nprotected_cgroups = [\"app\"]\npolicy = \"/p.toml\"\n"),
+            p,
+        )
+        .unwrap();
+        let e = ok.enforcement.unwrap();
+        assert_eq!((e.pin_dir.to_str(), e.audit_interval_ms), (Some("/sys/fs/bpf/tether/agent"), 1000));
+        for bad in ["[]", "[\"/\"]", "[\"\"]"] {
+            let text = format!("{base}[enforcement]\nprotected_cgroups = {bad}\npolicy = \"/p.toml\"\n");
+            let e = AgentConfig::parse(&text, p).unwrap_err().to_string();
+            assert!(e.contains("key `enforcement.protected_cgroups`"), "{bad}: {e}");
+        }
     }
 }

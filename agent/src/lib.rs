@@ -7,6 +7,7 @@ pub mod api_client;
 pub mod cgroup;
 pub mod config;
 pub mod ebpf;
+pub mod enforcement;
 pub mod h2_authority;
 pub mod manager;
 pub mod node_client;

@@ -376,10 +376,31 @@ async fn run_agent(config_path: &Path) -> Result<()> {
 
     let config = AgentConfig::load(config_path)?;
     log_kernel_support();
-    let monitor = ebpf::Monitor::start(ebpf::load()?, ebpf::TraceScope::Off)?;
-    let resolver =
-        std::sync::Arc::new(Resolver::new(monitor, Measurer::new(config.max_measure_bytes), cgroup2_root()?));
+    // Enforcement first: it fails closed (pinned, re-adopted) before anything else runs.
+    let enforcement = match &config.enforcement {
+        Some(e) => Some(
+            tether_agent::enforcement::Enforcement::start(
+                e.clone(),
+                &config.data_dir,
+                &cgroup2_root()?,
+                config.max_measure_bytes,
+            )
+            .context("starting enforcement")?,
+        ),
+        None => None,
+    };
+    let resolver = match &enforcement {
+        Some(e) => e.resolver(),
+        None => {
+            let monitor = ebpf::Monitor::start(ebpf::load()?, ebpf::TraceScope::Off)?;
+            std::sync::Arc::new(Resolver::new(monitor, Measurer::new(config.max_measure_bytes), cgroup2_root()?))
+        }
+    };
     let manager = Manager::start(config.clone()).await.context("node attestation")?;
+    if let Some(e) = enforcement {
+        let every = std::time::Duration::from_millis(500);
+        tokio::spawn(tether_agent::enforcement::run(e, manager.subscribe(), every));
+    }
     let listener =
         workload_api::bind(&config.socket_path).with_context(|| format!("binding {}", config.socket_path.display()))?;
     tracing::info!(SPIFFE_ENDPOINT_SOCKET = %config.endpoint(), "Workload API listening");

@@ -3,6 +3,7 @@
 
 mod attest;
 mod connect;
+mod enforce;
 mod exec;
 mod report;
 mod server;
@@ -22,6 +23,27 @@ struct Cli {
 enum Bench {
     /// B8: quote + verify on a private swtpm vs tpm2_quote + tpm2_checkquote; verifications/s.
     Attest(attest::Args),
+    /// B1-B3 with the real enforcement programs vs none: connects, request/response and bulk
+    /// between attested workloads, the denial path.
+    Enforce(enforce::Args),
+    /// Internal: an enforcement bench client run inside a bench cgroup.
+    #[command(hide = true)]
+    EnforceClient {
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        count: u64,
+    },
+    /// Internal: an enforcement bench server run inside a bench cgroup.
+    #[command(hide = true)]
+    EnforceServer {
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        port: u16,
+    },
     /// B1: TCP connect+close from a test cgroup, connect4 attached vs nothing attached.
     Connect(connect::Args),
     /// B4: fork+exec with the process programs (and measuring agent) vs none vs hashing
@@ -67,6 +89,9 @@ fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Attest(args) => attest::run(&args),
         Bench::Connect(args) => connect::run(&args),
+        Bench::Enforce(args) => enforce::run(&args),
+        Bench::EnforceClient { mode, port, count } => enforce::client(&mode, port, count),
+        Bench::EnforceServer { mode, port } => enforce::server(&mode, port),
         Bench::ConnectLoop { port, count } => connect::client_loop(port, count),
         Bench::Exec(args) => exec::run(&args),
         Bench::Server(args) => server::run(&args),

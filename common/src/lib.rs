@@ -29,7 +29,12 @@ pub mod maps {
     pub const SOCK_STAMPS: &str = "SOCK_STAMPS";
     /// HashMap tgid (u32) -> exec ktime (u64): the current exec of each process, so a socket
     /// stamped before an exec (or by a dead process whose PID was reused) stops working.
+    /// Bit 63 ([`super::EXEC_GEN_EXITED`]) is set when the process exits: its sockets may
+    /// still drain what was written (and close), but start nothing new. The entry is removed
+    /// [`super::EXEC_GEN_EXIT_GRACE_NS`] after the exit.
     pub const EXEC_GEN: &str = "EXEC_GEN";
+    /// Queue of [`super::ExecGenExit`]: exits whose EXEC_GEN entry is still to be removed.
+    pub const EXEC_GEN_EXITS: &str = "EXEC_GEN_EXITS";
     /// LRU HashMap [`super::TupleKey`] -> identity (u32): same-node connections, recorded by
     /// the client side, read by the server side's ingress.
     pub const PEERS: &str = "PEERS";
@@ -228,15 +233,46 @@ pub struct IdentityVal {
 /// compiler never assigns it.
 pub const UNIDENTIFIED: u32 = u32::MAX;
 
-/// Stamped on a socket when it is created in a protected cgroup.
+/// In an [`maps::EXEC_GEN`] value: the process has exited.
+pub const EXEC_GEN_EXITED: u64 = 1 << 63;
+
+/// How long an exited process's sockets may keep sending what they had queued (and their
+/// FIN) before its [`maps::EXEC_GEN`] entry goes.
+pub const EXEC_GEN_EXIT_GRACE_NS: u64 = 60_000_000_000;
+
+/// An exit awaiting the removal of its [`maps::EXEC_GEN`] entry (kernel-side bookkeeping).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecGenExit {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub exit_ktime_ns: u64,
+    /// The entry as the exit left it; removed only if still so (not reused since).
+    pub value: u64,
+}
+
+/// Stamped on a socket when it is created in a protected cgroup: who made it, as the kernel
+/// recorded that process. The identity number is looked up from `key` in
+/// [`maps::IDENTITIES`] each time it is needed, so an identity the agent publishes after the
+/// socket was made applies to it, and one the agent withdraws stops applying.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockStamp {
-    /// 0: its creator had no identity (it may not send).
-    pub identity: u32,
-    pub tgid: u32,
+    pub key: IdentityKey,
     /// The creator's exec (see [`maps::EXEC_GEN`]).
     pub exec_ktime_ns: u64,
+    pub tgid: u32,
+    /// 0: the creator had no record with an executable (no identity can ever apply).
+    pub key_valid: u32,
+}
+
+/// Value of [`maps::BOUND`]: the stamp key of the socket that bound the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BoundVal {
+    pub key: IdentityKey,
+    pub key_valid: u32,
+    pub _pad: u32,
 }
 
 /// An IPv4 flow as seen from the client: addresses and ports in network byte order.
@@ -314,7 +350,10 @@ pub mod drop_reason {
     pub const UNAUTHENTICATED_PEER: u32 = 5;
     /// A map was full: denied, and alerted.
     pub const MAP_FULL: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// An IPv6 socket in a protected cgroup: only IPv4 is enforced, so IPv6 is refused at
+    /// socket creation rather than left unchecked.
+    pub const IPV6: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
 pub mod direction {
@@ -345,6 +384,7 @@ mod pod {
     unsafe impl aya::Pod for super::IdentityKey {}
     unsafe impl aya::Pod for super::IdentityVal {}
     unsafe impl aya::Pod for super::SockStamp {}
+    unsafe impl aya::Pod for super::BoundVal {}
     unsafe impl aya::Pod for super::TupleKey {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::FlowKey {}
@@ -352,6 +392,7 @@ mod pod {
     unsafe impl aya::Pod for super::RuleRef {}
     unsafe impl aya::Pod for super::EnforceConfig {}
     unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::ExecGenExit {}
     // SAFETY: all of these are repr(C) with no implicit padding and every bit pattern valid.
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::TraceFilter {}

@@ -27,8 +27,9 @@ enum Cmd {
     Test,
     /// Benchmarks from ../shared/BENCHMARKS.md, as ratios against a same-run baseline.
     Bench {
-        /// Which one (connect = B1, exec = B4, workload-api = B5, attest = B8, server = B9).
-        #[arg(value_parser = ["attest", "connect", "exec", "server", "workload-api"])]
+        /// Which one (enforce = B1-B3, connect = B1 with the first connect4 hook, exec = B4,
+        /// workload-api = B5, attest = B8, server = B9).
+        #[arg(value_parser = ["attest", "connect", "enforce", "exec", "server", "workload-api"])]
         name: String,
         /// Passed to the benchmark (e.g. --rounds 11 --connects 10000).
         #[arg(last = true)]

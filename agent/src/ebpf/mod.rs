@@ -4,6 +4,7 @@
 
 mod btf;
 mod connect;
+mod enforce;
 mod monitor;
 mod probe;
 
@@ -13,6 +14,7 @@ use thiserror::Error;
 
 pub use btf::{Btf, BtfError};
 pub use connect::{enable_run_stats, ConnectHook};
+pub use enforce::{DropEvents, Enforcer, PinnedLinkStatus};
 pub use monitor::{ExecEvents, Monitor, TraceScope};
 pub use probe::{probe_kernel, EnforcementPath, KernelSupport};
 
@@ -52,6 +54,12 @@ pub enum EbpfError {
     },
     #[error("{0}")]
     Cgroup(#[from] crate::cgroup::CgroupError),
+    /// An insert was refused for lack of room: what the agent meant to enforce is not
+    /// (entirely) in the kernel, and someone must be told.
+    #[error("map {name} is full")]
+    MapFull { name: &'static str },
+    #[error("invalid entry for map {name}: {what}")]
+    InvalidEntry { name: &'static str, what: &'static str },
 }
 
 /// Reads the offsets the programs dereference from the running kernel's BTF. Members that
@@ -105,14 +113,26 @@ pub struct Loaded {
 /// Loads the object into the kernel (no program attached yet) with offsets for this kernel,
 /// and starts forwarding the programs' aya-log messages to `tracing`.
 pub fn load() -> Result<Loaded, EbpfError> {
+    load_with_pins(None, &[])
+}
+
+/// As [`load`], but the maps named in `pinned` live in `pin_dir` (one file per map, by name):
+/// reused if already pinned there, created and pinned otherwise. The object declares no map
+/// pinned, so plain [`load`]s (trace-exec, ps) never share maps with anything.
+pub(crate) fn load_with_pins(pin_dir: Option<&std::path::Path>, pinned: &[&'static str]) -> Result<Loaded, EbpfError> {
     let offsets = kernel_offsets(&Btf::from_kernel()?)?;
     tracing::debug!(?offsets, "kernel struct offsets from BTF");
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .override_global(globals::KERNEL_OFFSETS, &offsets, true)
         // aya 0.14 has no type for task storage; it is used through its fd (monitor.rs).
-        .allow_unsupported_maps()
-        .load(OBJECT)
-        .map_err(|e| EbpfError::Load(Box::new(e)))?;
+        .allow_unsupported_maps();
+    if let Some(dir) = pin_dir {
+        for name in pinned {
+            loader.map_pin_path(name, dir.join(name));
+        }
+    }
+    let mut ebpf = loader.load(OBJECT).map_err(|e| EbpfError::Load(Box::new(e)))?;
     let logs = LogForwarder::start(&mut ebpf);
     Ok(Loaded { ebpf, _logs: logs })
 }

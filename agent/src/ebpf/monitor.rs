@@ -5,11 +5,12 @@
 use std::{
     io::Read,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+    path::Path,
 };
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, RingBuf},
-    programs::{BtfTracePoint, Iter},
+    programs::{links::FdLink, BtfTracePoint, Iter},
     Btf as AyaBtf, Ebpf,
 };
 use tether_common::{maps, programs, ExecEvent, FileKey, Measurement, ProcRecord, TraceFilter};
@@ -30,11 +31,48 @@ pub enum TraceScope<'a> {
 }
 
 /// Attached record-keeping programs. Dropping it detaches them (and frees the records).
+/// Or, from [`Monitor::open_pinned`], a reader of the records that an [`super::Enforcer`]'s
+/// pinned programs keep.
 pub struct Monitor {
     records: OwnedFd,
     measurements: HashMap<MapData, FileKey, Measurement>,
     events: Option<RingBuf<MapData>>,
-    _loaded: Loaded,
+    _loaded: Option<Loaded>,
+}
+
+/// The record-keeping programs and the tracepoint each one attaches to.
+pub(super) const PROCESS_PROGRAMS: [(&str, &str); 4] = [
+    (programs::EXEC, "sched_process_exec"),
+    (programs::FORK, "sched_process_fork"),
+    (programs::EXIT, "sched_process_exit"),
+    (programs::CGROUP_ATTACH, "cgroup_attach_task"),
+];
+
+/// Loads and attaches the record-keeping programs. With `pins` (a bpffs directory), each
+/// link is pinned there under its program's name, replacing the link pinned before: the new
+/// program is attached before the old link goes (tracing links cannot be updated in place),
+/// so no exec, fork or exit goes unrecorded. Without, the links live as long as `ebpf`.
+pub(super) fn attach_process_programs(ebpf: &mut Ebpf, btf: &AyaBtf, pins: Option<&Path>) -> Result<(), EbpfError> {
+    for (name, tracepoint) in PROCESS_PROGRAMS {
+        let prog: &mut BtfTracePoint =
+            ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?.try_into().map_err(program_err(name, "type"))?;
+        prog.load(tracepoint, btf).map_err(program_err(name, "load"))?;
+        let link_id = prog.attach().map_err(program_err(name, "attach"))?;
+        if let Some(dir) = pins {
+            let link: FdLink = prog.take_link(link_id).map_err(program_err(name, "take link"))?.into();
+            // bpffs reserves names with dots.
+            let staged = dir.join(format!("{name}_staged"));
+            let _ = std::fs::remove_file(&staged); // left by an agent killed right here
+            link.pin(&staged).map_err(|e| EbpfError::Io {
+                op: "pinning a process program link",
+                source: std::io::Error::other(e),
+            })?;
+            // rename(2) replaces the old pin in one step; the old link is released with it.
+            std::fs::rename(&staged, dir.join(name))
+                .map_err(|source| EbpfError::Io { op: "replacing a pinned process program link", source })?;
+        }
+    }
+    Ok(())
 }
 
 /// The stream of exec events, taken out of the [`Monitor`] so it can be awaited on its own.
@@ -58,20 +96,7 @@ impl Monitor {
         filter_map.set(0, filter, 0).map_err(map_err(maps::TRACE_FILTER, "set"))?;
 
         let btf = AyaBtf::from_sys_fs()?;
-        for (name, tracepoint) in [
-            (programs::EXEC, "sched_process_exec"),
-            (programs::FORK, "sched_process_fork"),
-            (programs::EXIT, "sched_process_exit"),
-            (programs::CGROUP_ATTACH, "cgroup_attach_task"),
-        ] {
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(EbpfError::Missing(name))?
-                .try_into()
-                .map_err(program_err(name, "type"))?;
-            prog.load(tracepoint, &btf).map_err(program_err(name, "load"))?;
-            prog.attach().map_err(program_err(name, "attach"))?;
-        }
+        attach_process_programs(ebpf, &btf, None)?;
         seed(ebpf, &btf)?;
 
         let records = match ebpf.map(maps::TASK_RECORDS) {
@@ -87,7 +112,22 @@ impl Monitor {
                 .map_err(map_err(maps::MEASUREMENTS, "open"))?;
         let ring = RingBuf::try_from(ebpf.take_map(maps::EXEC_EVENTS).ok_or(EbpfError::Missing(maps::EXEC_EVENTS))?)
             .map_err(map_err(maps::EXEC_EVENTS, "open"))?;
-        Ok(Monitor { records, measurements, events: Some(ring), _loaded: loaded })
+        Ok(Monitor { records, measurements, events: Some(ring), _loaded: Some(loaded) })
+    }
+
+    /// Reads the records kept by the pinned programs of an [`super::Enforcer`] started on
+    /// `pin_dir`: the same task storage its enforcement hooks read, so the agent's identity
+    /// decisions and the kernel's agree. Attaches nothing; has no exec events.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, EbpfError> {
+        let open = |name: &'static str| MapData::from_pin(pin_dir.join(name)).map_err(map_err(name, "open pinned"));
+        let records = open(maps::TASK_RECORDS)?
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| EbpfError::Io { op: "duplicating the task storage fd", source })?;
+        let measurements =
+            HashMap::try_from(Map::HashMap(open(maps::MEASUREMENTS)?)).map_err(map_err(maps::MEASUREMENTS, "open"))?;
+        Ok(Monitor { records, measurements, events: None, _loaded: None })
     }
 
     /// The kernel's record of the process `pidfd` refers to. `None` when it has none: it
@@ -109,7 +149,7 @@ impl Monitor {
 
     /// The exec event stream (once). Needs a tokio runtime.
     pub fn take_events(&mut self) -> Result<ExecEvents, EbpfError> {
-        let ring = self.events.take().ok_or(EbpfError::Missing("exec events (already taken)"))?;
+        let ring = self.events.take().ok_or(EbpfError::Missing("exec events (already taken, or a pinned monitor)"))?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(EbpfError::Io {
                 op: "exec events need a tokio runtime",
@@ -151,7 +191,7 @@ impl ExecEvents {
 }
 
 /// Runs the task iterator once: it gives a SEEDED record to every user task that has none.
-fn seed(ebpf: &mut Ebpf, btf: &AyaBtf) -> Result<(), EbpfError> {
+pub(super) fn seed(ebpf: &mut Ebpf, btf: &AyaBtf) -> Result<(), EbpfError> {
     let name = programs::SEED_TASKS;
     let prog: &mut Iter =
         ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?.try_into().map_err(program_err(name, "type"))?;

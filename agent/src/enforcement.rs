@@ -1,0 +1,537 @@
+//! In-kernel enforcement, the agent's side: which processes in the protected cgroups have
+//! which identity (kernel record → selectors → registration entry), the policy compiled into
+//! the kernel's maps (reloaded atomically when the file, the entries or the node's attestation
+//! change), and the audit log of every drop the kernel reports.
+//!
+//! The kernel decides; the agent only keeps its tables current. Enforcement is pinned in
+//! bpffs, so it keeps deciding with the last tables while no agent runs, and a new agent
+//! takes the pins over.
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tether_common::{drop_reason, CidrKey, DropEvent, FlowKey, IdentityKey, RuleRef};
+use tokio::sync::watch;
+
+use crate::{
+    cgroup::Cgroup,
+    ebpf::Enforcer,
+    manager::Snapshot,
+    policy::{self, Compiled, Policy, PortRange},
+    process::{
+        caller::{ProcessIdentity, Resolver},
+        manifest::Manifest,
+        measure::Outcome,
+        pidfd::PidFd,
+    },
+};
+
+/// `[enforcement]` in the agent config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnforcementConfig {
+    /// cgroup v2 directories whose processes are protected (absolute, or relative to the
+    /// cgroup2 mount). Never the root cgroup.
+    pub protected_cgroups: Vec<PathBuf>,
+    /// The policy file (see `policy`); re-read when it changes.
+    pub policy: PathBuf,
+    /// Where programs, links and maps are pinned. Default /sys/fs/bpf/tether/agent.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// JSON lines, one per reported drop. Default <data_dir>/audit.jsonl.
+    pub audit_log: Option<PathBuf>,
+    /// Drops from one source are reported at most this often (all are counted). Default 1000.
+    #[serde(default = "default_audit_interval")]
+    pub audit_interval_ms: u64,
+    /// A golden manifest (`tether-agent measure`): identities whose binary is listed with its
+    /// measured sha256 are "golden" for rules that require it.
+    pub golden_manifest: Option<PathBuf>,
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/tether/agent")
+}
+fn default_audit_interval() -> u64 {
+    1000
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnforcementError {
+    #[error("{0}")]
+    Kernel(#[from] crate::ebpf::EbpfError),
+    #[error("{0}")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error("{0}")]
+    Policy(#[from] policy::PolicyError),
+    #[error("golden manifest: {0}")]
+    Manifest(String),
+    #[error("rule {rule:?}: ports {lo}-{hi} span {n} ports; the kernel tables take a single port, up to {MAX_EXPANDED} per range, or any port")]
+    PortRange { rule: String, lo: u16, hi: u16, n: u32 },
+    #[error("identities {a} and {b} hash to the same number; rename one")]
+    Collision { a: String, b: String },
+}
+
+/// A port range becomes one kernel row per port (0 = any); wider ranges are refused.
+pub const MAX_EXPANDED: u32 = 1024;
+
+/// The kernel's number for an identity: stable across agent restarts (sockets keep the number
+/// they were stamped with), so it is derived from what it names, never from a counter.
+pub fn identity_number(spiffe_id: &str, golden: bool) -> u32 {
+    let d = Sha256::digest(format!("{spiffe_id}\0{}", u8::from(golden)).as_bytes());
+    let n = u32::from_be_bytes([d[0], d[1], d[2], d[3]]) & 0x7fff_ffff;
+    n.max(1)
+}
+
+/// The identities the node may have: every entry, with and without a golden binary.
+fn identity_table(snapshot: &Snapshot) -> Result<Vec<policy::IdentityInfo>, EnforcementError> {
+    let mut out: Vec<policy::IdentityInfo> = Vec::new();
+    let mut seen: HashMap<u32, String> = HashMap::new();
+    for e in &snapshot.entries {
+        for golden in [false, true] {
+            let id = identity_number(&e.spiffe_id.to_string(), golden);
+            let name = format!("{}{}", e.spiffe_id, if golden { " (golden)" } else { "" });
+            match seen.get(&id) {
+                Some(other) if *other == name => continue,
+                Some(other) => return Err(EnforcementError::Collision { a: other.clone(), b: name }),
+                None => {}
+            }
+            seen.insert(id, name);
+            out.push(policy::IdentityInfo {
+                id,
+                spiffe_id: e.spiffe_id.to_string(),
+                namespace: e.namespace.clone(),
+                labels: e.labels.clone(),
+                golden,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn ports(rule: &str, r: PortRange) -> Result<Vec<u16>, EnforcementError> {
+    if r == PortRange::ANY {
+        return Ok(vec![0]);
+    }
+    let n = u32::from(r.hi) - u32::from(r.lo) + 1;
+    if n > MAX_EXPANDED {
+        return Err(EnforcementError::PortRange { rule: rule.into(), lo: r.lo, hi: r.hi, n });
+    }
+    Ok((r.lo..=r.hi).collect())
+}
+
+/// Kernel rows for a compiled policy.
+pub type Tables = (Vec<(FlowKey, RuleRef)>, Vec<(CidrKey, RuleRef)>, Vec<(CidrKey, RuleRef)>);
+
+pub fn encode(c: &Compiled) -> Result<Tables, EnforcementError> {
+    let name = |rule: u32| c.rule_names.get(rule as usize).cloned().unwrap_or_default();
+    let mut flows = Vec::new();
+    for f in &c.identity_flows {
+        for port in ports(&name(f.rule), f.ports)? {
+            let key = FlowKey { src: f.src, dst: f.dst, dport: port, _pad: 0, proto: u32::from(f.proto.ip_proto()) };
+            flows.push((key, RuleRef { rule: f.rule }));
+        }
+    }
+    let cidr = |rows: &[policy::CidrFlow]| -> Result<Vec<(CidrKey, RuleRef)>, EnforcementError> {
+        let mut out = Vec::new();
+        for f in rows {
+            for port in ports(&name(f.rule), f.ports)? {
+                let key = CidrKey {
+                    prefixlen: 64 + u32::from(f.net.prefix),
+                    identity: f.identity,
+                    proto: u16::from(f.proto.ip_proto()),
+                    port,
+                    addr: f.net.addr,
+                };
+                out.push((key, RuleRef { rule: f.rule }));
+            }
+        }
+        Ok(out)
+    };
+    Ok((flows, cidr(&c.egress)?, cidr(&c.ingress)?))
+}
+
+/// What the enforcement loop last pushed to the kernel, to push only changes.
+#[derive(Default)]
+struct Pushed {
+    identities: Vec<(IdentityKey, u32)>,
+    tables: Option<Tables>,
+    node_attested: Option<bool>,
+}
+
+pub struct Enforcement {
+    config: EnforcementConfig,
+    enforcer: Enforcer,
+    resolver: Arc<Resolver>,
+    golden: Option<Manifest>,
+    cgroups: Vec<Cgroup>,
+    policy: Option<(Policy, Option<SystemTime>)>,
+    names: HashMap<u32, String>,
+    rule_names: Vec<String>,
+    pushed: Pushed,
+    audit: Option<std::fs::File>,
+    metrics: PathBuf,
+}
+
+fn key_of(id: &ProcessIdentity) -> Option<IdentityKey> {
+    let exe = id.record.exe.as_ref()?;
+    Some(IdentityKey { cgroup_id: id.record.cgroup_id, exe: exe.key(), euid: id.record.euid, egid: id.record.egid })
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+fn reason_name(r: u32) -> &'static str {
+    match r {
+        drop_reason::NO_IDENTITY => "no_identity",
+        drop_reason::STALE_SOCKET => "stale_socket",
+        drop_reason::NODE_UNATTESTED => "node_unattested",
+        drop_reason::POLICY => "policy",
+        drop_reason::UNAUTHENTICATED_PEER => "unauthenticated_peer",
+        drop_reason::MAP_FULL => "map_full",
+        drop_reason::IPV6 => "ipv6_not_enforced",
+        _ => "unknown",
+    }
+}
+
+fn ip(a: u32) -> String {
+    std::net::Ipv4Addr::from(u32::from_be(a)).to_string()
+}
+
+impl Enforcement {
+    /// Takes over (or creates) the pinned enforcement and opens the audit log. Until the
+    /// first [`Enforcement::sync`], the kernel keeps what a previous agent left (or, on a
+    /// first start, denies every flow of the protected cgroups).
+    pub fn start(
+        config: EnforcementConfig,
+        data_dir: &Path,
+        cgroup_root: &Path,
+        max_measure_bytes: u64,
+    ) -> Result<Self, EnforcementError> {
+        let cgroups = config
+            .protected_cgroups
+            .iter()
+            .map(|p| Cgroup::open(&if p.is_absolute() { p.clone() } else { cgroup_root.join(p) }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let enforcer = Enforcer::start(&config.pin_dir, &cgroups)?;
+        let support = crate::ebpf::probe_kernel();
+        tracing::info!(
+            protected = cgroups.len(),
+            pin_dir = %config.pin_dir.display(),
+            "enforcement active through cgroup hooks (sock_create, connect4, sendmsg4, post_bind4, sock_ops, \
+             cgroup_skb ingress/egress) and tp_btf process records; BPF LSM hooks are not used{}",
+            if support.bpf_lsm { " (this kernel would allow them)" } else { " (this kernel refuses them)" }
+        );
+        // The records the enforcement hooks read are the ones identities are derived from.
+        let monitor = crate::ebpf::Monitor::open_pinned(&config.pin_dir)?;
+        let resolver = Arc::new(Resolver::new(
+            monitor,
+            crate::process::measure::Measurer::new(max_measure_bytes),
+            cgroup_root.to_owned(),
+        ));
+        let mut me = Self::with_enforcer(config, data_dir, resolver, enforcer)?;
+        me.cgroups = cgroups;
+        Ok(me)
+    }
+
+    /// The resolver over the pinned records, for the Workload API to share.
+    pub fn resolver(&self) -> Arc<Resolver> {
+        self.resolver.clone()
+    }
+
+    fn with_enforcer(
+        config: EnforcementConfig,
+        data_dir: &Path,
+        resolver: Arc<Resolver>,
+        mut enforcer: Enforcer,
+    ) -> Result<Self, EnforcementError> {
+        enforcer.set_audit_interval(Duration::from_millis(config.audit_interval_ms))?;
+        let golden = match &config.golden_manifest {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| EnforcementError::Manifest(format!("{}: {e}", p.display())))?;
+                Some(
+                    Manifest::parse(&text, &p.display().to_string())
+                        .map_err(|e| EnforcementError::Manifest(e.to_string()))?,
+                )
+            }
+            None => None,
+        };
+        let audit_path = config.audit_log.clone().unwrap_or_else(|| data_dir.join("audit.jsonl"));
+        if let Some(dir) = audit_path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let audit = match std::fs::OpenOptions::new().create(true).append(true).open(&audit_path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::error!(path = %audit_path.display(), "audit log unavailable: {e}");
+                None
+            }
+        };
+        Ok(Enforcement {
+            config,
+            enforcer,
+            resolver,
+            golden,
+            cgroups: Vec::new(),
+            policy: None,
+            names: HashMap::new(),
+            rule_names: Vec::new(),
+            pushed: Pushed::default(),
+            audit,
+            metrics: data_dir.join("metrics.prom"),
+        })
+    }
+
+    /// The policy, re-read when the file changed. A file that does not parse keeps the
+    /// previous policy in force (never none) and is reported.
+    fn current_policy(&mut self) -> Option<&Policy> {
+        let m = mtime(&self.config.policy);
+        let stale = match &self.policy {
+            Some((_, seen)) => *seen != m,
+            None => true,
+        };
+        if stale {
+            match Policy::load(&self.config.policy) {
+                Ok(p) => {
+                    tracing::info!(summary = %policy::check_summary(&p), "enforcement policy loaded");
+                    self.policy = Some((p, m));
+                }
+                Err(e) => {
+                    tracing::error!("enforcement policy NOT reloaded, the previous one stays in force: {e}");
+                    if let Some((_, seen)) = &mut self.policy {
+                        *seen = m; // report once per change
+                    }
+                }
+            }
+        }
+        self.policy.as_ref().map(|(p, _)| p)
+    }
+
+    fn golden(&self, id: &ProcessIdentity) -> bool {
+        let (Some(manifest), Some(path), Some(Outcome::Measured { sha256 })) =
+            (&self.golden, &id.path, &id.measurement)
+        else {
+            return false;
+        };
+        manifest.expected(path) == Some(sha256)
+    }
+
+    /// Every process in the protected cgroups, identified from its kernel record.
+    fn scan(&self, snapshot: &Snapshot) -> Vec<(IdentityKey, u32)> {
+        let mut out: HashMap<IdentityKey, u32> = HashMap::new();
+        for cg in &self.cgroups {
+            let mut dirs = vec![cg.path.clone()];
+            while let Some(dir) = dirs.pop() {
+                if let Ok(rd) = std::fs::read_dir(&dir) {
+                    dirs.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+                }
+                let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else { continue };
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                    let Ok(pidfd) = PidFd::open(pid) else { continue };
+                    let Ok(id) = self.resolver.identify(&pidfd) else { continue };
+                    let Some(key) = key_of(&id) else { continue };
+                    let Some(entry) = snapshot.matching(&id.selectors).into_iter().next() else { continue };
+                    out.insert(key, identity_number(&entry.spiffe_id.to_string(), self.golden(&id)));
+                }
+            }
+        }
+        let mut v: Vec<(IdentityKey, u32)> = out.into_iter().collect();
+        // A stable order, so "changed" means changed.
+        v.sort_by_key(|(k, _)| (k.cgroup_id, k.exe.ino, k.exe.ctime_sec, k.exe.ctime_nsec, k.exe.dev, k.euid, k.egid));
+        v
+    }
+
+    /// One round: identities, policy, attestation state into the kernel (only what changed).
+    pub fn sync(&mut self, snapshot: &Snapshot) -> Result<(), EnforcementError> {
+        let attested = snapshot.node_attested;
+        if self.pushed.node_attested != Some(attested) {
+            self.enforcer.set_node_attested(attested)?;
+            self.pushed.node_attested = Some(attested);
+            tracing::info!(attested, "enforcement: node attestation state");
+        }
+        let identities = identity_table(snapshot)?;
+        self.names = identities
+            .iter()
+            .map(|i| (i.id, format!("{}{}", i.spiffe_id, if i.golden { " (golden)" } else { "" })))
+            .collect();
+        if let Some(policy) = self.current_policy().cloned() {
+            let compiled = policy::compile(&policy, &identities, &policy::Context { node_attested: attested });
+            match encode(&compiled) {
+                Ok(tables) if self.pushed.tables.as_ref() != Some(&tables) => {
+                    self.enforcer.load_policy(&tables.0, &tables.1, &tables.2)?;
+                    tracing::info!(
+                        flows = tables.0.len(),
+                        egress = tables.1.len(),
+                        ingress = tables.2.len(),
+                        "enforcement policy in force"
+                    );
+                    self.rule_names = compiled.rule_names;
+                    self.pushed.tables = Some(tables);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!("enforcement policy NOT applied, the previous one stays in force: {e}"),
+            }
+        }
+        let ids = self.scan(snapshot);
+        if ids != self.pushed.identities {
+            self.enforcer.set_identities(&ids)?;
+            for (key, id) in ids.iter().filter(|x| !self.pushed.identities.contains(x)) {
+                tracing::info!(
+                    cgroup_id = key.cgroup_id,
+                    exe_ino = key.exe.ino,
+                    euid = key.euid,
+                    identity = %self.names.get(id).map(String::as_str).unwrap_or("?"),
+                    "enforcement identity published"
+                );
+            }
+            self.pushed.identities = ids;
+        }
+        self.write_metrics();
+        Ok(())
+    }
+
+    fn write_metrics(&self) {
+        let Ok(counts) = self.enforcer.drop_counts() else { return };
+        let mut text = String::from("# HELP tether_enforcement_drops_total Flows and packets dropped in the kernel, by reason.\n# TYPE tether_enforcement_drops_total counter\n");
+        for (reason, n) in counts.iter().enumerate().skip(1) {
+            text.push_str(&format!(
+                "tether_enforcement_drops_total{{reason=\"{}\"}} {n}\n",
+                reason_name(reason as u32)
+            ));
+        }
+        text.push_str(&format!("tether_enforcement_identities {}\n", self.pushed.identities.len()));
+        let tmp = self.metrics.with_extension("tmp");
+        if std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &self.metrics)).is_err() {
+            tracing::debug!("metrics not written");
+        }
+    }
+
+    /// One audit line per reported drop.
+    pub fn audit(&mut self, events: &[DropEvent]) {
+        for e in events {
+            let name = |id: u32| match id {
+                0 => serde_json::Value::Null,
+                id => serde_json::Value::String(self.names.get(&id).cloned().unwrap_or_else(|| format!("#{id}"))),
+            };
+            let line = serde_json::json!({
+                "time": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                "verdict": "drop",
+                "reason": reason_name(e.reason),
+                "direction": if e.direction == tether_common::direction::INGRESS { "ingress" } else { "egress" },
+                "src_identity": name(e.src_identity),
+                "dst_identity": name(e.dst_identity),
+                "proto": match e.tuple.proto { 6 => "tcp", 17 => "udp", _ => "other" },
+                "src": format!("{}:{}", ip(e.tuple.saddr), u16::from_be(e.tuple.sport)),
+                "dst": format!("{}:{}", ip(e.tuple.daddr), u16::from_be(e.tuple.dport)),
+                "tgid": e.tgid,
+                "cgroup_id": e.cgroup_id,
+                "suppressed_before": e.suppressed,
+            });
+            tracing::warn!(target: "tether_agent::audit", "{line}");
+            if let Some(f) = &mut self.audit {
+                let _ = writeln!(f, "{line}");
+            }
+        }
+    }
+}
+
+/// Runs enforcement next to the identity plane: syncs every `every` and whenever the
+/// snapshot changes, and writes the audit log as drops arrive.
+pub async fn run(mut enforcement: Enforcement, mut snapshots: watch::Receiver<Arc<Snapshot>>, every: Duration) {
+    let mut drops = match enforcement.enforcer.take_drop_events() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::error!("no drop events (the audit log stays empty; drops are still counted): {e}");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = snapshots.changed() => if changed.is_err() { return },
+            batch = async {
+                match &mut drops {
+                    Some(d) => d.next_batch().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match batch {
+                    Ok(events) => enforcement.audit(&events),
+                    Err(e) => tracing::warn!("reading drop events: {e}"),
+                }
+                continue;
+            }
+        }
+        let snapshot = snapshots.borrow_and_update().clone();
+        // Identification reads /proc and hashes binaries: not on the async workers.
+        let result = tokio::task::block_in_place(|| enforcement.sync(&snapshot));
+        if let Err(e) = result {
+            tracing::error!("enforcement sync failed (the kernel keeps the previous tables): {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{CidrFlow, IdentityFlow, Ipv4Net, Proto};
+
+    #[test]
+    fn identity_numbers_are_stable_nonzero_and_distinguish_golden() {
+        let a = identity_number("spiffe://e.org/web", false);
+        assert_eq!(a, identity_number("spiffe://e.org/web", false));
+        assert_ne!(a, identity_number("spiffe://e.org/web", true));
+        assert_ne!(a, 0);
+        assert!(a < 0x8000_0000);
+    }
+
+    #[test]
+    fn encoding_expands_ports_and_keeps_any_as_zero() {
+        let c = Compiled {
+            identity_flows: vec![IdentityFlow {
+                rule: 0,
+                src: 7,
+                dst: 9,
+                proto: Proto::Tcp,
+                ports: PortRange { lo: 80, hi: 81 },
+            }],
+            egress: vec![CidrFlow {
+                rule: 1,
+                identity: 7,
+                net: Ipv4Net { addr: [10, 0, 0, 0], prefix: 8 },
+                proto: Proto::Udp,
+                ports: PortRange::ANY,
+            }],
+            ingress: vec![],
+            rule_names: vec!["a".into(), "b".into()],
+        };
+        let (flows, egress, ingress) = encode(&c).unwrap();
+        assert_eq!(flows.iter().map(|(k, _)| k.dport).collect::<Vec<_>>(), vec![80, 81]);
+        assert_eq!(flows[0].0.proto, 6);
+        assert_eq!(egress.len(), 1);
+        assert_eq!((egress[0].0.prefixlen, egress[0].0.port, egress[0].0.proto, egress[0].1.rule), (72, 0, 17, 1));
+        assert!(ingress.is_empty());
+        let wide = Compiled {
+            identity_flows: vec![IdentityFlow {
+                rule: 0,
+                src: 1,
+                dst: 2,
+                proto: Proto::Tcp,
+                ports: PortRange { lo: 1000, hi: 9000 },
+            }],
+            rule_names: vec!["wide".into()],
+            ..c
+        };
+        let e = encode(&wide).unwrap_err().to_string();
+        assert!(e.contains("rule \"wide\": ports 1000-9000 span 8001 ports"), "{e}");
+    }
+}

@@ -1,0 +1,446 @@
+//! In-kernel enforcement through the real agent: two "hosts" (network namespaces joined by a
+//! veth pair), each with its own agent protecting its own test cgroups, one server. Every flow
+//! is asserted at the receiver, not only at the sender.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use sandbox::{cgroup2_root, require_root, CgroupGuard, NetnsGuard};
+use tether_tests::{plane::Plane, wait_for, KillOnDrop};
+
+const NET: &str = env!("CARGO_BIN_EXE_tether-test-flow");
+const A_ADDR: &str = "10.77.0.1";
+const B_ADDR: &str = "10.77.0.2";
+
+fn sha256(path: &str) -> String {
+    tether_tests::sha256sum(Path::new(path))
+}
+
+fn rel(cg: &CgroupGuard) -> String {
+    format!("/{}", cg.path().strip_prefix(cgroup2_root().unwrap()).unwrap().display())
+}
+
+/// One node: a network namespace, a protected cgroup subtree, an agent.
+struct Host {
+    name: &'static str,
+    ns: NetnsGuard,
+    root: CgroupGuard,
+    dir: PathBuf,
+    node_id: String,
+    pin_dir: PathBuf,
+    agent: Option<KillOnDrop>,
+}
+
+impl Host {
+    fn new(name: &'static str, plane: &Plane, ns: NetnsGuard) -> Host {
+        let root = CgroupGuard::new(&format!("enf-{name}")).unwrap();
+        let dir = plane.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let node_id = format!("spiffe://example.org/node/{name}");
+        let token = plane.cli(&["token", "generate", "--node-id", &node_id]);
+        let token = String::from_utf8_lossy(&token.stdout).trim().trim_start_matches("Token: ").to_owned();
+        // Unique per host and test: tests run in parallel in one process.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/tether-test-{}-{name}{n}", std::process::id()));
+        std::fs::write(
+            dir.join("agent.toml"),
+            format!(
+                "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{token}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = 1\n[enforcement]\nprotected_cgroups = [\"{}\"]\npolicy = \"{}\"\npin_dir = \"{}\"\naudit_interval_ms = 100\n",
+                plane.port,
+                plane.dir.path().join("server/bundle.pem").display(),
+                dir.join("data").display(),
+                dir.join("agent.sock").display(),
+                root.path().display(),
+                dir.join("policy.toml").display(),
+                pin_dir.display(),
+            ),
+        )
+        .unwrap();
+        Host { name, ns, root, dir, node_id, pin_dir, agent: None }
+    }
+
+    fn policy(&self, text: &str) {
+        let tmp = self.dir.join("policy.toml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.dir.join("policy.toml")).unwrap();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    fn audit(&self) -> String {
+        std::fs::read_to_string(self.dir.join("data/audit.jsonl")).unwrap_or_default()
+    }
+
+    fn start_agent(&mut self) {
+        let _ = std::fs::remove_file(self.dir.join("agent.sock"));
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("agent.log")).unwrap();
+        let child = Command::new(tether_tests::agent_bin())
+            .arg("run")
+            .arg("-c")
+            .arg(self.dir.join("agent.toml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agent = Some(KillOnDrop(child));
+        let sock = self.dir.join("agent.sock");
+        wait_for(&format!("agent {}", self.name), || sock.exists().then_some(()));
+    }
+
+    /// SIGKILL, as a crash would: nothing is cleaned up.
+    fn kill_agent(&mut self) {
+        self.agent = None;
+    }
+
+    /// A workload: `tether-test-net ARGS` in cgroup `cg`, inside this host's namespace.
+    fn spawn(&self, cg: &CgroupGuard, args: &[&str]) -> Workload {
+        let mut cmd = self.ns.command(NET);
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+        cg.place(&mut cmd).unwrap();
+        Workload::start(tether_tests::spawn_retrying(&mut cmd).unwrap())
+    }
+
+    fn run(&self, cg: &CgroupGuard, args: &[&str]) -> String {
+        let mut cmd = self.ns.command(NET);
+        cmd.args(args);
+        String::from_utf8_lossy(&cg.run(&mut cmd).unwrap().stdout).into_owned()
+    }
+
+    fn wait_identity(&self, spiffe_id: &str) {
+        let needle = format!("identity={spiffe_id}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log().lines().any(|l| l.contains("enforcement identity published") && l.contains(&needle)) {
+            assert!(Instant::now() < deadline, "{} never published {spiffe_id}; its log:\n{}", self.name, self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.agent = None;
+        // Enforcement outlives agents by design: the test removes its pins itself.
+        let _ = tether_agent::ebpf::Enforcer::detach_pinned(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// A running workload whose output lines are collected.
+struct Workload {
+    _child: KillOnDrop,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Workload {
+    fn start(mut child: Child) -> Workload {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Workload { _child: KillOnDrop(child), lines }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    fn count(&self, prefix: &str) -> usize {
+        self.lines().iter().filter(|l| l.starts_with(prefix)).count()
+    }
+
+    fn wait_line(&self, prefix: &str) -> String {
+        wait_for(&format!("a line starting with {prefix:?}"), || {
+            self.lines().into_iter().find(|l| l.starts_with(prefix))
+        })
+    }
+}
+
+struct World {
+    plane: Plane,
+    a: Host,
+    b: Host,
+}
+
+/// Server, two hosts linked by veth, entries for web and db on A and api on B (each selected
+/// by cgroup, uid and the workload binary's sha256), and the policies.
+fn world() -> World {
+    require_root().unwrap();
+    let plane = Plane::server_only("");
+    let ns_a = NetnsGuard::new("enf-a").unwrap();
+    let ns_b = NetnsGuard::new("enf-b").unwrap();
+    ns_a.link(&format!("{A_ADDR}/24"), &ns_b, &format!("{B_ADDR}/24")).unwrap();
+    let a = Host::new("a", &plane, ns_a);
+    let b = Host::new("b", &plane, ns_b);
+    World { plane, a, b }
+}
+
+const POLICY_A: &str = r#"
+[[rule]]
+name = "web-to-db"
+from = { spiffe_id = "spiffe://example.org/web" }
+to = { spiffe_id = "spiffe://example.org/db" }
+ports = [5432]
+
+[[rule]]
+name = "web-to-api"
+from = { spiffe_id = "spiffe://example.org/web" }
+to = { cidr = ["10.77.0.2"] }
+ports = [8443]
+
+[[rule]]
+name = "api-host-to-db"
+from = { cidr = ["10.77.0.2/32"] }
+to = { spiffe_id = "spiffe://example.org/db" }
+ports = [5432]
+"#;
+
+const POLICY_B: &str = r#"
+[[rule]]
+name = "api-to-db"
+from = { spiffe_id = "spiffe://example.org/api" }
+to = { cidr = ["10.77.0.1/32"] }
+ports = [5432]
+
+[[rule]]
+name = "a-to-api"
+from = { cidr = ["10.77.0.1/32"] }
+to = { spiffe_id = "spiffe://example.org/api" }
+ports = [8443]
+"#;
+
+fn register(w: &World, host: &Host, cg: &CgroupGuard, spiffe_id: &str) {
+    w.plane.entry_under(
+        &host.node_id,
+        spiffe_id,
+        &[&format!("cgroup:path:{}", rel(cg)), "unix:uid:0", &format!("unix:sha256:{}", sha256(NET))],
+        &[],
+    );
+}
+
+#[test]
+fn flows_between_identities_and_hosts_follow_policy() {
+    let mut w = world();
+    let (web, db, rogue) =
+        (w.a.root.child("web").unwrap(), w.a.root.child("db").unwrap(), w.a.root.child("rogue").unwrap());
+    let api = w.b.root.child("api").unwrap();
+    let outside_a = CgroupGuard::new("enf-outside-a").unwrap();
+    let outside_b = CgroupGuard::new("enf-outside-b").unwrap();
+    register(&w, &w.a, &web, "spiffe://example.org/web");
+    register(&w, &w.a, &db, "spiffe://example.org/db");
+    register(&w, &w.b, &api, "spiffe://example.org/api");
+    w.a.policy(POLICY_A);
+    w.b.policy(POLICY_B);
+    w.a.start_agent();
+    w.b.start_agent();
+
+    let db_5432 = w.a.spawn(&db, &["serve", "5432"]);
+    let db_6000 = w.a.spawn(&db, &["serve", "6000"]);
+    let api_8443 = w.b.spawn(&api, &["serve", "8443"]);
+    for s in [&db_5432, &db_6000, &api_8443] {
+        s.wait_line("listening");
+    }
+    w.a.wait_identity("spiffe://example.org/db");
+    w.b.wait_identity("spiffe://example.org/api");
+
+    // Each case: (host, cgroup, destination, expected at the sender, receiver, its marker).
+    let send =
+        |h: &Host, cg: &CgroupGuard, addr: &str, port: &str, tag: &str| h.run(cg, &["send", addr, port, tag, "1", "0"]);
+    // web is started per case; make sure its identity is known first.
+    let probe = w.a.spawn(&web, &["serve", "7000"]);
+    probe.wait_line("listening");
+    w.a.wait_identity("spiffe://example.org/web");
+
+    // 1. Same node, allowed: web -> db:5432.
+    let out = send(&w.a, &web, "127.0.0.1", "5432", "web-db");
+    assert!(out.contains("sent"), "web -> db refused: {out}\n{}", w.a.log());
+    db_5432.wait_line("data web-db");
+    // 2. Same node, no identity: rogue -> db:5432 refused at connect; db sees nothing.
+    let out = send(&w.a, &rogue, "127.0.0.1", "5432", "rogue-db");
+    assert!(out.contains("connect-error 1"), "rogue must get EPERM: {out}");
+    // 3. Same node, identity but no rule for that port: web -> db:6000.
+    let out = send(&w.a, &web, "127.0.0.1", "6000", "web-db6000");
+    assert!(out.contains("connect-error 1"), "web -> db:6000 must be refused: {out}");
+    // 4. Same node, an unprotected process (not in the protected subtree) -> db:5432:
+    //    it may send, but db's ingress drops it (no authenticated peer, no range allowed).
+    let out = send(&w.a, &outside_a, "127.0.0.1", "5432", "outside-db");
+    assert!(!out.contains("sent"), "an unauthenticated peer reached db: {out}");
+    // 5. Cross node, allowed both ways: web(A) -> api(B):8443.
+    let out = send(&w.a, &web, B_ADDR, "8443", "web-api");
+    assert!(out.contains("sent"), "web -> api refused: {out}\nA: {}\nB: {}", w.a.log(), w.b.log());
+    api_8443.wait_line("data web-api");
+    // 6. Cross node: api(B) -> db(A):5432 (B's egress rule, A's range rule).
+    let out = send(&w.b, &api, A_ADDR, "5432", "api-db");
+    assert!(out.contains("sent"), "api -> db refused: {out}");
+    db_5432.wait_line("data api-db");
+    // 7. Cross node, unprotected sender on B -> db(A):6000: no range allows it at A.
+    let out = send(&w.b, &outside_b, A_ADDR, "6000", "outside-b-db");
+    assert!(!out.contains("sent"), "remote plaintext reached db:6000: {out}");
+    // 8. Cross node, api -> a port of A its policy does not allow: refused at B.
+    let out = send(&w.b, &api, A_ADDR, "6000", "api-db6000");
+    assert!(out.contains("connect-error 1"), "{out}");
+
+    // 9. IPv6 is not enforced yet, so a protected workload cannot make an IPv6 socket at all.
+    let mut v6 = w.a.ns.command("python3");
+    v6.args(["-c", "import socket\ntry:\n    socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n    print('created')\nexcept PermissionError:\n    print('refused')"]);
+    let out = String::from_utf8_lossy(&web.run(&mut v6).unwrap().stdout).into_owned();
+    assert_eq!(out.trim(), "refused", "an IPv6 socket would bypass enforcement");
+
+    // At the receivers: exactly the allowed flows arrived.
+    std::thread::sleep(Duration::from_millis(500));
+    let got = |w: &Workload| w.lines().into_iter().filter(|l| l.starts_with("data ")).collect::<Vec<_>>();
+    assert_eq!(got(&db_5432), vec!["data web-db", "data api-db"]);
+    assert!(got(&db_6000).is_empty(), "{:?}", db_6000.lines());
+    assert_eq!(got(&api_8443), vec!["data web-api"]);
+
+    // Every drop is in the audit log with its reason, identities and 5-tuple.
+    wait_for("audit lines", || {
+        let audit = w.a.audit();
+        (audit.contains("\"reason\":\"no_identity\"")
+            && audit.contains("\"reason\":\"policy\"")
+            && audit.contains("\"reason\":\"unauthenticated_peer\"")
+            && audit.contains("\"reason\":\"ipv6_not_enforced\""))
+        .then_some(audit)
+    });
+    let audit = w.a.audit();
+    assert!(audit.contains("\"src_identity\":\"spiffe://example.org/web\"") && audit.contains(":6000\""), "{audit}");
+    let metrics = std::fs::read_to_string(w.a.dir.join("data/metrics.prom")).unwrap();
+    assert!(metrics.contains("tether_enforcement_drops_total{reason=\"policy\"}"), "{metrics}");
+
+    // The CLI explains the same verdicts.
+    let explain = |from: &str, to: &str| {
+        Command::new(tether_tests::agent_bin())
+            .args(["policy", "explain", "--policy"])
+            .arg(w.a.dir.join("policy.toml"))
+            .args(["--from", from, "--to", to])
+            .output()
+            .unwrap()
+    };
+    let ok = explain("spiffe://example.org/web", "spiffe://example.org/db:5432");
+    assert!(ok.status.success() && String::from_utf8_lossy(&ok.stdout).contains("web-to-db"));
+    let no = explain("spiffe://example.org/web", "spiffe://example.org/db:6000");
+    assert!(!no.status.success() && String::from_utf8_lossy(&no.stdout).contains("denied"));
+    drop(probe);
+    w.a.kill_agent();
+}
+
+/// Host A with web and db registered, A's policy, its agent, db serving on 5432, and both
+/// identities published (web's through a warm-up process: the agent publishes an identity
+/// within its scan interval after an exec, and a connect before that is refused).
+struct Node {
+    web: CgroupGuard,
+    _db: CgroupGuard,
+    server: Workload,
+    _warm: Workload,
+}
+
+fn web_and_db(w: &mut World) -> Node {
+    let (web, db) = (w.a.root.child("web").unwrap(), w.a.root.child("db").unwrap());
+    register(w, &w.a, &web, "spiffe://example.org/web");
+    register(w, &w.a, &db, "spiffe://example.org/db");
+    w.a.policy(POLICY_A);
+    w.a.start_agent();
+    let server = w.a.spawn(&db, &["serve", "5432"]);
+    server.wait_line("listening");
+    w.a.wait_identity("spiffe://example.org/db");
+    let warm = w.a.spawn(&web, &["serve", "7001"]);
+    warm.wait_line("listening");
+    w.a.wait_identity("spiffe://example.org/web");
+    Node { web, _db: db, server, _warm: warm }
+}
+
+#[test]
+fn restart_under_attack_and_reload_under_traffic() {
+    let mut w = world();
+    let rogue = w.a.root.child("rogue").unwrap();
+    let Node { web, _db, server, _warm } = web_and_db(&mut w);
+    // A long-lived allowed flow (one line every 20 ms) and new allowed connections in a loop,
+    // against an unattested process flooding db with connects.
+    let flow = w.a.spawn(&web, &["send", "127.0.0.1", "5432", "long", "100000", "20"]);
+    flow.wait_line("connected");
+    let churn = w.a.spawn(&web, &["churn", "127.0.0.1", "5432", "12000"]);
+    let flood = w.a.spawn(&rogue, &["churn", "127.0.0.1", "5432", "12000"]);
+    std::thread::sleep(Duration::from_secs(1));
+
+    // kill -9 the agent: the kernel keeps enforcing what it had, with no agent at all.
+    w.a.kill_agent();
+    std::thread::sleep(Duration::from_secs(2));
+    w.a.start_agent();
+    wait_for("the new agent to take the pins over", || w.a.log().contains("enforcement policy in force").then_some(()));
+
+    // Reload under traffic: alternate two policies that agree on web -> db and on rogue.
+    let mut alt = POLICY_A.to_owned();
+    alt.push_str("\n[[rule]]\nname = \"extra\"\nfrom = { spiffe_id = \"spiffe://example.org/web\" }\nto = { cidr = [\"192.0.2.0/24\"] }\nports = [80]\n");
+    let started = Instant::now();
+    let mut reloads = 0;
+    while started.elapsed() < Duration::from_secs(4) {
+        w.a.policy(if reloads % 2 == 0 { &alt } else { POLICY_A });
+        reloads += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_for("the flood and churn to finish", || (flood.count("done") == 1 && churn.count("done") == 1).then_some(()));
+    let flood_result = flood.wait_line("done");
+    let churn_result = churn.wait_line("done");
+    assert!(flood_result.contains(" ok 0 "), "an unattested process got through: {flood_result}");
+    assert!(churn_result.contains(" fail 0"), "allowed connections were refused: {churn_result}\n{}", w.a.log());
+    // The long-lived flow was never cut: every line it sent arrived, in order.
+    let sent = flow.count("sent");
+    assert!(flow.count("write-error") == 0, "the long flow broke: {:?}", flow.lines());
+    let received: Vec<String> = server.lines().into_iter().filter(|l| l.starts_with("data long-")).collect();
+    assert!(received.len() + 2 >= sent && sent > 100, "sent {sent}, received {}", received.len());
+    // Nothing from the flood reached db: every accepted connection is web's (the long flow
+    // and each churn connection).
+    let churn_ok: usize = churn_result.split_whitespace().nth(2).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(churn_ok > 10, "{churn_result}");
+    assert_eq!(server.count("accept"), churn_ok + 1, "accepted connections other than web's");
+    assert!(w.a.log().matches("enforcement policy in force").count() >= 2, "reloads applied");
+}
+
+#[test]
+fn former_identities_do_not_survive_exec_or_pid_reuse() {
+    let mut w = world();
+    let Node { web, _db, server, _warm } = web_and_db(&mut w);
+
+    // Exec after connect: web connects (allowed), writes, then execs a shell that keeps the
+    // socket and writes again. The shell is not web: its bytes must not arrive.
+    let out =
+        w.a.run(&web, &["exec-after-connect", "127.0.0.1", "5432", "/bin/sh", "-c", "echo after-exec >&3; sleep 0.3"]);
+    assert!(out.contains("sent before-exec"), "{out}");
+    server.wait_line("data before-exec");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!server.lines().iter().any(|l| l.contains("after-exec")), "{:?}", server.lines());
+
+    // PID reuse: a web process exits; an impostor (a shell, in the same cgroup) is created
+    // with exactly its PID and tries to connect. It is not web.
+    let victim = w.a.spawn(&web, &["serve", "7002"]);
+    victim.wait_line("listening");
+    let pid = victim._child.0.id();
+    drop(victim);
+    let out_file = w.a.dir.join("impostor.out");
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/5432 && echo impostor >&3 && echo ok > {0} || echo refused > {0}",
+        out_file.display()
+    );
+    let impostor = tether_tests::spawn_with_pid(
+        pid,
+        &["/usr/sbin/ip", "netns", "exec", w.a.ns.name(), "/bin/bash", "-c", &script],
+        web.path(),
+    )
+    .unwrap();
+    wait_for("the impostor to finish", || std::fs::read_to_string(&out_file).ok().filter(|s| !s.is_empty()));
+    tether_tests::kill_and_reap(impostor);
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap().trim(), "refused");
+    assert!(!server.lines().iter().any(|l| l.contains("impostor")));
+}
