@@ -15,6 +15,15 @@ use crate::{
     svid::{jitter, new_key, now, X509Svid},
 };
 
+/// Whether the server refused the node itself (its evidence failed, it was revoked or
+/// evicted, or its evidence is too old) — not one request, e.g. a CSR for an entry deleted
+/// between sync and signing, which is also PermissionDenied.
+fn node_refused(s: &tonic::Status) -> bool {
+    let m = s.message();
+    s.code() == tonic::Code::PermissionDenied
+        && (m.starts_with("node revoked:") || m.contains("is not an attested agent") || m.contains("last TPM quote"))
+}
+
 /// A registration entry as the agent uses it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LocalEntry {
@@ -166,7 +175,7 @@ impl Manager {
             self.set_node_status(true, "");
         }
         match self.tick_attested(&mut session).await {
-            Err(NodeError::Status(s)) if session.uses_tpm() && s.code() == tonic::Code::PermissionDenied => {
+            Err(NodeError::Status(s)) if session.uses_tpm() && node_refused(&s) => {
                 tracing::error!(
                     reason = s.message(),
                     "NODE NOT ATTESTED: the server refused this node's evidence; workload SVIDs withdrawn"
@@ -283,6 +292,16 @@ mod tests {
             namespace: "default".into(),
             labels: Default::default(),
         }
+    }
+
+    #[test]
+    fn only_refusals_of_the_node_withdraw_its_identities() {
+        let denied = |m: &str| tonic::Status::permission_denied(m.to_owned());
+        assert!(node_refused(&denied("node revoked: quote: nonce mismatch")));
+        assert!(node_refused(&denied("spiffe://td/n is not an attested agent (evicted or revoked?)")));
+        assert!(node_refused(&denied("spiffe://td/n: last TPM quote is 4000 s old (limit 3600 s): re-attest")));
+        assert!(!node_refused(&denied("spiffe://td/n may not request spiffe://td/x (entry e1)")));
+        assert!(!node_refused(&tonic::Status::unavailable("node revoked: server down")));
     }
 
     #[test]
