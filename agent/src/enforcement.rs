@@ -96,7 +96,7 @@ fn identity_table(snapshot: &Snapshot) -> Result<Vec<policy::IdentityInfo>, Enfo
     for e in &snapshot.entries {
         for golden in [false, true] {
             let id = identity_number(&e.spiffe_id.to_string(), golden);
-            let name = format!("{}{}", e.spiffe_id, if golden { " (golden)" } else { "" });
+            let name = display_name(&e.spiffe_id.to_string(), golden);
             match seen.get(&id) {
                 Some(other) if *other == name => continue,
                 Some(other) => return Err(EnforcementError::Collision { a: other.clone(), b: name }),
@@ -113,6 +113,11 @@ fn identity_table(snapshot: &Snapshot) -> Result<Vec<policy::IdentityInfo>, Enfo
         }
     }
     Ok(out)
+}
+
+/// How audit lines and logs name an identity.
+fn display_name(spiffe_id: &str, golden: bool) -> String {
+    format!("{spiffe_id}{}", if golden { " (golden)" } else { "" })
 }
 
 fn ports(rule: &str, r: PortRange) -> Result<Vec<u16>, EnforcementError> {
@@ -163,6 +168,10 @@ struct Pushed {
     identities: Vec<(IdentityKey, u32)>,
     tables: Option<Tables>,
     node_attested: Option<bool>,
+    /// What `tables` was compiled from (identities, the policy file's stamp, attestation):
+    /// the policy is compiled again only when one of them changes.
+    compiled_from: Option<(Vec<policy::IdentityInfo>, Option<SystemTime>, bool)>,
+    metrics: String,
 }
 
 pub struct Enforcement {
@@ -173,7 +182,6 @@ pub struct Enforcement {
     cgroups: Vec<Cgroup>,
     policy: Option<(Policy, Option<SystemTime>)>,
     names: HashMap<u32, String>,
-    rule_names: Vec<String>,
     pushed: Pushed,
     audit: Option<std::fs::File>,
     metrics: PathBuf,
@@ -236,22 +244,7 @@ impl Enforcement {
             crate::process::measure::Measurer::new(max_measure_bytes),
             cgroup_root.to_owned(),
         ));
-        let mut me = Self::with_enforcer(config, data_dir, resolver, enforcer)?;
-        me.cgroups = cgroups;
-        Ok(me)
-    }
-
-    /// The resolver over the pinned records, for the Workload API to share.
-    pub fn resolver(&self) -> Arc<Resolver> {
-        self.resolver.clone()
-    }
-
-    fn with_enforcer(
-        config: EnforcementConfig,
-        data_dir: &Path,
-        resolver: Arc<Resolver>,
-        mut enforcer: Enforcer,
-    ) -> Result<Self, EnforcementError> {
+        let mut enforcer = enforcer;
         enforcer.set_audit_interval(Duration::from_millis(config.audit_interval_ms))?;
         let golden = match &config.golden_manifest {
             Some(p) => {
@@ -280,14 +273,18 @@ impl Enforcement {
             enforcer,
             resolver,
             golden,
-            cgroups: Vec::new(),
+            cgroups,
             policy: None,
             names: HashMap::new(),
-            rule_names: Vec::new(),
             pushed: Pushed::default(),
             audit,
             metrics: data_dir.join("metrics.prom"),
         })
+    }
+
+    /// The resolver over the pinned records, for the Workload API to share.
+    pub fn resolver(&self) -> Arc<Resolver> {
+        self.resolver.clone()
     }
 
     /// The policy, re-read when the file changed. A file that does not parse keeps the
@@ -358,12 +355,14 @@ impl Enforcement {
             tracing::info!(attested, "enforcement: node attestation state");
         }
         let identities = identity_table(snapshot)?;
-        self.names = identities
-            .iter()
-            .map(|i| (i.id, format!("{}{}", i.spiffe_id, if i.golden { " (golden)" } else { "" })))
-            .collect();
-        if let Some(policy) = self.current_policy().cloned() {
-            let compiled = policy::compile(&policy, &identities, &policy::Context { node_attested: attested });
+        let policy = self.current_policy().cloned();
+        let inputs = (identities, self.policy.as_ref().and_then(|(_, seen)| *seen), attested);
+        let changed = self.pushed.compiled_from.as_ref() != Some(&inputs);
+        if changed {
+            self.names = inputs.0.iter().map(|i| (i.id, display_name(&i.spiffe_id, i.golden))).collect();
+        }
+        if let Some(policy) = policy.filter(|_| changed) {
+            let compiled = policy::compile(&policy, &inputs.0, &policy::Context { node_attested: attested });
             match encode(&compiled) {
                 Ok(tables) if self.pushed.tables.as_ref() != Some(&tables) => {
                     self.enforcer.load_policy(&tables.0, &tables.1, &tables.2)?;
@@ -373,12 +372,12 @@ impl Enforcement {
                         ingress = tables.2.len(),
                         "enforcement policy in force"
                     );
-                    self.rule_names = compiled.rule_names;
                     self.pushed.tables = Some(tables);
                 }
                 Ok(_) => {}
                 Err(e) => tracing::error!("enforcement policy NOT applied, the previous one stays in force: {e}"),
             }
+            self.pushed.compiled_from = Some(inputs);
         }
         let ids = self.scan(snapshot);
         if ids != self.pushed.identities {
@@ -398,7 +397,8 @@ impl Enforcement {
         Ok(())
     }
 
-    fn write_metrics(&self) {
+    /// `metrics.prom`, rewritten only when a count changed.
+    fn write_metrics(&mut self) {
         let Ok(counts) = self.enforcer.drop_counts() else { return };
         let mut text = String::from("# HELP tether_enforcement_drops_total Flows and packets dropped in the kernel, by reason.\n# TYPE tether_enforcement_drops_total counter\n");
         for (reason, n) in counts.iter().enumerate().skip(1) {
@@ -408,9 +408,13 @@ impl Enforcement {
             ));
         }
         text.push_str(&format!("tether_enforcement_identities {}\n", self.pushed.identities.len()));
+        if text == self.pushed.metrics {
+            return;
+        }
         let tmp = self.metrics.with_extension("tmp");
-        if std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &self.metrics)).is_err() {
-            tracing::debug!("metrics not written");
+        match std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &self.metrics)) {
+            Ok(()) => self.pushed.metrics = text,
+            Err(e) => tracing::debug!("metrics not written: {e}"),
         }
     }
 

@@ -167,7 +167,7 @@ pub fn policy_snippet(tcti: &str, name: &str, bank: &str, pcrs: &[u32]) -> Resul
         if software { " (a SOFTWARE TPM)" } else { "" }
     );
     for (_, i, v) in values {
-        out.push_str(&format!("{i} = \"{}\"\n", v.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+        out.push_str(&format!("{i} = \"{}\"\n", tether_attestors::hex::encode(&v)));
     }
     Ok(out)
 }
@@ -182,15 +182,6 @@ pub fn info(tcti: &str, ek: EkAlgorithm) -> Result<String, DeviceError> {
         if software { " (software TPM)" } else { "" },
         ek.name(),
         e.certificate.len(),
-        ek_hash(&e.certificate).unwrap_or_else(|| "(certificate does not parse)".into())
+        tether_attestors::tpm::verify::ek_hash(&e.certificate).unwrap_or_else(|| "(certificate does not parse)".into())
     ))
-}
-
-/// SHA-256 of the EK certificate's SubjectPublicKeyInfo: the node's `tpm:ek-hash` and the last
-/// segment of its SPIFFE ID (`openssl x509 -pubkey -noout | openssl pkey -pubin -outform der |
-/// sha256sum` gives the same).
-pub fn ek_hash(cert_der: &[u8]) -> Option<String> {
-    use sha2::Digest;
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
-    Some(sha2::Sha256::digest(cert.public_key().raw).iter().map(|b| format!("{b:02x}")).collect())
 }

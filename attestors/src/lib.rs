@@ -1,6 +1,7 @@
 //! Identity vocabulary shared by the agent and the server: SPIFFE IDs, selectors, and the
 //! node attestors (agent half and server half side by side).
 
+pub mod hex;
 pub mod join_token;
 pub mod pem;
 mod selector;

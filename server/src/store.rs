@@ -8,7 +8,10 @@ use serde::{Deserialize, Serialize};
 use tether_attestors::{Selector, SpiffeId};
 use thiserror::Error;
 
-use tether_attestors::tpm::verify::{check_clock, ClockState, QuoteInfo};
+use tether_attestors::{
+    hex,
+    tpm::verify::{check_clock, ClockState, QuoteInfo},
+};
 
 use crate::{ca::CaState, tpm::AkRecord};
 
@@ -292,7 +295,7 @@ pub struct Store {
 fn random_id() -> String {
     let mut b = [0u8; 16];
     let _ = getrandom::fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    hex::encode(&b)
 }
 
 const SCHEMA: &[&str] = &[
@@ -585,15 +588,7 @@ pub struct TpmNode {
 }
 
 fn unhex(s: &str) -> Result<Vec<u8>, StoreError> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
-        .collect::<Option<Vec<u8>>>()
-        .ok_or_else(|| StoreError::Corrupt("an AK column is not hex".into()))
-}
-
-fn tohex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    hex::decode(s).ok_or_else(|| StoreError::Corrupt("an AK column is not hex".into()))
 }
 
 fn row_tpm(r: &Row) -> Result<TpmNode, StoreError> {
@@ -621,6 +616,15 @@ pub struct TpmRegistration<'a> {
     pub selectors: &'a [String],
 }
 
+/// reset_count, restart_count, clock of a quote, as stored.
+fn clock_values(q: &QuoteInfo) -> [Val; 3] {
+    [
+        i64::from(q.reset_count).into(),
+        i64::from(q.restart_count).into(),
+        i64::try_from(q.clock).unwrap_or(i64::MAX).into(),
+    ]
+}
+
 const TPM_COLUMNS: &str =
     "ek_hash, ak_public, ak_qualified_name, reset_count, restart_count, clock, quoted_at, revoked_reason";
 
@@ -632,19 +636,33 @@ impl Store {
             .unwrap_or(true)
     }
 
-    /// The TPM state recorded for an EK (by hash), attested now or before.
-    pub fn tpm_by_ek(&self, ek_hash: &str) -> Result<Option<TpmNode>, StoreError> {
-        let rows = self.with_tx(|tx| {
-            tx.rows(&format!("SELECT {TPM_COLUMNS} FROM tpm_nodes WHERE ek_hash = $1"), &[ek_hash.into()])
-        })?;
+    fn tpm_where(tx: &mut Tx<'_>, column: &str, value: &str) -> Result<Option<TpmNode>, StoreError> {
+        let rows = tx.rows(&format!("SELECT {TPM_COLUMNS} FROM tpm_nodes WHERE {column} = $1"), &[value.into()])?;
         rows.first().map(row_tpm).transpose()
     }
 
+    /// The stored TPM state where `column` is `value`, if any, after refusing `quote` unless
+    /// its clock comes after that state's.
+    fn tpm_before(
+        tx: &mut Tx<'_>,
+        column: &str,
+        value: &str,
+        quote: &QuoteInfo,
+    ) -> Result<Option<TpmNode>, StoreError> {
+        let prev = Self::tpm_where(tx, column, value)?;
+        if let Some(p) = &prev {
+            check_clock(&p.clock, quote).map_err(|e| StoreError::Refused(format!("TPM clock: {e}")))?;
+        }
+        Ok(prev)
+    }
+
+    /// The TPM state recorded for an EK (by hash), attested now or before.
+    pub fn tpm_by_ek(&self, ek_hash: &str) -> Result<Option<TpmNode>, StoreError> {
+        self.with_tx(|tx| Self::tpm_where(tx, "ek_hash", ek_hash))
+    }
+
     pub fn tpm_node(&self, id: &SpiffeId) -> Result<Option<TpmNode>, StoreError> {
-        let rows = self.with_tx(|tx| {
-            tx.rows(&format!("SELECT {TPM_COLUMNS} FROM tpm_nodes WHERE spiffe_id = $1"), &[id.to_string().into()])
-        })?;
-        rows.first().map(row_tpm).transpose()
+        self.with_tx(|tx| Self::tpm_where(tx, "spiffe_id", &id.to_string()))
     }
 
     /// Registers a TPM-attested node in one transaction: ban check, the clock check again
@@ -661,11 +679,9 @@ impl Store {
             if !tx.rows("SELECT spiffe_id FROM bans WHERE spiffe_id = $1", &[id.to_string().into()])?.is_empty() {
                 return Err(StoreError::Banned(id.to_string()));
             }
-            let prev = tx.rows(&format!("SELECT {TPM_COLUMNS} FROM tpm_nodes WHERE ek_hash = $1"), &[ek_hash.into()])?;
-            if let Some(prev) = prev.first().map(row_tpm).transpose()? {
-                check_clock(&prev.clock, quote).map_err(|e| StoreError::Refused(format!("TPM clock: {e}")))?;
-            }
+            Self::tpm_before(tx, "ek_hash", ek_hash, quote)?;
             let (out, svid_expires_at) = issue()?;
+            let [reset, restart, clock] = clock_values(quote);
             tx.exec(
                 "INSERT INTO tpm_nodes (spiffe_id, ek_hash, ak_public, ak_qualified_name, reset_count, restart_count, clock, quoted_at, revoked_reason)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, NULL)
@@ -675,11 +691,11 @@ impl Store {
                 &[
                     id.to_string().into(),
                     ek_hash.into(),
-                    tohex(&ak.public).into(),
-                    tohex(&ak.qualified_name).into(),
-                    i64::from(quote.reset_count).into(),
-                    i64::from(quote.restart_count).into(),
-                    i64::try_from(quote.clock).unwrap_or(i64::MAX).into(),
+                    hex::encode(&ak.public).into(),
+                    hex::encode(&ak.qualified_name).into(),
+                    reset,
+                    restart,
+                    clock,
                     now.into(),
                 ],
             )?;
@@ -704,18 +720,11 @@ impl Store {
         now: i64,
     ) -> Result<(), StoreError> {
         self.with_tx(|tx| {
-            let prev = tx.rows(&format!("SELECT {TPM_COLUMNS} FROM tpm_nodes WHERE spiffe_id = $1"), &[id.to_string().into()])?;
-            let prev = prev.first().map(row_tpm).transpose()?.ok_or_else(|| StoreError::NoAgent(id.to_string()))?;
-            check_clock(&prev.clock, quote).map_err(|e| StoreError::Refused(format!("TPM clock: {e}")))?;
+            Self::tpm_before(tx, "spiffe_id", &id.to_string(), quote)?.ok_or_else(|| StoreError::NoAgent(id.to_string()))?;
+            let [reset, restart, clock] = clock_values(quote);
             tx.exec(
                 "UPDATE tpm_nodes SET reset_count = $2, restart_count = $3, clock = $4, quoted_at = $5 WHERE spiffe_id = $1",
-                &[
-                    id.to_string().into(),
-                    i64::from(quote.reset_count).into(),
-                    i64::from(quote.restart_count).into(),
-                    i64::try_from(quote.clock).unwrap_or(i64::MAX).into(),
-                    now.into(),
-                ],
+                &[id.to_string().into(), reset, restart, clock, now.into()],
             )?;
             let selectors = serde_json::to_string(selectors).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             match tx.exec("UPDATE agents SET selectors = $2 WHERE spiffe_id = $1", &[id.to_string().into(), selectors.into()])? {

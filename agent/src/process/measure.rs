@@ -65,9 +65,7 @@ fn hex_ser<S: serde::Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> 
     s.serialize_str(&hex(v))
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use tether_attestors::hex::encode as hex;
 
 impl Outcome {
     pub fn sha256(&self) -> Option<[u8; 32]> {

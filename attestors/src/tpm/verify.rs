@@ -15,7 +15,7 @@ use thiserror::Error;
 
 use super::wire::{Attribute, HashAlg, WireError};
 
-pub use ek_cert::{check_ek_matches_certificate, verify_ek_certificate, EkCaStore, EkCertKey, EkCertificate};
+pub use ek_cert::{check_ek_matches_certificate, ek_hash, verify_ek_certificate, EkCaStore, EkCertKey, EkCertificate};
 pub use quote::{
     check_ak_attributes, check_clock, ek_qualified_name, verify_quote, AkVerifier, ClockProgress, ClockState,
     PcrValues, QuoteInfo,

@@ -22,8 +22,8 @@ use std::{
 
 use prost::Message;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tether_attestors::{
+    hex,
     tpm::{
         credential,
         verify::{self, AkVerifier, ClockState, QuoteInfo},
@@ -134,10 +134,6 @@ pub struct TpmAttestor {
     pending: Mutex<HashMap<String, Pending>>,
 }
 
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn random(n: usize) -> Result<Vec<u8>, TpmError> {
     let mut b = vec![0; n];
     getrandom::fill(&mut b).map_err(|e| TpmError::Credential(e.to_string()))?;
@@ -159,7 +155,7 @@ impl TpmAttestor {
     }
 
     fn park(&self, kind: PendingKind, policy: Policy) -> Result<(String, Vec<u8>), TpmError> {
-        let id = hex(&random(16)?);
+        let id = hex::encode(&random(16)?);
         let nonce = random(32)?;
         let now = Instant::now();
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -201,9 +197,9 @@ impl TpmAttestor {
         let cert = verify::verify_ek_certificate(&self.cas, &hello.ek_certificate, &hello.ek_intermediates, now_unix)
             .map_err(|e| TpmError::EkCertificate(e.to_string()))?;
         verify::check_ek_matches_certificate(&ek, &cert).map_err(|e| TpmError::EkMismatch(e.to_string()))?;
-        verify::check_ak_attributes(&ak).map_err(|e| TpmError::AkAttributes(e.to_string()))?;
+        // Checks the AK's attributes too.
         let ak_verifier = AkVerifier::new(&ak, &ek).map_err(|e| TpmError::AkAttributes(e.to_string()))?;
-        let ek_hash = spki_hash(&hello.ek_certificate)?;
+        let ek_hash = cert.ek_hash.clone();
         let id =
             node_id(trust_domain, &ek_hash).ok_or_else(|| TpmError::EkCertificate("cannot form a node ID".into()))?;
         // Before any work for it: a banned EK gets no credential.
@@ -326,14 +322,6 @@ impl TpmAttestor {
         let ev = pb::Evidence::decode(evidence).map_err(|e| malformed("evidence")(e.to_string()))?;
         Self::check_quote(ak, &pending, &ev, Some(previous))
     }
-}
-
-/// SHA-256 of the EK certificate's SubjectPublicKeyInfo: what `openssl x509 -pubkey | openssl
-/// pkey -pubin -outform der | sha256sum` prints, so operators can compute a node's ID.
-fn spki_hash(cert_der: &[u8]) -> Result<String, TpmError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
-        .map_err(|e| TpmError::EkCertificate(format!("does not parse: {e}")))?;
-    Ok(hex(&Sha256::digest(cert.public_key().raw)))
 }
 
 fn curve_name(c: wire::EccCurve) -> &'static str {

@@ -17,6 +17,7 @@ use std::{
 };
 
 use serde::Deserialize;
+use tether_attestors::hex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -84,17 +85,6 @@ pub fn digest_len(bank: &str) -> Option<usize> {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
-}
-
 impl Policy {
     pub fn load_dir(dir: &Path) -> Result<Policy, PolicyError> {
         let read = |source| PolicyError::Read { path: dir.to_owned(), source };
@@ -139,7 +129,7 @@ impl Policy {
                 .ok()
                 .filter(|i| *i <= 23)
                 .ok_or_else(|| invalid(key.clone(), "PCR index must be 0-23".into()))?;
-            let value = unhex(&v.to_ascii_lowercase())
+            let value = hex::decode(&v)
                 .filter(|b| b.len() == len)
                 .ok_or_else(|| invalid(key, format!("expected {} hex digits ({} digest)", len * 2, f.bank)))?;
             pcrs.insert(index, value);
@@ -163,8 +153,8 @@ impl Policy {
                 Some((i, want)) => reasons.push(format!(
                     "{}: PCR {i} is {} (expected {})",
                     set.name,
-                    values.get(i).map(|v| hex(v)).unwrap_or_else(|| "missing".into()),
-                    hex(want)
+                    values.get(i).map(|v| hex::encode(v)).unwrap_or_else(|| "missing".into()),
+                    hex::encode(want)
                 )),
             }
         }

@@ -1,6 +1,6 @@
 //! EK certificates: the chain from the TPM's EK certificate to a manufacturer CA we trust.
 
-use std::{collections::HashMap, fmt::Write as _, path::Path};
+use std::{collections::HashMap, path::Path};
 
 use x509_parser::{
     certificate::X509Certificate,
@@ -36,6 +36,8 @@ struct TrustedCa {
 /// A verified EK certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EkCertificate {
+    /// The node's EK hash: see [`ek_hash`].
+    pub ek_hash: String,
     /// SHA-256 of the certificate's DER (without any NV padding).
     pub sha256: [u8; 32],
     pub subject: String,
@@ -329,6 +331,7 @@ fn certificate_info(
         }
     }
     Ok(EkCertificate {
+        ek_hash: spki_hash(leaf),
         sha256,
         subject: leaf.subject().to_string(),
         leaf_issuer: leaf.issuer().to_string(),
@@ -339,6 +342,17 @@ fn certificate_info(
         tpm_version: version,
         public_key: certified_key(leaf)?,
     })
+}
+
+fn spki_hash(cert: &X509Certificate<'_>) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, cert.public_key().raw).as_ref())
+}
+
+/// SHA-256 of an EK certificate's SubjectPublicKeyInfo, hex: a node's `tpm:ek-hash` and the
+/// last segment of its SPIFFE ID. `openssl x509 -pubkey -noout | openssl pkey -pubin -outform
+/// der | sha256sum` gives the same. `None` if the certificate does not parse.
+pub fn ek_hash(cert_der: &[u8]) -> Option<String> {
+    X509Certificate::from_der(cert_der).ok().map(|(_, c)| spki_hash(&c))
 }
 
 fn certified_key(cert: &X509Certificate<'_>) -> Result<EkCertKey, VerifyError> {
@@ -393,10 +407,4 @@ fn strip_zeros(b: &[u8]) -> &[u8] {
     b.get(first..).unwrap_or(&[])
 }
 
-pub(super) fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
+pub(super) use crate::hex::encode as hex;
