@@ -27,6 +27,85 @@ const PACKAGES: &[(&str, &str)] = &[
     ("swtpm-tools", "swtpm_setup manufactures TPMs with an EK certificate chain for tests"),
     ("tpm2-tools", "tpm2_quote/tpm2_checkquote, the baseline of the attestation benchmark"),
     ("libtss2-dev", "tpm2-tss 3.2, which tss-esapi 7.7 links (the agent's TPM client)"),
+    ("bpftool", "tests inspect pinned programs and links the way an operator would"),
+    ("g++", "cargo-fuzz compiles libFuzzer (C++) for the fuzz smoke run"),
+    ("python3", "IPv6 and raw-socket probes in the enforcement tests"),
+    ("coreutils", "sleep, timeout, sha256sum, chown: test workloads and checks"),
+    ("util-linux", "runuser (PostgreSQL refuses root), unshare, setpriv: unprivileged attackers in tests"),
+    ("mount", "mounting bpffs"),
+    ("libc-bin", "ldd: the portability guest gets the agent's shared libraries"),
+    ("apt", "apt-get and apt-cache, which setup itself runs (Essential on Debian)"),
+    ("dpkg", "dpkg-query and dpkg-deb, which setup itself runs (Essential on Debian)"),
+    ("dash", "/bin/sh (Essential on Debian)"),
+];
+
+/// Where an external program that the tests, benchmarks, demo or setup run comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A Debian package; it must be in [`PACKAGES`] so setup installs it.
+    Debian(&'static str),
+    /// rustup's toolchain, which every machine of this kind starts with (cargo, rustc).
+    Rustup,
+    /// Built by setup itself (the step is named).
+    Setup(&'static str),
+}
+
+/// Every program run by name anywhere in the workspace, and what provides it. A fresh machine
+/// has only what setup installs: `every_program_the_workspace_runs_is_installed_by_setup`
+/// finds each program the code names and fails unless it is listed here with a source setup
+/// provides, and setup checks after installing that each one resolves.
+pub const PROGRAMS: &[(&str, Source)] = &[
+    ("apt-cache", Source::Debian("apt")),
+    ("apt-get", Source::Debian("apt")),
+    ("bash", Source::Debian("bash")),
+    ("bpf-linker", Source::Setup("bpf-linker, built against Debian's LLVM 22")),
+    ("bpftool", Source::Debian("bpftool")),
+    ("c++", Source::Debian("g++")),
+    ("cargo", Source::Rustup),
+    ("/usr/bin/cargo", Source::Debian("cargo-web")),
+    ("/usr/bin/cargo-clippy", Source::Debian("rust-web-clippy")),
+    ("/usr/bin/rustc", Source::Debian("rustc-web")),
+    ("/usr/bin/sleep", Source::Debian("coreutils")),
+    ("/usr/bin/true", Source::Debian("coreutils")),
+    ("/usr/sbin/ip", Source::Debian("iproute2")),
+    ("/bin/sh", Source::Debian("dash")),
+    ("/bin/bash", Source::Debian("bash")),
+    ("/bin/busybox", Source::Debian("busybox-static")),
+    ("chown", Source::Debian("coreutils")),
+    ("dpkg-deb", Source::Debian("dpkg")),
+    ("dpkg-query", Source::Debian("dpkg")),
+    ("ip", Source::Debian("iproute2")),
+    ("ldd", Source::Debian("libc-bin")),
+    ("mount", Source::Debian("mount")),
+    ("openssl", Source::Debian("openssl")),
+    ("psql", Source::Debian("postgresql")),
+    ("python3", Source::Debian("python3")),
+    ("qemu-system-x86_64", Source::Debian("qemu-system-x86")),
+    ("runuser", Source::Debian("util-linux")),
+    ("rustc", Source::Rustup),
+    ("sh", Source::Debian("dash")),
+    ("sha256sum", Source::Debian("coreutils")),
+    ("sleep", Source::Debian("coreutils")),
+    ("swtpm", Source::Debian("swtpm")),
+    ("swtpm_ioctl", Source::Debian("swtpm-tools")),
+    ("swtpm_setup", Source::Debian("swtpm-tools")),
+    ("timeout", Source::Debian("coreutils")),
+    ("tpm2_activatecredential", Source::Debian("tpm2-tools")),
+    ("tpm2_checkquote", Source::Debian("tpm2-tools")),
+    ("tpm2_createak", Source::Debian("tpm2-tools")),
+    ("tpm2_evictcontrol", Source::Debian("tpm2-tools")),
+    ("tpm2_flushcontext", Source::Debian("tpm2-tools")),
+    ("tpm2_nvread", Source::Debian("tpm2-tools")),
+    ("tpm2_pcrextend", Source::Debian("tpm2-tools")),
+    ("tpm2_pcrread", Source::Debian("tpm2-tools")),
+    ("tpm2_policysecret", Source::Debian("tpm2-tools")),
+    ("tpm2_print", Source::Debian("tpm2-tools")),
+    ("tpm2_quote", Source::Debian("tpm2-tools")),
+    ("tpm2_readpublic", Source::Debian("tpm2-tools")),
+    ("tpm2_shutdown", Source::Debian("tpm2-tools")),
+    ("tpm2_startauthsession", Source::Debian("tpm2-tools")),
+    ("unshare", Source::Debian("util-linux")),
+    ("setpriv", Source::Debian("util-linux")),
 ];
 
 /// The guest kernel for the portability test: Debian 12's own 6.1 (a different struct
@@ -64,6 +143,7 @@ pub fn run() -> Result<()> {
     let linker = bpf_linker_ok();
     if missing.is_empty() && linker && guest_kernel_present() && python_client_present() {
         ensure_bpffs()?;
+        programs_resolve()?;
         println!("setup: all build and test dependencies present");
         return Ok(());
     }
@@ -109,7 +189,36 @@ pub fn run() -> Result<()> {
         fetch_guest_kernel()?;
     }
     ensure_python_client()?;
-    ensure_bpffs()
+    ensure_bpffs()?;
+    programs_resolve()
+}
+
+/// Where `program` would be found: an absolute path as it is; a name on PATH, then in the
+/// system directories root's PATH has.
+fn resolve(program: &str) -> Option<std::path::PathBuf> {
+    if program.starts_with('/') {
+        return Path::new(program).is_file().then(|| program.into());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(Into::into))
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Every program of [`PROGRAMS`] that setup provides can now be found: a package that does
+/// not ship the program the table says it does fails here, not in a test an hour later.
+fn programs_resolve() -> Result<()> {
+    let missing: Vec<String> = PROGRAMS
+        .iter()
+        .filter(|(_, source)| !matches!(source, Source::Setup(_)))
+        .filter(|(program, _)| resolve(program).is_none())
+        .map(|(program, source)| format!("{program} ({source:?})"))
+        .collect();
+    if !missing.is_empty() {
+        bail!("setup: installed, yet not found on PATH: {}", missing.join(", "));
+    }
+    Ok(())
 }
 
 /// The venv with the `spiffe` package from PyPI, an independent client the tests use.
@@ -185,4 +294,141 @@ fn ensure_bpffs() -> Result<()> {
     }
     println!("setup: mounting bpffs at /sys/fs/bpf");
     crate::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, path::Path};
+
+    use super::*;
+
+    /// Directories whose code runs programs: every crate of the workspace, and the fuzz crate.
+    const CODE_DIRS: &[&str] = &[
+        "agent",
+        "agent-ebpf",
+        "attestors",
+        "bench",
+        "common",
+        "fuzz/src",
+        "fuzz/fuzz_targets",
+        "proto",
+        "sandbox",
+        "server",
+        "tests",
+        "xtask",
+    ];
+
+    /// Where tests, benchmarks and tools also read system files by absolute path (a program's
+    /// bytes copied as a test binary, busybox for the guest): those come from packages too.
+    const HARNESS_DIRS: &[&str] = &["bench", "sandbox", "tests", "xtask"];
+
+    fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() && p.file_name().is_some_and(|n| n != "target") {
+                rust_files(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+
+    /// The string literal that starts right after each occurrence of `open` (which ends in
+    /// a double quote), when it is a plain program name.
+    fn literals_after<'a>(text: &'a str, open: &str) -> Vec<&'a str> {
+        let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.+-".contains(&b));
+        text.match_indices(open)
+            .filter_map(|(i, _)| {
+                let rest = &text[i + open.len()..];
+                rest.find('"').map(|end| &rest[..end])
+            })
+            .filter(|s| plain(s))
+            .collect()
+    }
+
+    /// Every program the workspace's code names, with the files naming it.
+    fn programs_named() -> BTreeMap<String, Vec<String>> {
+        let ws = crate::workspace();
+        let mut found: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for dir in CODE_DIRS {
+            let mut files = Vec::new();
+            rust_files(&ws.join(dir), &mut files);
+            for file in files {
+                let text = std::fs::read_to_string(&file).unwrap();
+                let rel = file.strip_prefix(&ws).unwrap().display().to_string();
+                let mut names: Vec<String> = Vec::new();
+                // Command::new, NetnsGuard::command, Swtpm::tool with a literal program name.
+                for open in ["Command::new(\"", ".command(\"", ".tool(\""] {
+                    names.extend(literals_after(&text, open).into_iter().map(str::to_owned));
+                }
+                // tpm2-tools, also when a helper takes the name.
+                names.extend(literals_after(&text, "\"tpm2_").into_iter().map(|rest| format!("tpm2_{rest}")));
+                if HARNESS_DIRS.iter().any(|d| rel.starts_with(d)) {
+                    for dir in ["/usr/bin/", "/usr/sbin/", "/bin/", "/sbin/"] {
+                        let found = literals_after(&text, &format!("\"{dir}"));
+                        names.extend(found.into_iter().map(|name| format!("{dir}{name}")));
+                    }
+                }
+                for name in names {
+                    found.entry(name).or_default().push(rel.clone());
+                }
+            }
+        }
+        for files in found.values_mut() {
+            files.sort();
+            files.dedup();
+        }
+        found
+    }
+
+    #[test]
+    fn every_program_the_workspace_runs_is_installed_by_setup() {
+        let named = programs_named();
+        // The scanner itself works: these are run by name today.
+        for known in ["bpftool", "openssl", "swtpm", "ip", "tpm2_quote", "psql"] {
+            assert!(named.contains_key(known), "the scan no longer finds {known}: {named:?}");
+        }
+        let packages: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).collect();
+        let mut problems = Vec::new();
+        for (program, files) in &named {
+            match PROGRAMS.iter().find(|(p, _)| p == program) {
+                None => problems.push(format!(
+                    "{program} (run in {}) is not in setup::PROGRAMS: add it with the package that provides it",
+                    files.join(", ")
+                )),
+                Some((_, Source::Debian(pkg))) if !packages.contains(pkg) => problems
+                    .push(format!("{program}: package {pkg} is not in setup::PACKAGES, so setup never installs it")),
+                Some(_) => {}
+            }
+        }
+        assert!(problems.is_empty(), "programs a fresh machine would not have:\n{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn the_scan_reads_the_forms_programs_are_named_in() {
+        // Built at run time: the scan reads this file too, and these are examples, not programs.
+        let text = [
+            "Command::new(\"bpftool\").arg(x);",
+            "ns.command(\"python3\");",
+            "t.tool(\"tpm2_nvread\");",
+            "tool(&t, d, \"tpm2_quote\", &[]);",
+            "copy(\"/usr/bin/sleep\", p);",
+            "Command::new(name);",
+            "\"/usr/bin/true 1234\"",
+        ]
+        .concat()
+        .replace("bpftool", "example-a")
+        .replace("python3", "example-b")
+        .replace("tpm2_nvread", "example-c");
+        assert_eq!(literals_after(&text, "Command::new(\""), vec!["example-a"]);
+        assert_eq!(literals_after(&text, ".command(\""), vec!["example-b"]);
+        assert_eq!(literals_after(&text, ".tool(\""), vec!["example-c"]);
+        assert_eq!(literals_after(&text, "\"tpm2_"), vec!["quote"]);
+        assert_eq!(
+            literals_after(&text, "\"/usr/bin/"),
+            vec!["sleep"],
+            "a path followed by more text is not a program"
+        );
+    }
 }
