@@ -24,15 +24,26 @@ fn main() -> Result<()> {
     println!("cargo:rerun-if-env-changed=TETHER_EBPF_OBJECT");
 
     // A prebuilt object may be supplied (e.g. packaging); otherwise build it.
-    let object = match env::var_os("TETHER_EBPF_OBJECT") {
-        Some(path) => PathBuf::from(path),
-        None => build_ebpf(&workspace, &out_dir)?,
+    let (object, floor) = match env::var_os("TETHER_EBPF_OBJECT") {
+        Some(path) => {
+            let path = PathBuf::from(path);
+            let floor = path.with_file_name("tether-floor-ebpf");
+            (path, floor)
+        }
+        None => {
+            let dir = build_ebpf(&workspace, &out_dir)?;
+            (dir.join("tether-agent-ebpf"), dir.join("tether-floor-ebpf"))
+        }
     };
-    let dest = out_dir.join("tether.bpf.o");
-    std::fs::copy(&object, &dest).with_context(|| format!("copying {} to {}", object.display(), dest.display()))?;
+    for (from, to) in [(object, "tether.bpf.o"), (floor, "tether-floor.bpf.o")] {
+        let dest = out_dir.join(to);
+        std::fs::copy(&from, &dest).with_context(|| format!("copying {} to {}", from.display(), dest.display()))?;
+    }
     Ok(())
 }
 
+/// Builds every object of agent-ebpf (the agent's, and the benchmark floors) and returns the
+/// directory holding them.
 fn build_ebpf(workspace: &Path, out_dir: &Path) -> Result<PathBuf> {
     for tool in [DEBIAN_RUSTC, DEBIAN_CARGO] {
         if !Path::new(tool).exists() {
@@ -86,5 +97,5 @@ fn build_ebpf(workspace: &Path, out_dir: &Path) -> Result<PathBuf> {
     if !status.success() {
         bail!("building agent-ebpf failed ({status}); if bpf-linker is missing run `cargo xtask setup`");
     }
-    Ok(target_dir.join("bpfel-unknown-none/release/tether-agent-ebpf"))
+    Ok(target_dir.join("bpfel-unknown-none/release"))
 }

@@ -5,7 +5,6 @@
 
 mod enforce;
 mod process;
-mod sockets;
 
 #[cfg(not(test))]
 #[panic_handler]

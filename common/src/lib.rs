@@ -17,8 +17,6 @@ pub mod maps {
     pub const TASK_RECORDS: &str = "TASK_RECORDS";
     /// HashMap [`super::FileKey`] -> [`super::Measurement`].
     pub const MEASUREMENTS: &str = "MEASUREMENTS";
-    /// HashMap cgroup id (u64) -> u8: connect4 refuses callers in these cgroups.
-    pub const DENY_CGROUPS: &str = "DENY_CGROUPS";
 
     // Enforcement. Every map below is pinned by name under the agent's bpffs directory, so
     // enforcement outlives the agent and a new agent re-adopts it.
@@ -70,8 +68,6 @@ pub mod programs {
     pub const CGROUP_ATTACH: &str = "cgroup_attach_task";
     /// `iter/task`: seeds records of processes that predate the programs.
     pub const SEED_TASKS: &str = "seed_tasks";
-    /// `cgroup/connect4`.
-    pub const CONNECT4: &str = "connect4";
     // Enforcement programs, attached to protected cgroups.
     pub const SOCK_CREATE: &str = "enforce_sock_create";
     pub const CONNECT4_ENFORCE: &str = "enforce_connect4";

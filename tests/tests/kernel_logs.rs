@@ -34,8 +34,7 @@ async fn kernel_side_log_reaches_tracing() {
     let port = listener.local_addr().unwrap().port();
     let cg = CgroupGuard::new("logs").unwrap();
     let denied = cg.child("denied").unwrap();
-    let mut hook = ebpf::ConnectHook::attach(ebpf::load().unwrap(), &Cgroup::open(cg.path()).unwrap()).unwrap();
-    hook.deny(&Cgroup::open(denied.path()).unwrap()).unwrap();
+    let _hook = ebpf::Floor::deny_connect_logged(&[Cgroup::open(denied.path()).unwrap()]).unwrap();
     assert!(!denied.run(&mut bash_connect(port)).unwrap().status.success());
 
     let want = format!("connect4 denied: cgroup {}", denied.id().unwrap());

@@ -76,7 +76,7 @@ const PINNED_MAPS: [&str; 18] = [
 const PROCESS_LINKS: &str = "process";
 
 #[derive(Clone, Copy, Debug)]
-enum Hook {
+pub(super) enum Hook {
     Sock,
     SockAddr,
     SockOps,
@@ -348,14 +348,7 @@ impl Enforcer {
     /// Run time and run count of each loaded program (meaningful while
     /// [`super::enable_run_stats`] is held): what each hook costs per run.
     pub fn program_stats(&self) -> Vec<(String, std::time::Duration, u64)> {
-        let mut out = Vec::new();
-        for (name, prog) in self._loaded.ebpf.programs() {
-            // The object also holds programs this enforcer did not load (the old connect4).
-            let Ok(info) = prog.info() else { continue };
-            out.push((name.to_owned(), info.run_time(), info.run_count()));
-        }
-        out.sort();
-        out
+        super::program_stats(&self._loaded.ebpf)
     }
 
     /// Drops so far, summed over CPUs, indexed by [`drop_reason`] (since the maps were
@@ -494,7 +487,7 @@ fn remove_present(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
-fn load_hook(ebpf: &mut Ebpf, name: &'static str, hook: Hook) -> Result<(), EbpfError> {
+pub(super) fn load_hook(ebpf: &mut Ebpf, name: &'static str, hook: Hook) -> Result<(), EbpfError> {
     let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?;
     let r = match hook {
         Hook::Sock => <&mut CgroupSock>::try_from(prog).map_err(program_err(name, "type"))?.load(),
@@ -514,7 +507,7 @@ fn prog_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<BorrowedFd<'a>, Ebp
 
 /// A new cgroup link (`BPF_LINK_CREATE`; the kernel runs it alongside other programs on the
 /// cgroup), returned unpinned.
-fn attach_hook(ebpf: &mut Ebpf, name: &'static str, hook: Hook, cgroup: &File) -> Result<FdLink, EbpfError> {
+pub(super) fn attach_hook(ebpf: &mut Ebpf, name: &'static str, hook: Hook, cgroup: &File) -> Result<FdLink, EbpfError> {
     let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?;
     let mode = CgroupAttachMode::Single; // links may not ask for more; the kernel multi-attaches them
                                          // Only links made by BPF_LINK_CREATE can be pinned; aya uses it on every kernel we run on.

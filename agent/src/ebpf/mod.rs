@@ -3,8 +3,8 @@
 //! Nothing else in the agent imports aya.
 
 mod btf;
-mod connect;
 mod enforce;
+mod floor;
 mod monitor;
 mod probe;
 
@@ -13,8 +13,8 @@ use tether_common::{globals, KernelOffsets};
 use thiserror::Error;
 
 pub use btf::{Btf, BtfError};
-pub use connect::{enable_run_stats, ConnectHook};
 pub use enforce::{DropEvents, Enforcer, PinnedLinkStatus};
+pub use floor::Floor;
 pub use monitor::{ExecEvents, Monitor, TraceScope};
 pub use probe::{probe_kernel, EnforcementPath, KernelSupport};
 
@@ -180,6 +180,23 @@ impl Drop for LogForwarder {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Turns on the kernel's per-program run time accounting until the returned fd is dropped
+/// (`BPF_ENABLE_STATS`, the same as `kernel.bpf_stats_enabled` but scoped to its holder).
+pub fn enable_run_stats() -> Result<std::os::fd::OwnedFd, EbpfError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| EbpfError::Io { op: "enabling BPF run-time stats", source: std::io::Error::other(e.to_string()) })
+}
+
+/// Run time and run count of every loaded program of `ebpf`, by name.
+fn program_stats(ebpf: &Ebpf) -> Vec<(String, std::time::Duration, u64)> {
+    let mut out: Vec<_> = ebpf
+        .programs()
+        .filter_map(|(name, prog)| prog.info().ok().map(|info| (name.to_owned(), info.run_time(), info.run_count())))
+        .collect();
+    out.sort();
+    out
 }
 
 fn program_err(name: &'static str, op: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> EbpfError {
