@@ -133,6 +133,32 @@ enum TpmCmd {
         #[arg(long, value_delimiter = ',', default_values_t = [0u32, 1, 2, 3, 4, 5, 6, 7])]
         pcrs: Vec<u32>,
     },
+    /// Quote the PCRs with a nonce, as the agent does for the server, and write the hello (EK
+    /// and AK public areas) and the evidence as the node API's messages, for `tether-server
+    /// tpm check-quote`.
+    Quote {
+        #[arg(long, default_value = "device:/dev/tpmrm0")]
+        tcti: String,
+        #[arg(long, default_value = "rsa", value_parser = ["rsa", "ecc"])]
+        ek: String,
+        /// The attestation key's directory (the agent's <data_dir>/tpm; created there on
+        /// first use, as the agent does).
+        #[arg(long)]
+        ak_dir: PathBuf,
+        /// Hex.
+        #[arg(long)]
+        nonce: String,
+        #[arg(long, default_value = "sha256", value_parser = ["sha1", "sha256"])]
+        bank: String,
+        #[arg(long, value_delimiter = ',', default_values_t = [0u32, 1, 2, 3, 4, 5, 6, 7])]
+        pcrs: Vec<u32>,
+        /// Where to write the encoded tpm.Hello.
+        #[arg(long)]
+        hello: PathBuf,
+        /// Where to write the encoded tpm.Evidence.
+        #[arg(long)]
+        evidence: PathBuf,
+    },
     /// Vendor, endorsement key and its hash (the node's tpm:ek-hash and SPIFFE ID suffix).
     Info {
         #[arg(long, default_value = "device:/dev/tpmrm0")]
@@ -235,6 +261,15 @@ async fn real_main() -> Result<()> {
         }
         Command::Tpm(TpmCmd::Pcrs { tcti, name, bank, pcrs }) => {
             print!("{}", tether_agent::tpm::policy_snippet(&tcti, &name, &bank, &pcrs)?);
+            Ok(())
+        }
+        Command::Tpm(TpmCmd::Quote { tcti, ek, ak_dir, nonce, bank, pcrs, hello, evidence }) => {
+            use tether_attestors::tpm::device::EkAlgorithm;
+            let ek = if ek == "ecc" { EkAlgorithm::Ecc } else { EkAlgorithm::Rsa };
+            let nonce = tether_attestors::hex::decode(&nonce).context("--nonce is not hex")?;
+            let (h, e) = tether_agent::tpm::quote(&tcti, ek, &ak_dir, &nonce, &bank, &pcrs)?;
+            std::fs::write(&hello, h).with_context(|| format!("writing {}", hello.display()))?;
+            std::fs::write(&evidence, e).with_context(|| format!("writing {}", evidence.display()))?;
             Ok(())
         }
         Command::Tpm(TpmCmd::Info { tcti, ek }) => {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 use serde::Deserialize;
-use tether_attestors::tpm::device::{AttestationKey, Device, DeviceError, EkAlgorithm, Endorsement};
+use tether_attestors::tpm::device::{AttestationKey, Device, DeviceError, EkAlgorithm, Endorsement, Quote};
 use tether_proto::tpm as pb;
 
 /// `[tpm]` in the agent config.
@@ -113,16 +113,7 @@ impl NodeTpm {
 
     /// The first message of an attestation (encoded `tpm.Hello`).
     pub async fn hello(&self) -> Result<Vec<u8>, TpmError> {
-        self.call(|l| {
-            Ok(pb::Hello {
-                ek_public: l.ek.public.clone(),
-                ek_certificate: l.ek.certificate.clone(),
-                ek_intermediates: vec![],
-                ak_public: l.ak.public.clone(),
-            }
-            .encode_to_vec())
-        })
-        .await
+        self.call(|l| Ok(hello(&l.ek, &l.ak).encode_to_vec())).await
     }
 
     /// Answers a challenge (encoded `tpm.Challenge`) with evidence (encoded `tpm.Evidence`):
@@ -139,18 +130,7 @@ impl NodeTpm {
                 l.dev.activate_credential(&l.ek, &l.ak, &c.credential_blob, &c.encrypted_secret)?
             };
             let q = l.dev.quote(&l.ak, &c.nonce, &sel.bank, &sel.pcrs)?;
-            Ok(pb::Evidence {
-                activated_secret,
-                quote: q.attest,
-                signature: q.signature,
-                pcr_values: q
-                    .pcrs
-                    .into_iter()
-                    .map(|(bank, index, value)| pb::PcrValue { bank, index, value })
-                    .collect(),
-                event_log,
-            }
-            .encode_to_vec())
+            Ok(evidence(q, activated_secret, event_log).encode_to_vec())
         })
         .await
     }
@@ -170,6 +150,42 @@ pub fn policy_snippet(tcti: &str, name: &str, bank: &str, pcrs: &[u32]) -> Resul
         out.push_str(&format!("{i} = \"{}\"\n", tether_attestors::hex::encode(&v)));
     }
     Ok(out)
+}
+
+/// `tether-agent tpm quote`: (encoded `tpm.Hello`, encoded `tpm.Evidence`) for `nonce`, as
+/// an attestation makes them (the AK is loaded from, or created in, `ak_dir`).
+pub fn quote(
+    tcti: &str,
+    ek: EkAlgorithm,
+    ak_dir: &Path,
+    nonce: &[u8],
+    bank: &str,
+    pcrs: &[u32],
+) -> Result<(Vec<u8>, Vec<u8>), DeviceError> {
+    let mut dev = Device::open(tcti)?;
+    let ek = dev.endorsement(ek)?;
+    let ak = dev.attestation_key(&ek, ak_dir)?;
+    let q = dev.quote(&ak, nonce, bank, pcrs)?;
+    Ok((hello(&ek, &ak).encode_to_vec(), evidence(q, vec![], vec![]).encode_to_vec()))
+}
+
+fn hello(ek: &Endorsement, ak: &AttestationKey) -> pb::Hello {
+    pb::Hello {
+        ek_public: ek.public.clone(),
+        ek_certificate: ek.certificate.clone(),
+        ek_intermediates: vec![],
+        ak_public: ak.public.clone(),
+    }
+}
+
+fn evidence(q: Quote, activated_secret: Vec<u8>, event_log: Vec<u8>) -> pb::Evidence {
+    pb::Evidence {
+        activated_secret,
+        quote: q.attest,
+        signature: q.signature,
+        pcr_values: q.pcrs.into_iter().map(|(bank, index, value)| pb::PcrValue { bank, index, value }).collect(),
+        event_log,
+    }
 }
 
 /// `tether-agent tpm info`: what the server will see of this TPM.

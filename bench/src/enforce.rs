@@ -1,27 +1,42 @@
-//! B1–B3 with the real enforcement programs (all seven hooks on the protected cgroups, an
-//! identity and a policy that allows the measured flows), against no programs, interleaved
-//! in the same run:
-//! - B1: connect()+close() over loopback from an attested process (egress rule path);
-//!   ns per program run from `BPF_ENABLE_STATS`.
-//! - B2: between two attested workloads: 1-byte request/response over one connection, and a
-//!   bulk stream (per-packet cgroup_skb programs on both ends).
-//! - B3: connect() from an unattested process (EPERM in the kernel) vs connect() to a closed
-//!   port (RST); packets that reached the listener (must be 0).
+//! B1–B3: what in-kernel enforcement costs, three arms measured in the same run, their order
+//! alternating from round to round (none, floor, tether, then tether, floor, none):
+//! - `none`: no programs attached;
+//! - `floor`: the same seven hooks with programs that only allow — what the hook set costs by
+//!   itself, before any of Tether's logic;
+//! - `tether`: the real enforcement programs, with identities for the client and server
+//!   workloads and a policy that allows the measured flows.
+//!
+//! Every arm starts its servers after its programs are attached, so listening sockets are
+//! stamped and recorded as a protected workload's are in production, and stops them before
+//! the next arm. Each arm runs in network namespaces of its own, made for it and deleted
+//! after it: one is "this node", a second joined to it by a veth pair plays another host.
+//! Nothing an arm leaves behind (sockets in TIME_WAIT or being retransmitted, listen queues)
+//! can slow the next one, whatever the order.
+//!
+//! - B1: connect()+close() from an attested process, identity to identity on this node
+//!   (loopback; the FLOWS path) and by address to the other namespace (the EGRESS path); and
+//!   the total BPF time per connect over every hook, from `BPF_ENABLE_STATS`, for Tether and
+//!   for the floor.
+//! - B2: between two attested workloads on this node: 1-byte request/response over one
+//!   connection, and a bulk stream.
+//! - B3: connect() from a process with no identity, refused in the kernel: Tether's refusal
+//!   against a connect4 program that only refuses (the cheapest in-kernel refusal), and the
+//!   connections that reached the listener (must be 0).
 
 use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    process::Command,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use sandbox::{require_root, CgroupGuard};
-use tether_agent::{cgroup::Cgroup, ebpf::Enforcer, process::FileId};
+use sandbox::{require_root, CgroupGuard, NetnsGuard};
+use tether_agent::{
+    cgroup::Cgroup,
+    ebpf::{Enforcer, Floor},
+    process::FileId,
+};
 use tether_common::{CidrKey, FlowKey, IdentityKey, RuleRef};
 
 use crate::report::Metric;
@@ -30,35 +45,51 @@ use crate::report::Metric;
 pub struct Args {
     #[arg(long, default_value_t = 7)]
     rounds: usize,
+    /// connect()+close() per round, arm and destination.
     #[arg(long, default_value_t = 5000)]
     connects: u32,
-    /// Request/response exchanges per round.
+    /// Request/response exchanges per round and arm.
     #[arg(long, default_value_t = 20000)]
     exchanges: u32,
-    /// Bulk bytes per round.
+    /// Bulk bytes per round and arm.
     #[arg(long, default_value_t = 512 * 1024 * 1024)]
     bulk_bytes: u64,
+    /// Refused connects per round and arm (B3).
+    #[arg(long, default_value_t = 2000)]
+    refusals: u32,
 }
 
 const CLIENT: u32 = 0x100;
 const SERVER: u32 = 0x200;
 
-/// Inside a cgroup: one workload loop, printing elapsed nanoseconds (or failures).
-pub fn client(mode: &str, port: u16, count: u64) -> Result<()> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+/// This node's address on the veth pair, and the other host's.
+const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 79, 0, 1);
+const REMOTE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 79, 0, 2);
+
+const PORT_CONNECT: u16 = 7101;
+const PORT_RR: u16 = 7102;
+const PORT_BULK: u16 = 7103;
+const PORT_REMOTE: u16 = 7104;
+const PORT_REFUSED: u16 = 7105;
+
+/// Inside a cgroup and namespace: one workload loop, printing elapsed nanoseconds.
+pub fn client(mode: &str, addr: SocketAddrV4, count: u64) -> Result<()> {
     let start = Instant::now();
     match mode {
         "connect" => {
             for _ in 0..count {
                 let s = TcpStream::connect(addr).context("connect")?;
+                // RST on close: no TIME_WAIT, so the loop never waits on ephemeral ports.
                 socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
             }
         }
         "refused" => {
-            // Every connect must fail; any success is a leak.
+            // Every connect must be refused with EPERM; anything else is a leak or an error.
             for _ in 0..count {
-                if TcpStream::connect(addr).is_ok() {
-                    bail!("a connect succeeded");
+                match TcpStream::connect(addr) {
+                    Ok(_) => bail!("a connect succeeded"),
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+                    Err(e) => bail!("refused with {e}, not EPERM"),
                 }
             }
         }
@@ -81,7 +112,12 @@ pub fn client(mode: &str, port: u16, count: u64) -> Result<()> {
                 left -= n as u64;
             }
             s.shutdown(std::net::Shutdown::Write)?;
-            let _ = s.read(&mut [0u8; 1]);
+            // The server answers with the byte count it read: all of it arrived.
+            let mut got = String::new();
+            s.read_to_string(&mut got)?;
+            if got.trim().parse::<u64>().ok() != Some(count) {
+                bail!("bulk: server read {got:?} bytes of {count}");
+            }
         }
         other => bail!("unknown mode {other}"),
     }
@@ -89,65 +125,119 @@ pub fn client(mode: &str, port: u16, count: u64) -> Result<()> {
     Ok(())
 }
 
-fn run_in(cg: &CgroupGuard, mode: &str, port: u16, count: u64) -> Result<f64> {
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["enforce-client", "--mode", mode, "--port", &port.to_string(), "--count", &count.to_string()]);
-    let out = cg.run(&mut cmd)?;
-    if !out.status.success() {
-        bail!("{mode} client failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().context("client output")
-}
-
-/// A server process in the server cgroup: echo (rr), sink (bulk) or accept-and-close.
-fn spawn_server(cg: &CgroupGuard, mode: &str, port: u16) -> Result<std::process::Child> {
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["enforce-server", "--mode", mode, "--port", &port.to_string()]);
-    cmd.stdout(std::process::Stdio::piped());
-    cg.place(&mut cmd)?;
-    let mut child = cmd.spawn()?;
-    // A probe connect from here would be dropped once enforcement is on: the server says
-    // when it listens.
-    let mut line = String::new();
-    let out = child.stdout.take().context("server stdout")?;
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
-    if line.trim() != "ready" {
-        bail!("server did not start: {line:?}");
-    }
-    Ok(child)
-}
-
-pub fn server(mode: &str, port: u16) -> Result<()> {
+/// A server: accept-and-close (connect), echo (rr), sink (bulk) or count (refused: prints
+/// "accepted" per connection that reached it). Says "ready" once listening.
+pub fn server(mode: &str, addr: SocketAddrV4) -> Result<()> {
     // A deep backlog: the default (128) overflows under the connect loop and adds 1 s SYN
-    // retransmits to both sides of the ratio.
+    // retransmits to whichever arm it happens in.
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
-    socket.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
+    socket.bind(&SocketAddr::V4(addr).into())?;
     socket.listen(4096)?;
     let l: TcpListener = socket.into();
     println!("ready");
     std::io::stdout().flush()?;
     for conn in l.incoming() {
         let mut s = conn?;
-        let mode = mode.to_owned();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 256 * 1024];
-            match mode.as_str() {
-                "rr" => {
+        match mode {
+            // Accept and close inline: a thread per connection would make the server, not the
+            // hooks, the bottleneck.
+            "connect" => drop(s),
+            "refused" => {
+                println!("accepted");
+                std::io::stdout().flush()?;
+            }
+            "rr" => {
+                std::thread::spawn(move || {
                     let _ = s.set_nodelay(true);
-                    while let Ok(1..) = s.read(&mut buf[..1]) {
-                        if s.write_all(&buf[..1]).is_err() {
+                    let mut b = [0u8; 1];
+                    while let Ok(1) = s.read(&mut b) {
+                        if s.write_all(&b).is_err() {
                             break;
                         }
                     }
-                }
-                "bulk" => while let Ok(1..) = s.read(&mut buf) {},
-                // connect+close: nothing to read; do not hold a thread per connection.
-                _ => {}
+                });
             }
-        });
+            "bulk" => {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    let mut total = 0u64;
+                    while let Ok(n @ 1..) = s.read(&mut buf) {
+                        total += n as u64;
+                    }
+                    let _ = writeln!(s, "{total}");
+                });
+            }
+            other => bail!("unknown mode {other}"),
+        }
     }
     Ok(())
+}
+
+/// A bench process (client or server) in a cgroup and a namespace.
+fn bench_command(ns: &NetnsGuard, args: &[&str]) -> Result<Command> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = ns.command(exe.to_str().context("bench path is not UTF-8")?);
+    cmd.args(args);
+    Ok(cmd)
+}
+
+fn run_client(ns: &NetnsGuard, cg: &CgroupGuard, mode: &str, addr: SocketAddrV4, count: u64) -> Result<f64> {
+    let mut cmd = bench_command(
+        ns,
+        &["enforce-client", "--mode", mode, "--addr", &addr.to_string(), "--count", &count.to_string()],
+    )?;
+    let out = cg.run(&mut cmd)?;
+    if !out.status.success() {
+        bail!("{mode} client to {addr} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().context("client output")
+}
+
+/// A running server, killed when dropped; its output lines after "ready" are readable.
+struct Server {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Server {
+    fn start(ns: &NetnsGuard, cg: Option<&CgroupGuard>, mode: &str, addr: SocketAddrV4) -> Result<Server> {
+        let mut cmd = bench_command(ns, &["enforce-server", "--mode", mode, "--addr", &addr.to_string()])?;
+        cmd.stdout(Stdio::piped());
+        if let Some(cg) = cg {
+            cg.place(&mut cmd)?;
+        }
+        let mut child = cmd.spawn()?;
+        let out = child.stdout.take().context("server stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        // No probe connect: once enforcement is on, it would be judged like any other.
+        match lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(l) if l == "ready" => Ok(Server { child, lines }),
+            other => {
+                let _ = child.kill();
+                bail!("{mode} server on {addr} did not start: {other:?}")
+            }
+        }
+    }
+
+    /// Lines printed since the last call.
+    fn drain(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn key(cg: &CgroupGuard) -> Result<IdentityKey> {
@@ -160,27 +250,193 @@ fn key(cg: &CgroupGuard) -> Result<IdentityKey> {
     })
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// ListenOverflows from /proc/net/netstat of a namespace: a nonzero delta means SYN
+/// retransmits (1 s each) distorted an arm.
+fn listen_overflows(ns: &NetnsGuard) -> u64 {
+    // thread-self: the reading thread is the one that joined the namespace.
+    let text = ns.run_in(|| std::fs::read_to_string("/proc/thread-self/net/netstat")).ok().and_then(|r| r.ok());
+    let text = text.unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    if let [names, values] = lines[..] {
+        let i = names.split_whitespace().position(|n| n == "ListenOverflows");
+        if let Some(v) = i.and_then(|i| values.split_whitespace().nth(i)) {
+            return v.parse().unwrap_or(0);
+        }
+    }
+    0
 }
 
-/// A listener for B3 that counts what reaches it.
-fn counting_listener(port: u16) -> Result<(Arc<AtomicU64>, Arc<AtomicBool>)> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, port))?;
-    l.set_nonblocking(true)?;
-    let (n, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-    let (n2, stop2) = (n.clone(), stop.clone());
-    std::thread::spawn(move || {
-        while !stop2.load(Ordering::Relaxed) {
-            match l.accept() {
-                Ok(_) => {
-                    n2.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Arm {
+    None,
+    Floor,
+    Tether,
+}
+
+/// What an arm attached; detached when dropped (or explicitly, for Tether's pins).
+enum Attached {
+    None,
+    /// The allow-only hooks, and the refusal floor on the process without identity (held so
+    /// it stays attached).
+    Floor {
+        allow: Box<Floor>,
+        _deny: Box<Floor>,
+    },
+    Tether(Box<Enforcer>),
+}
+
+/// The namespaces one arm runs in.
+struct Net {
+    node: NetnsGuard,
+    remote: NetnsGuard,
+}
+
+impl Net {
+    fn new() -> Result<Net> {
+        let node = NetnsGuard::new("bench-node")?;
+        let remote = NetnsGuard::new("bench-remote")?;
+        node.link(&format!("{NODE_ADDR}/24"), &remote, &format!("{REMOTE_ADDR}/24"))?;
+        Ok(Net { node, remote })
+    }
+
+    fn listen_overflows(&self) -> u64 {
+        listen_overflows(&self.node) + listen_overflows(&self.remote)
+    }
+}
+
+struct World {
+    cli: CgroupGuard,
+    srv: CgroupGuard,
+    rogue: CgroupGuard,
+    protected: Vec<Cgroup>,
+    pin_dir: std::path::PathBuf,
+    _root: CgroupGuard,
+}
+
+impl World {
+    fn attach(&self, arm: Arm) -> Result<Attached> {
+        Ok(match arm {
+            Arm::None => Attached::None,
+            // The allow-only hooks where Tether would attach, and for B3 the refusal floor on
+            // the process without identity.
+            Arm::Floor => Attached::Floor {
+                allow: Box::new(Floor::allow_all(&self.protected[..2])?),
+                _deny: Box::new(Floor::deny_connect(&self.protected[2..])?),
+            },
+            Arm::Tether => {
+                let mut e = Enforcer::start(&self.pin_dir, &self.protected)?;
+                e.set_identities(&[(key(&self.cli)?, CLIENT), (key(&self.srv)?, SERVER)])?;
+                let flows: Vec<(FlowKey, RuleRef)> = [PORT_CONNECT, PORT_RR, PORT_BULK]
+                    .iter()
+                    .map(|&p| (FlowKey { src: CLIENT, dst: SERVER, dport: p, _pad: 0, proto: 6 }, RuleRef { rule: 0 }))
+                    .collect();
+                let remote = CidrKey {
+                    prefixlen: 96,
+                    identity: CLIENT,
+                    proto: 6,
+                    port: PORT_REMOTE,
+                    addr: REMOTE_ADDR.octets(),
+                };
+                e.load_policy(&flows, &[(remote, RuleRef { rule: 1 })], &[])?;
+                e.set_node_attested(true)?;
+                Attached::Tether(Box::new(e))
             }
+        })
+    }
+
+    fn detach(&self, a: Attached) -> Result<()> {
+        if let Attached::Tether(e) = a {
+            e.detach_all(&self.pin_dir)?;
         }
-    });
-    Ok((n, stop))
+        Ok(())
+    }
+}
+
+/// One arm's measurements.
+#[derive(Default)]
+struct Sample {
+    connect_local: f64,
+    connect_remote: f64,
+    rr: f64,
+    bulk: f64,
+    /// Microseconds per refused connect (floor and tether arms only).
+    refusal_us: Option<f64>,
+    leaked: usize,
+    /// SYN retransmits from overflowing listen queues (they distort the rates).
+    overflows: u64,
+    /// Packets or flows Tether dropped in this arm besides the refused connects (the measured
+    /// flows are all allowed: any is a fault).
+    unexpected_drops: u64,
+}
+
+fn measure(w: &World, arm: Arm, args: &Args) -> Result<Sample> {
+    let net = Net::new()?;
+    let attached = w.attach(arm)?;
+    let at = |port| SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    let remote = SocketAddrV4::new(REMOTE_ADDR, PORT_REMOTE);
+    // Servers after the programs: their sockets are stamped and their ports recorded.
+    let s_connect = Server::start(&net.node, Some(&w.srv), "connect", at(PORT_CONNECT))?;
+    let s_rr = Server::start(&net.node, Some(&w.srv), "rr", at(PORT_RR))?;
+    let s_bulk = Server::start(&net.node, Some(&w.srv), "bulk", at(PORT_BULK))?;
+    let s_remote = Server::start(&net.remote, None, "connect", remote)?;
+    // B3's listener is not protected: it accepts whatever reaches it.
+    let s_refused = Server::start(&net.node, None, "refused", at(PORT_REFUSED))?;
+
+    let rate = |count: u32, ns: f64| f64::from(count) / (ns / 1e9);
+    let c = u64::from(args.connects);
+    let node = &net.node;
+    let mut s = Sample {
+        connect_local: rate(args.connects, run_client(node, &w.cli, "connect", at(PORT_CONNECT), c)?),
+        connect_remote: rate(args.connects, run_client(node, &w.cli, "connect", remote, c)?),
+        rr: rate(args.exchanges, run_client(node, &w.cli, "rr", at(PORT_RR), u64::from(args.exchanges))?),
+        bulk: args.bulk_bytes as f64 / 1e6 / (run_client(node, &w.cli, "bulk", at(PORT_BULK), args.bulk_bytes)? / 1e9),
+        ..Sample::default()
+    };
+    let drops_before_refusals = drops(&attached)?;
+    if arm != Arm::None {
+        let ns = run_client(node, &w.rogue, "refused", at(PORT_REFUSED), u64::from(args.refusals))?;
+        s.refusal_us = Some(ns / 1e3 / f64::from(args.refusals));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    s.leaked = s_refused.drain().iter().filter(|l| *l == "accepted").count();
+    s.overflows = net.listen_overflows();
+    s.unexpected_drops = drops_before_refusals;
+    drop((s_connect, s_rr, s_bulk, s_remote, s_refused));
+    w.detach(attached)?;
+    Ok(s)
+}
+
+/// Flows and packets Tether has dropped so far (0 for the other arms).
+fn drops(a: &Attached) -> Result<u64> {
+    Ok(match a {
+        Attached::Tether(e) => e.drop_counts()?.iter().sum(),
+        _ => 0,
+    })
+}
+
+/// Total BPF nanoseconds per connect, over every program, for `arm`, with stats on.
+fn bpf_ns_per_connect(w: &World, arm: Arm, connects: u32) -> Result<(f64, Vec<(String, f64)>)> {
+    let net = Net::new()?;
+    let attached = w.attach(arm)?;
+    let at = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT_CONNECT);
+    let server = Server::start(&net.node, Some(&w.srv), "connect", at)?;
+    let stats = tether_agent::ebpf::enable_run_stats()?;
+    run_client(&net.node, &w.cli, "connect", at, u64::from(connects))?;
+    let per_program = match &attached {
+        Attached::Tether(e) => e.program_stats(),
+        Attached::Floor { allow, .. } => allow.program_stats(),
+        Attached::None => Vec::new(),
+    };
+    drop(stats);
+    drop(server);
+    w.detach(attached)?;
+    let n = f64::from(connects);
+    let rows: Vec<(String, f64)> = per_program
+        .into_iter()
+        .filter(|(_, _, count)| *count > 0)
+        .map(|(name, time, _)| (name, time.as_nanos() as f64 / n))
+        .collect();
+    Ok((rows.iter().map(|(_, ns)| ns).sum(), rows))
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -194,89 +450,105 @@ pub fn run(args: &Args) -> Result<()> {
     let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/tether-bench-{}", std::process::id()));
     // Enforcement outlives its loader by design: remove it also when the bench fails.
     let _unpin = Unpin(pin_dir.clone());
-    let (port_c, port_rr, port_bulk, port_deny, port_closed) =
-        (free_port()?, free_port()?, free_port()?, free_port()?, free_port()?);
+    let w = World { cli, srv, rogue, protected, pin_dir, _root: root };
 
-    // The identities and the policy the measured flows need.
-    let attach = || -> Result<Enforcer> {
-        let mut e = Enforcer::start(&pin_dir, &protected)?;
-        e.set_identities(&[(key(&cli)?, CLIENT), (key(&srv)?, SERVER)])?;
-        let lo = |port: u16| CidrKey { prefixlen: 96, identity: CLIENT, proto: 6, port, addr: [127, 0, 0, 1] };
-        let flows: Vec<(FlowKey, RuleRef)> = [port_rr, port_bulk]
-            .iter()
-            .map(|&p| (FlowKey { src: CLIENT, dst: SERVER, dport: p, _pad: 0, proto: 6 }, RuleRef { rule: 0 }))
-            .collect();
-        e.load_policy(&flows, &[(lo(port_c), RuleRef { rule: 1 })], &[])?;
-        e.set_node_attested(true)?;
-        Ok(e)
-    };
-    let detach = |e: Enforcer| -> Result<()> {
-        e.detach_all(&pin_dir)?;
-        Ok(())
-    };
+    let mut connect_local = [
+        tether_metric("B1", "connects/s, identity to identity, loopback", "conn/s"),
+        floor_metric("B1", "connects/s, identity to identity, loopback", "conn/s"),
+    ];
+    let mut connect_remote = [
+        tether_metric("B1", "connects/s, by address, other netns", "conn/s"),
+        floor_metric("B1", "connects/s, by address, other netns", "conn/s"),
+    ];
+    let mut rr = [
+        tether_metric("B2", "1-byte request/response/s", "ex/s"),
+        floor_metric("B2", "1-byte request/response/s", "ex/s"),
+    ];
+    let mut bulk = [tether_metric("B2", "bulk throughput", "MB/s"), floor_metric("B2", "bulk throughput", "MB/s")];
+    // Latency: lower is better, so the target is a ratio at most 1.2.
+    let mut refusal = Metric::new("B3", "refused connect latency, tether vs deny-only connect4".into(), "us");
+    let (mut leaked, mut overflows, mut unexpected_drops) = (0usize, 0u64, 0u64);
 
-    let accept_server = spawn_server(&srv, "sink", port_c).map(tether_child)?;
-    let (leaked, stop_leak) = counting_listener(port_deny)?;
-    let mut connects = Metric::new("B1", "connects/s, attested, loopback".into(), "conn/s");
-    let mut rr = Metric::new("B2", "request/response exchanges/s".into(), "ex/s");
-    let mut bulk = Metric::new("B2", "bulk throughput".into(), "MB/s");
-    let mut deny = Metric::new("B3", "failed connect latency (EPERM vs RST)".into(), "us");
-    run_in(&cli, "connect", port_c, u64::from(args.connects / 5))?; // warm-up
-    for _ in 0..args.rounds {
-        // Baseline: no programs. The servers are restarted per mode so their listening
-        // sockets are stamped (or not) like the clients'.
-        let base_c = f64::from(args.connects) / (run_in(&cli, "connect", port_c, u64::from(args.connects))? / 1e9);
-        let s_rr = spawn_server(&srv, "rr", port_rr).map(tether_child)?;
-        let s_bulk = spawn_server(&srv, "bulk", port_bulk).map(tether_child)?;
-        let base_rr = f64::from(args.exchanges) / (run_in(&cli, "rr", port_rr, u64::from(args.exchanges))? / 1e9);
-        let base_bulk = args.bulk_bytes as f64 / 1e6 / (run_in(&cli, "bulk", port_bulk, args.bulk_bytes)? / 1e9);
-        let base_deny = run_in(&rogue, "refused", port_closed, 1000)? / 1e3 / 1000.0;
-        drop((s_rr, s_bulk));
-
-        let e = attach()?;
-        let s_rr = spawn_server(&srv, "rr", port_rr).map(tether_child)?;
-        let s_bulk = spawn_server(&srv, "bulk", port_bulk).map(tether_child)?;
-        let with_c = f64::from(args.connects) / (run_in(&cli, "connect", port_c, u64::from(args.connects))? / 1e9);
-        let with_rr = f64::from(args.exchanges) / (run_in(&cli, "rr", port_rr, u64::from(args.exchanges))? / 1e9);
-        let with_bulk = args.bulk_bytes as f64 / 1e6 / (run_in(&cli, "bulk", port_bulk, args.bulk_bytes)? / 1e9);
-        let with_deny = run_in(&rogue, "refused", port_deny, 1000)? / 1e3 / 1000.0;
-        drop((s_rr, s_bulk));
-        detach(e)?;
-        connects.push(base_c, with_c);
-        rr.push(base_rr, with_rr);
-        bulk.push(base_bulk, with_bulk);
-        deny.push(base_deny, with_deny);
+    // Warm-up: page cache, socket slabs, the bench binary.
+    measure(&w, Arm::Tether, &Args { connects: args.connects / 5, exchanges: 1000, bulk_bytes: 1 << 24, ..*args })?;
+    for round in 0..args.rounds {
+        let mut order = [Arm::None, Arm::Floor, Arm::Tether];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let mut got: Vec<(Arm, Sample)> = Vec::new();
+        for arm in order {
+            got.push((arm, measure(&w, arm, args)?));
+        }
+        let of = |a: Arm| got.iter().find(|(arm, _)| *arm == a).map(|(_, s)| s).context("arm missing");
+        let (none, floor, tether) = (of(Arm::None)?, of(Arm::Floor)?, of(Arm::Tether)?);
+        for (m, pick) in [
+            (&mut connect_local, (|s: &Sample| s.connect_local) as fn(&Sample) -> f64),
+            (&mut connect_remote, |s: &Sample| s.connect_remote),
+            (&mut rr, |s: &Sample| s.rr),
+            (&mut bulk, |s: &Sample| s.bulk),
+        ] {
+            m[0].push(pick(none), pick(tether));
+            m[1].push(pick(none), pick(floor));
+        }
+        refusal.push(floor.refusal_us.context("floor refusal")?, tether.refusal_us.context("tether refusal")?);
+        leaked += floor.leaked + tether.leaked;
+        overflows += none.overflows + floor.overflows + tether.overflows;
+        unexpected_drops += tether.unexpected_drops;
     }
-    // Program cost per run, measured apart (accounting itself costs ~20 ns per run).
-    let e = attach()?;
-    let stats = tether_agent::ebpf::enable_run_stats()?;
-    run_in(&cli, "connect", port_c, u64::from(args.connects))?;
-    let runs = e.program_stats();
-    drop(stats);
-    detach(e)?;
-    stop_leak.store(true, Ordering::Relaxed);
-    drop(accept_server);
+    let (tether_ns, tether_rows) = bpf_ns_per_connect(&w, Arm::Tether, args.connects)?;
+    let (floor_ns, floor_rows) = bpf_ns_per_connect(&w, Arm::Floor, args.connects)?;
 
-    println!("B1-B3 enforce: {} rounds, cgroups under {}", args.rounds, root.path().display());
-    connects.print();
-    rr.print();
-    bulk.print();
-    deny.print();
-    for (name, time, count) in runs {
-        let ns = if count > 0 { time.as_nanos() as f64 / count as f64 } else { f64::NAN };
-        println!("B1         ns per run {name:<22} {ns:>8.1} ns ({count} runs)");
+    println!(
+        "B1-B3 enforce: {} rounds, arms in alternating order (none, floor, tether / tether, floor, none); \
+         servers started after each arm's programs; cgroups under {}",
+        args.rounds,
+        w._root.path().display()
+    );
+    println!("  value/baseline per round: 'tether' = real enforcement vs no programs; 'floor' = allow-only programs on the same hooks vs no programs");
+    for m in connect_local.iter().chain(&connect_remote).chain(&rr).chain(&bulk) {
+        m.print();
+    }
+    refusal.print();
+    for (arm, total, rows) in [("tether", tether_ns, &tether_rows), ("floor", floor_ns, &floor_rows)] {
+        println!("B1         BPF ns per connect, {arm:<6} (all hooks, both ends): {total:>8.0} ns");
+        for (name, ns) in rows {
+            println!("             {name:<24} {ns:>8.0} ns per connect");
+        }
         println!(
             "{}",
-            serde_json::json!({"bench": "B1", "metric": format!("ns_per_run {name}"), "unit": "ns", "value": ns, "runs": count})
+            serde_json::json!({"bench": "B1", "metric": format!("bpf_ns_per_connect {arm}"), "unit": "ns", "value": total,
+                "programs": rows.iter().map(|(n, ns)| serde_json::json!({"program": n, "ns": ns})).collect::<Vec<_>>()})
         );
     }
-    let leaked = leaked.load(Ordering::Relaxed);
-    println!("B3         packets/connections that reached the listener from the unattested process: {leaked}");
+    println!("B3         connections that reached the listener from the process without identity: {leaked}");
     println!(
         "{}",
         serde_json::json!({"bench": "B3", "metric": "leaked_connections", "unit": "count", "value": leaked})
     );
+    if overflows > 0 {
+        println!("warning: {overflows} listen queue overflows during the run (SYN retransmits distort the rates)");
+    }
+    println!("B1-B2      packets of the allowed flows that Tether dropped: {unexpected_drops}");
+    println!(
+        "{}",
+        serde_json::json!({"bench": "B1-B2", "metric": "allowed_flow_drops", "unit": "count", "value": unexpected_drops})
+    );
+    if unexpected_drops > 0 {
+        println!("warning: enforcement dropped packets of flows its policy allows; the rates above include their retransmits");
+    }
+    if leaked > 0 {
+        bail!("{leaked} connections from a process without identity reached the listener");
+    }
     Ok(())
+}
+
+fn tether_metric(bench: &'static str, what: &str, unit: &'static str) -> Metric {
+    Metric::new(bench, format!("{what}, tether"), unit)
+}
+
+fn floor_metric(bench: &'static str, what: &str, unit: &'static str) -> Metric {
+    Metric::new(bench, format!("{what}, floor"), unit)
 }
 
 struct Unpin(std::path::PathBuf);
@@ -287,16 +559,4 @@ impl Drop for Unpin {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
-}
-
-/// Killed when dropped.
-struct ChildGuard(std::process::Child);
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-fn tether_child(c: std::process::Child) -> ChildGuard {
-    ChildGuard(c)
 }

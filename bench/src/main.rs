@@ -2,7 +2,6 @@
 //! baseline in the same run, interleaved, and reports ratios (see ../shared/BENCHMARKS.md).
 
 mod attest;
-mod connect;
 mod enforce;
 mod exec;
 mod report;
@@ -23,8 +22,8 @@ struct Cli {
 enum Bench {
     /// B8: quote + verify on a private swtpm vs tpm2_quote + tpm2_checkquote; verifications/s.
     Attest(attest::Args),
-    /// B1-B3 with the real enforcement programs vs none: connects, request/response and bulk
-    /// between attested workloads, the denial path.
+    /// B1-B3: the real enforcement programs vs none vs allow-only programs on the same hooks:
+    /// connects, request/response and bulk between attested workloads, the denial path.
     Enforce(enforce::Args),
     /// Internal: an enforcement bench client run inside a bench cgroup.
     #[command(hide = true)]
@@ -32,7 +31,7 @@ enum Bench {
         #[arg(long)]
         mode: String,
         #[arg(long)]
-        port: u16,
+        addr: std::net::SocketAddrV4,
         #[arg(long)]
         count: u64,
     },
@@ -42,10 +41,8 @@ enum Bench {
         #[arg(long)]
         mode: String,
         #[arg(long)]
-        port: u16,
+        addr: std::net::SocketAddrV4,
     },
-    /// B1: TCP connect+close from a test cgroup, connect4 attached vs nothing attached.
-    Connect(connect::Args),
     /// B4: fork+exec with the process programs (and measuring agent) vs none vs hashing
     /// per exec; cold and warm measurement cost.
     Exec(exec::Args),
@@ -75,24 +72,14 @@ enum Bench {
         #[arg(long)]
         hash: bool,
     },
-    /// Internal: the client loop run inside the test cgroup.
-    #[command(hide = true)]
-    ConnectLoop {
-        #[arg(long)]
-        port: u16,
-        #[arg(long)]
-        count: u32,
-    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().bench {
         Bench::Attest(args) => attest::run(&args),
-        Bench::Connect(args) => connect::run(&args),
         Bench::Enforce(args) => enforce::run(&args),
-        Bench::EnforceClient { mode, port, count } => enforce::client(&mode, port, count),
-        Bench::EnforceServer { mode, port } => enforce::server(&mode, port),
-        Bench::ConnectLoop { port, count } => connect::client_loop(port, count),
+        Bench::EnforceClient { mode, addr, count } => enforce::client(&mode, addr, count),
+        Bench::EnforceServer { mode, addr } => enforce::server(&mode, addr),
         Bench::Exec(args) => exec::run(&args),
         Bench::Server(args) => server::run(&args),
         Bench::WorkloadApi(args) => workload_api::run(&args),

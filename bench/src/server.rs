@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use ring::{
     rand::SystemRandom,
@@ -33,14 +33,16 @@ pub struct Args {
     entries: usize,
 }
 
-fn rate(window: Duration, mut op: impl FnMut()) -> f64 {
+/// Operations per second over `window`. Only operations that succeed count, and one failure
+/// ends the benchmark: a failed signing is not an issued SVID.
+fn rate(window: Duration, mut op: impl FnMut() -> Result<()>) -> Result<f64> {
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < window {
-        op();
+        op()?;
         n += 1;
     }
-    n as f64 / start.elapsed().as_secs_f64()
+    Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -72,23 +74,26 @@ pub fn run(args: &Args) -> Result<()> {
     // "one verify + one sign" is the harmonic combination of the two raw rates.
     let mut floor = Metric::new("server", "svids_issued_vs_raw_verify_plus_sign".into(), "op/s");
     for _ in 0..args.rounds {
-        let raw = rate(window, || {
-            let _ = raw_key.sign(&rng, &tbs);
-        });
-        let verify = rate(window, || {
-            let _ = public.verify(&tbs, sig.as_ref());
-        });
+        let raw =
+            rate(window, || raw_key.sign(&rng, &tbs).map(drop).map_err(|e| anyhow::anyhow!("raw sign failed: {e}")))?;
+        let verify =
+            rate(window, || public.verify(&tbs, sig.as_ref()).map_err(|e| anyhow::anyhow!("raw verify failed: {e}")))?;
         let mut i = 0;
         let issued = rate(window, || {
             let req = SvidRequest { spiffe_id: &id, ttl: 3600, dns_names: &[] };
-            let _ = ca.sign_x509_svid(&csrs[i % csrs.len()], &req, now);
+            let chain = ca.sign_x509_svid(&csrs[i % csrs.len()], &req, now).context("issuing an X.509-SVID")?;
             i += 1;
-        });
+            if chain.is_empty() {
+                bail!("issuance returned an empty chain");
+            }
+            Ok(())
+        })?;
         issue.push(raw, issued);
         floor.push(1.0 / (1.0 / raw + 1.0 / verify), issued);
     }
     println!(
-        "B9 server: issuance on one core, {} rounds of {} ms each, interleaved with raw ECDSA P-256 signing (ring)",
+        "B9 server: issuance on one core, {} rounds of {} ms each, interleaved with raw ECDSA P-256 signing (ring); \
+         only successful issuances count (any failure stops the bench)",
         args.rounds, args.millis
     );
     issue.print();

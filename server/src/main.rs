@@ -35,6 +35,30 @@ enum Command {
     /// Attested agents.
     #[command(subcommand)]
     Agent(AgentCmd),
+    /// TPM evidence, offline.
+    #[command(subcommand)]
+    Tpm(TpmCmd),
+}
+
+#[derive(Subcommand)]
+enum TpmCmd {
+    /// Check a node's quote as an attestation would (AK under the EK, signature, nonce, PCR
+    /// digest, golden policy), from the files `tether-agent tpm quote` writes. The EK
+    /// certificate chain and credential activation need the live exchange and are not checked.
+    CheckQuote {
+        /// The encoded tpm.Hello (EK and AK public areas).
+        #[arg(long)]
+        hello: PathBuf,
+        /// The encoded tpm.Evidence (quote, signature, PCR values).
+        #[arg(long)]
+        evidence: PathBuf,
+        /// The nonce the quote must carry, hex.
+        #[arg(long)]
+        nonce: String,
+        /// Golden PCR policies (one TOML file per allowed set).
+        #[arg(long)]
+        policy_dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -188,6 +212,13 @@ async fn real_main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let config = cli.config.as_deref().map(ServerConfig::load).transpose()?;
+    if let Command::Tpm(TpmCmd::CheckQuote { hello, evidence, nonce, policy_dir }) = &cli.command {
+        let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let nonce = tether_attestors::hex::decode(nonce).context("--nonce is not hex")?;
+        let matched = tether_server::tpm::check_offline(&read(hello)?, &read(evidence)?, &nonce, policy_dir)?;
+        println!("quote verified; golden sets matched: {}", matched.join(", "));
+        return Ok(());
+    }
     if let Command::Run = cli.command {
         let config = config.context("run needs --config FILE")?;
         let state = run::open_state(config)?;
@@ -205,7 +236,7 @@ async fn real_main() -> Result<()> {
         .with_context(|| format!("connecting to the admin socket {}", socket.display()))?;
     let status = |s: tonic::Status| anyhow::anyhow!("{}: {}", s.code().description(), s.message());
     match cli.command {
-        Command::Run => unreachable!("handled above"),
+        Command::Run | Command::Tpm(_) => unreachable!("handled above"),
         Command::Entry(EntryCmd::Create(f)) => {
             print_entry(&client.create_entry(entry_proto(String::new(), f)?).await.map_err(status)?.into_inner())
         }

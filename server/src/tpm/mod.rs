@@ -15,7 +15,7 @@ pub mod policy;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -241,41 +241,6 @@ impl TpmAttestor {
         Ok((id, challenge.encode_to_vec()))
     }
 
-    /// Checks a quote against the challenge's nonce and policy; the PCR names matched.
-    fn check_quote(
-        ak: &AkRecord,
-        pending: &Pending,
-        ev: &pb::Evidence,
-        previous: Option<ClockState>,
-    ) -> Result<(Vec<String>, QuoteInfo), TpmError> {
-        let public =
-            wire::Public::parse(&ak.public).map_err(|e| malformed("AK public (TPMT_PUBLIC)")(e.to_string()))?;
-        let verifier = AkVerifier::with_qualified_name(&public, ak.qualified_name.clone())
-            .map_err(|e| TpmError::AkAttributes(e.to_string()))?;
-        let mut values = verify::PcrValues::new();
-        let mut bank_values = BTreeMap::new();
-        for v in &ev.pcr_values {
-            if v.bank != pending.policy.bank {
-                return Err(TpmError::Quote(format!("PCR {} of bank {:?} was not asked for", v.index, v.bank)));
-            }
-            values.insert_named(&v.bank, v.index, v.value.clone()).map_err(|e| TpmError::Quote(e.to_string()))?;
-            bank_values.insert(v.index, v.value.clone());
-        }
-        let want: Vec<u32> = pending.policy.selection();
-        let got: Vec<u32> = bank_values.keys().copied().collect();
-        if want != got {
-            return Err(TpmError::Quote(format!("PCRs {got:?} sent, {want:?} asked for")));
-        }
-        let info = verifier
-            .verify_quote(&ev.quote, &ev.signature, &pending.nonce, &values)
-            .map_err(|e| TpmError::Quote(e.to_string()))?;
-        if let Some(prev) = previous {
-            verify::check_clock(&prev, &info).map_err(|e| TpmError::Clock(e.to_string()))?;
-        }
-        let matched = pending.policy.evaluate(&bank_values)?;
-        Ok((matched, info))
-    }
-
     /// Step 2 of a first attestation. `previous` looks up the clock state last recorded for
     /// an EK hash (a node seen before).
     pub fn finish(
@@ -293,7 +258,7 @@ impl TpmAttestor {
         if !constant_time_eq(&ev.activated_secret, secret) {
             return Err(TpmError::Activation);
         }
-        let (matched, quote) = Self::check_quote(ak, &pending, &ev, previous(ek_hash))?;
+        let (matched, quote) = check_quote(ak, &pending.policy, &pending.nonce, &ev, previous(ek_hash))?;
         let node_id =
             node_id(trust_domain, ek_hash).ok_or_else(|| TpmError::EkCertificate("cannot form a node ID".into()))?;
         let mut selectors = vec![
@@ -320,8 +285,61 @@ impl TpmAttestor {
             _ => return Err(TpmError::UnknownChallenge),
         }
         let ev = pb::Evidence::decode(evidence).map_err(|e| malformed("evidence")(e.to_string()))?;
-        Self::check_quote(ak, &pending, &ev, Some(previous))
+        check_quote(ak, &pending.policy, &pending.nonce, &ev, Some(previous))
     }
+}
+
+/// A quote by `ak` over `nonce`, its PCR values exactly the policy's selection, against the
+/// golden sets; the clock after `previous`. Returns the names of the sets matched.
+fn check_quote(
+    ak: &AkRecord,
+    policy: &Policy,
+    nonce: &[u8],
+    ev: &pb::Evidence,
+    previous: Option<ClockState>,
+) -> Result<(Vec<String>, QuoteInfo), TpmError> {
+    let public = wire::Public::parse(&ak.public).map_err(|e| malformed("AK public (TPMT_PUBLIC)")(e.to_string()))?;
+    let verifier = AkVerifier::with_qualified_name(&public, ak.qualified_name.clone())
+        .map_err(|e| TpmError::AkAttributes(e.to_string()))?;
+    let mut values = verify::PcrValues::new();
+    let mut bank_values = BTreeMap::new();
+    for v in &ev.pcr_values {
+        if v.bank != policy.bank {
+            return Err(TpmError::Quote(format!("PCR {} of bank {:?} was not asked for", v.index, v.bank)));
+        }
+        values.insert_named(&v.bank, v.index, v.value.clone()).map_err(|e| TpmError::Quote(e.to_string()))?;
+        bank_values.insert(v.index, v.value.clone());
+    }
+    let want: Vec<u32> = policy.selection();
+    let got: Vec<u32> = bank_values.keys().copied().collect();
+    if want != got {
+        return Err(TpmError::Quote(format!("PCRs {got:?} sent, {want:?} asked for")));
+    }
+    let info =
+        verifier.verify_quote(&ev.quote, &ev.signature, nonce, &values).map_err(|e| TpmError::Quote(e.to_string()))?;
+    if let Some(prev) = previous {
+        verify::check_clock(&prev, &info).map_err(|e| TpmError::Clock(e.to_string()))?;
+    }
+    let matched = policy.evaluate(&bank_values)?;
+    Ok((matched, info))
+}
+
+/// `tether-server tpm check-quote`: a node's evidence checked offline, as an attestation
+/// checks it (AK attributes and name under the EK, quote signature, nonce, PCR digest, golden
+/// policy), except what needs the live exchange (EK certificate chain, credential
+/// activation, the clock against earlier quotes). `hello` and `evidence` are the node API's
+/// encoded `tpm.Hello` and `tpm.Evidence` (`tether-agent tpm quote` writes them). Returns
+/// the golden sets matched.
+pub fn check_offline(hello: &[u8], evidence: &[u8], nonce: &[u8], policy_dir: &Path) -> Result<Vec<String>, TpmError> {
+    let hello = pb::Hello::decode(hello).map_err(|e| malformed("hello")(e.to_string()))?;
+    let ev = pb::Evidence::decode(evidence).map_err(|e| malformed("evidence")(e.to_string()))?;
+    let ek = wire::Public::parse(&hello.ek_public).map_err(|e| malformed("EK public (TPMT_PUBLIC)")(e.to_string()))?;
+    let ak = wire::Public::parse(&hello.ak_public).map_err(|e| malformed("AK public (TPMT_PUBLIC)")(e.to_string()))?;
+    let qualified_name =
+        AkVerifier::new(&ak, &ek).map_err(|e| TpmError::AkAttributes(e.to_string()))?.qualified_name().to_vec();
+    let record = AkRecord { public: hello.ak_public, qualified_name };
+    let policy = Policy::load_dir(policy_dir)?;
+    check_quote(&record, &policy, nonce, &ev, None).map(|(matched, _)| matched)
 }
 
 fn curve_name(c: wire::EccCurve) -> &'static str {
