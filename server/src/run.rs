@@ -41,13 +41,7 @@ pub fn open_state(config: ServerConfig) -> anyhow::Result<Arc<State>> {
     ca.set_upstream(upstream, now())?;
     ca.rotate(now())?;
     store.save_ca(&ca)?;
-    let fault_attest_delay =
-        std::env::var("TETHER_FAULT_ATTEST_DELAY_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
-    if fault_attest_delay.is_some() {
-        tracing::warn!(
-            "fault injection active: attestation pauses inside its transaction (TETHER_FAULT_ATTEST_DELAY_MS)"
-        );
-    }
+    let fault_attest_delay = fault_attest_delay();
     let tpm = match &config.tpm {
         Some(t) => {
             Some(crate::tpm::TpmAttestor::new(t.clone()).map_err(|e| anyhow::anyhow!("[tpm] configuration: {e}"))?)
@@ -55,6 +49,27 @@ pub fn open_state(config: ServerConfig) -> anyhow::Result<Arc<State>> {
         None => None,
     };
     Ok(Arc::new(State { config, store, ca: RwLock::new(ca), fault_attest_delay, tpm }))
+}
+
+/// Fault injection for the crash tests: a pause inside the attestation transaction, set by
+/// TETHER_FAULT_ATTEST_DELAY_MS. Compiled only with the `fault-injection` feature, which only
+/// the test crate enables: a server built on its own (`cargo build --release -p
+/// tether-server`) cannot be made to stall by its environment.
+#[cfg(feature = "fault-injection")]
+fn fault_attest_delay() -> Option<Duration> {
+    let delay =
+        std::env::var("TETHER_FAULT_ATTEST_DELAY_MS").ok().and_then(|v| v.parse().ok()).map(Duration::from_millis);
+    if delay.is_some() {
+        tracing::warn!(
+            "fault injection active: attestation pauses inside its transaction (TETHER_FAULT_ATTEST_DELAY_MS)"
+        );
+    }
+    delay
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn fault_attest_delay() -> Option<Duration> {
+    None
 }
 
 /// The server's own TLS certificate: an SVID for spiffe://<td>/tether/server with the

@@ -27,9 +27,9 @@ enum Cmd {
     Test,
     /// Benchmarks from ../shared/BENCHMARKS.md, as ratios against a same-run baseline.
     Bench {
-        /// Which one (enforce = B1-B3, connect = B1 with the first connect4 hook, exec = B4,
+        /// Which one (enforce = B1-B3, exec = B4,
         /// workload-api = B5, attest = B8, server = B9).
-        #[arg(value_parser = ["attest", "connect", "enforce", "exec", "server", "workload-api"])]
+        #[arg(value_parser = ["attest", "enforce", "exec", "server", "workload-api"])]
         name: String,
         /// Passed to the benchmark (e.g. --rounds 11 --connects 10000).
         #[arg(last = true)]
@@ -138,4 +138,22 @@ fn test() -> Result<()> {
     fuzz::smoke()?;
     println!("\nall checks passed in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// A server built on its own (as a release is) has no fault-injection switch: only the
+    /// test crate turns that feature on.
+    #[test]
+    fn a_server_built_alone_has_no_fault_injection() {
+        let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["tree", "--offline", "-p", "tether-server", "-e", "features,normal", "-i", "tether-server"])
+            .current_dir(super::workspace())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "cargo tree: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("tether-server"), "{text}");
+        assert!(!text.contains("fault-injection"), "the server alone enables fault injection:\n{text}");
+    }
 }
