@@ -12,7 +12,7 @@ use tokio::sync::{watch, Mutex};
 use crate::{
     config::AgentConfig,
     node_client::{Bundle, NodeError, NodeSession},
-    svid::{jitter, new_key, now, X509Svid},
+    svid::{new_key, now, X509Svid},
 };
 
 /// Whether the server refused the node itself (its evidence failed, it was revoked or
@@ -210,7 +210,7 @@ impl Manager {
     }
 
     async fn tick_attested(&self, session: &mut NodeSession) -> Result<(), NodeError> {
-        if now() >= session.node_svid.renew_at(0.0) {
+        if now() >= session.node_svid.renew_after {
             session.renew(&self.config).await?;
             self.schedule_reattest().await;
         } else if session.uses_tpm() && now() >= *self.next_reattest.lock().await {
@@ -227,7 +227,7 @@ impl Manager {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let due: Vec<&LocalEntry> =
-            entries.iter().filter(|e| svids.get(&e.id).is_none_or(|s| now >= s.renew_at(jitter()))).collect();
+            entries.iter().filter(|e| svids.get(&e.id).is_none_or(|s| now >= s.renew_after)).collect();
         if !due.is_empty() {
             let mut keys = HashMap::new();
             let mut csrs = Vec::new();

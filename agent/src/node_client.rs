@@ -102,10 +102,17 @@ fn save_node_svid(dir: &Path, svid: &X509Svid) -> std::io::Result<()> {
 }
 
 fn load_node_svid(dir: &Path) -> Option<X509Svid> {
-    let chain = std::fs::read(dir.join("node-svid.der")).ok()?;
+    let path = dir.join("node-svid.der");
+    let chain = std::fs::read(&path).ok()?;
     let key = std::fs::read(dir.join("node-key.der")).ok()?;
     let pair = rcgen::KeyPair::try_from(key.as_slice()).ok()?;
-    let svid = X509Svid::new(&pair, &chain).ok()?;
+    // Received when it was written.
+    let saved = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(now(), |d| d.as_secs() as i64);
+    let svid = X509Svid::received_at(&pair, &chain, saved).ok()?;
     (svid.not_after > now() + 30).then_some(svid)
 }
 
