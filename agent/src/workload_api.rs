@@ -60,8 +60,12 @@ impl Conn {
     pub fn new(stream: tokio::net::UnixStream) -> Self {
         use std::os::fd::AsFd;
         let peer = match PidFd::from_peer(stream.as_fd()) {
-            Ok(pidfd) => Some(Arc::new(pidfd)),
+            Ok(pidfd) => {
+                tracing::debug!(pid = ?pidfd.pid(), "workload API connection accepted");
+                Some(Arc::new(pidfd))
+            }
             Err(e) => {
+                tracing::debug!("workload API connection accepted");
                 tracing::warn!("caller not identifiable: SO_PEERPIDFD failed: {e}");
                 None
             }
@@ -295,46 +299,60 @@ fn json_to_prost(v: &serde_json::Value) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
-/// Verifies a JWT-SVID against the bundle's JWT authorities: ES256 signature by a known
-/// `kid`, audience, expiry, a valid SPIFFE ID as subject in this trust domain.
+/// Verifies a JWT-SVID against the bundle's JWT authorities. In order, each with its own
+/// reason: a compact JWS of base64url JSON; a `sub` that is a SPIFFE ID of this trust domain
+/// (the agent holds no other trust domain's bundle); `alg` ES256 (what this trust domain's
+/// authorities sign with; `none` and HMAC never); `typ`, if present, JWT or JOSE; a `kid` of
+/// the bundle; the signature; the audience; the expiry.
 pub fn validate_jwt(snapshot: &Snapshot, token: &str, audience: &str) -> Result<(SpiffeId, serde_json::Value), String> {
     let parts: Vec<&str> = token.split('.').collect();
-    let [h, p, s] = parts[..] else { return Err("not a compact JWS".into()) };
-    let header: serde_json::Value =
-        serde_json::from_slice(&B64URL.decode(h).map_err(|_| "bad header encoding")?).map_err(|_| "bad header")?;
-    if header["alg"] != "ES256" {
-        return Err(format!("unsupported alg {}", header["alg"]));
+    let [h, p, s] = parts[..] else { return Err("malformed: not a compact JWS (header.claims.signature)".into()) };
+    let json = |what: &str, part: &str| -> Result<serde_json::Value, String> {
+        let bytes = B64URL.decode(part).map_err(|_| format!("malformed: the {what} is not base64url"))?;
+        serde_json::from_slice(&bytes).map_err(|_| format!("malformed: the {what} is not JSON"))
+    };
+    let header = json("header", h)?;
+    let claims = json("claims", p)?;
+    let sub = claims["sub"].as_str().ok_or("malformed: no sub claim")?;
+    let sub = SpiffeId::parse(sub).map_err(|e| format!("sub {sub:?} is not a SPIFFE ID: {e}"))?;
+    if sub.trust_domain() != snapshot.bundle.trust_domain {
+        return Err(format!(
+            "sub {sub} is of trust domain {}; this agent holds the bundle of trust domain {} only",
+            sub.trust_domain(),
+            snapshot.bundle.trust_domain
+        ));
     }
-    let kid = header["kid"].as_str().ok_or("no kid")?;
+    if header["alg"] != "ES256" {
+        return Err(format!("alg {} is not allowed (this trust domain signs JWT-SVIDs with ES256)", header["alg"]));
+    }
+    if !matches!(header.get("typ").map(|t| t.as_str()), None | Some(Some("JWT" | "JOSE"))) {
+        return Err(format!("typ {} is neither JWT nor JOSE", header["typ"]));
+    }
+    let kid = header["kid"].as_str().ok_or("no kid in the header")?;
     let doc: serde_json::Value = serde_json::from_slice(&snapshot.bundle.jwks).unwrap_or_default();
     let key = doc["keys"]
         .as_array()
         .and_then(|keys| keys.iter().find(|k| k["kid"] == kid && k["use"] == "jwt-svid"))
-        .ok_or_else(|| format!("unknown kid {kid:?}"))?;
+        .ok_or_else(|| format!("unknown kid {kid:?}: no JWT authority of the bundle has it"))?;
     let coord = |c: &str| B64URL.decode(key[c].as_str().unwrap_or_default()).map_err(|_| "bad key".to_string());
     let mut point = vec![4u8];
     point.extend(coord("x")?);
     point.extend(coord("y")?);
-    let sig = B64URL.decode(s).map_err(|_| "bad signature encoding")?;
+    let sig = B64URL.decode(s).map_err(|_| "malformed: the signature is not base64url")?;
     ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, &point)
         .verify(format!("{h}.{p}").as_bytes(), &sig)
         .map_err(|_| "signature does not verify".to_string())?;
-    let claims: serde_json::Value =
-        serde_json::from_slice(&B64URL.decode(p).map_err(|_| "bad claims encoding")?).map_err(|_| "bad claims")?;
     let aud_ok = match &claims["aud"] {
         serde_json::Value::String(a) => a == audience,
         serde_json::Value::Array(a) => a.iter().any(|x| x == audience),
         _ => false,
     };
     if !aud_ok {
-        return Err(format!("audience {audience:?} not in the token"));
+        return Err(format!("audience {audience:?} is not in the token's aud {}", claims["aud"]));
     }
-    if claims["exp"].as_i64().is_none_or(|exp| exp <= now()) {
-        return Err("token expired".into());
-    }
-    let sub = SpiffeId::parse(claims["sub"].as_str().unwrap_or_default()).map_err(|e| format!("sub: {e}"))?;
-    if sub.trust_domain() != snapshot.bundle.trust_domain {
-        return Err(format!("sub {sub} is not in trust domain {}", snapshot.bundle.trust_domain));
+    let exp = claims["exp"].as_i64().ok_or("malformed: no exp claim")?;
+    if exp <= now() {
+        return Err(format!("token expired at {exp} (unix time)"));
     }
     Ok((sub, claims))
 }
@@ -456,4 +474,108 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     let listener = tokio::net::UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use ring::{
+        rand::SystemRandom,
+        signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING},
+    };
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::node_client::Bundle;
+
+    struct Signer {
+        key: EcdsaKeyPair,
+        kid: &'static str,
+    }
+
+    impl Signer {
+        fn new(kid: &'static str) -> Signer {
+            let rng = SystemRandom::new();
+            let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+            Signer {
+                key: EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng).unwrap(),
+                kid,
+            }
+        }
+
+        fn jwk(&self) -> Value {
+            let point = self.key.public_key().as_ref();
+            json!({"kty": "EC", "crv": "P-256", "x": B64URL.encode(&point[1..33]), "y": B64URL.encode(&point[33..65]),
+                   "kid": self.kid, "use": "jwt-svid"})
+        }
+
+        fn sign(&self, header: &Value, claims: &Value) -> String {
+            let input = format!("{}.{}", B64URL.encode(header.to_string()), B64URL.encode(claims.to_string()));
+            let sig = self.key.sign(&SystemRandom::new(), input.as_bytes()).unwrap();
+            format!("{input}.{}", B64URL.encode(sig.as_ref()))
+        }
+
+        fn token(&self, sub: &str, aud: &str, exp: i64) -> String {
+            self.sign(
+                &json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"}),
+                &json!({"sub": sub, "aud": aud, "exp": exp, "iat": now()}),
+            )
+        }
+    }
+
+    fn snapshot(keys: &[&Signer]) -> Snapshot {
+        let jwks = json!({"keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>()}).to_string().into_bytes();
+        let bundle = Bundle { trust_domain: "example.org".into(), x509_authorities: vec![], jwks, sequence: 1 };
+        Snapshot::new(vec![], HashMap::new(), bundle, true)
+    }
+
+    #[test]
+    fn a_genuine_token_validates() {
+        let k = Signer::new("k1");
+        let (id, claims) =
+            validate_jwt(&snapshot(&[&k]), &k.token("spiffe://example.org/web", "db", now() + 60), "db").unwrap();
+        assert_eq!(id.to_string(), "spiffe://example.org/web");
+        assert_eq!(claims["aud"], "db");
+    }
+
+    #[test]
+    fn each_bad_token_is_refused_naming_why() {
+        let k = Signer::new("k1");
+        let stranger = Signer::new("k2");
+        let snap = snapshot(&[&k]);
+        let later = now() + 60;
+        let good = k.token("spiffe://example.org/web", "db", later);
+        let parts: Vec<&str> = good.split('.').collect();
+        let claims = json!({"sub": "spiffe://example.org/web", "aud": "db", "exp": later});
+        let mut sig = B64URL.decode(parts[2]).unwrap();
+        sig[3] ^= 1;
+        let cases: Vec<(String, &str, &str)> = vec![
+            (format!("{}.{}.{}", parts[0], parts[1], B64URL.encode(&sig)), "db", "signature does not verify"),
+            (stranger.token("spiffe://example.org/web", "db", later), "db", "unknown kid \"k2\""),
+            (format!("{}.{}.", B64URL.encode(r#"{"alg":"none"}"#), parts[1]), "db", "alg \"none\" is not allowed"),
+            (k.sign(&json!({"alg": "HS256", "kid": "k1"}), &claims), "db", "alg \"HS256\" is not allowed"),
+            (k.sign(&json!({"alg": "ES256", "kid": "k1", "typ": "x"}), &claims), "db", "typ \"x\" is neither"),
+            (k.sign(&json!({"alg": "ES256"}), &claims), "db", "no kid"),
+            (good.clone(), "payments", "audience \"payments\" is not in the token's aud"),
+            (k.token("spiffe://example.org/web", "db", now() - 1), "db", "token expired at"),
+            // Signed with this trust domain's key, yet naming another trust domain.
+            (
+                k.token("spiffe://other.org/web", "db", later),
+                "db",
+                "sub spiffe://other.org/web is of trust domain other.org",
+            ),
+            (k.token("not-an-id", "db", later), "db", "sub \"not-an-id\" is not a SPIFFE ID"),
+            (
+                k.sign(&json!({"alg": "ES256", "kid": "k1"}), &json!({"sub": "spiffe://example.org/web", "aud": "db"})),
+                "db",
+                "malformed: no exp claim",
+            ),
+            ("abc".into(), "db", "malformed: not a compact JWS"),
+            ("a.b.c".into(), "db", "malformed: the header is not base64url"),
+            (format!("{}.{}.x", B64URL.encode("[1"), parts[1]), "db", "malformed: the header is not JSON"),
+        ];
+        for (token, audience, reason) in cases {
+            let err = validate_jwt(&snap, &token, audience).unwrap_err();
+            assert!(err.starts_with(reason), "{token}: expected {reason:?}, got {err:?}");
+        }
+    }
 }

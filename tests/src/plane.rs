@@ -49,9 +49,13 @@ impl Plane {
 
     /// As [`Plane::start`], with extra lines for the server's TOML config.
     pub fn start_with(sync_seconds: u64, server_extra: &str) -> Plane {
-        let mut plane = Self::server_only(server_extra);
-        let token = plane.cli(&["token", "generate", "--node-id", &plane.node_id.clone()]);
-        let token = String::from_utf8_lossy(&token.stdout).trim().trim_start_matches("Token: ").to_owned();
+        Self::start_in("example.org", sync_seconds, server_extra)
+    }
+
+    /// As [`Plane::start_with`], for another trust domain.
+    pub fn start_in(trust_domain: &str, sync_seconds: u64, server_extra: &str) -> Plane {
+        let mut plane = Self::server_only_in(trust_domain, server_extra);
+        let token = plane.token(&plane.node_id);
         plane.write_agent_config(sync_seconds, &format!("join_token = \"{token}\"\n"));
         plane.start_agent();
         plane
@@ -67,8 +71,20 @@ impl Plane {
         ek: &str,
         reattest_seconds: u64,
     ) -> Plane {
+        Self::start_tpm_with(sync_seconds, tpm, policy_dir, ek, reattest_seconds, "")
+    }
+
+    /// As [`Plane::start_tpm`], with extra lines for the server's `[tpm]` table.
+    pub fn start_tpm_with(
+        sync_seconds: u64,
+        tpm: &sandbox::swtpm::Swtpm,
+        policy_dir: &Path,
+        ek: &str,
+        reattest_seconds: u64,
+        server_tpm_extra: &str,
+    ) -> Plane {
         let mut plane = Self::server_only(&format!(
-            "[tpm]\nek_ca_dir = \"{}\"\npolicy_dir = \"{}\"\n",
+            "[tpm]\nek_ca_dir = \"{}\"\npolicy_dir = \"{}\"\n{server_tpm_extra}",
             sandbox::swtpm::Swtpm::ca_dir().display(),
             policy_dir.display()
         ));
@@ -93,9 +109,13 @@ impl Plane {
 
     /// A running server (SQLite) with `server_extra` in its config; no agent yet.
     pub fn server_only(server_extra: &str) -> Plane {
+        Self::server_only_in("example.org", server_extra)
+    }
+
+    fn server_only_in(trust_domain: &str, server_extra: &str) -> Plane {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let trust_domain = "example.org".to_string();
+        let trust_domain = trust_domain.to_string();
         std::fs::write(
             dir.path().join("server.toml"),
             format!(
@@ -106,8 +126,8 @@ impl Plane {
         .unwrap();
         let mut plane = Plane {
             dir,
+            node_id: format!("spiffe://{trust_domain}/node/test"),
             trust_domain,
-            node_id: "spiffe://example.org/node/test".into(),
             port,
             server: None,
             agent: None,
@@ -122,7 +142,8 @@ impl Plane {
         std::fs::write(
             self.dir.path().join("agent.toml"),
             format!(
-                "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:{}\"\ntrust_bundle_path = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = {sync_seconds}\n{credential}",
+                "trust_domain = \"{}\"\nserver_address = \"127.0.0.1:{}\"\ntrust_bundle_path = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = {sync_seconds}\n{credential}",
+                self.trust_domain,
                 self.port,
                 self.dir.path().join("server/bundle.pem").display(),
                 self.dir.path().join("agent").display(),
@@ -159,6 +180,8 @@ impl Plane {
             .arg("run")
             .arg("-c")
             .arg(self.dir.path().join("agent.toml"))
+            // Accepted Workload API connections are logged at debug: tests count them.
+            .env("RUST_LOG", "info,tether_agent::workload_api=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -177,6 +200,24 @@ impl Plane {
         Command::new(bin("tether-server")).arg("-c").arg(self.server_config()).args(args).output().unwrap()
     }
 
+    /// `tether-server -c <config> ARGS`, which must succeed; its standard output.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "tether-server {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A join token for `node_id`.
+    pub fn token(&self, node_id: &str) -> String {
+        let out = self.cli_ok(&["token", "generate", "--node-id", node_id]);
+        out.trim().strip_prefix("Token: ").unwrap_or_else(|| panic!("no token in {out:?}")).to_owned()
+    }
+
     /// Registers an entry under this node; returns its id.
     pub fn entry(&self, spiffe_id: &str, selectors: &[&str], extra: &[&str]) -> String {
         self.entry_under(&self.node_id, spiffe_id, selectors, extra)
@@ -189,9 +230,7 @@ impl Plane {
             args.extend(["--selector", s]);
         }
         args.extend(extra);
-        let out = self.cli(&args);
-        assert!(out.status.success(), "entry create: {}", String::from_utf8_lossy(&out.stderr));
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let text = self.cli_ok(&args);
         text.lines().find_map(|l| l.strip_prefix("Entry ID      : ")).unwrap().to_owned()
     }
 

@@ -17,8 +17,7 @@ fn agent_config(plane: &Plane, name: &str, token: &str) -> AgentConfig {
 }
 
 fn token(plane: &Plane, node_id: &str) -> String {
-    let out = plane.cli(&["token", "generate", "--node-id", node_id]);
-    String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("Token: ").to_owned()
+    plane.token(node_id)
 }
 
 #[tokio::test]
@@ -49,8 +48,7 @@ async fn nodes_only_get_what_they_may_serve() {
     assert_eq!(ok.len(), 1);
 
     // Evicted: the node SVID no longer opens the node API; banned: it cannot attest again.
-    let out = plane.cli(&["agent", "evict", "--spiffe-id", b_id, "--ban"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    plane.cli_ok(&["agent", "evict", "--spiffe-id", b_id, "--ban"]);
     let err = b.sync().await.unwrap_err().to_string();
     assert!(err.contains("not an attested agent"), "{err}");
     let again = token(&plane, b_id);
@@ -93,7 +91,7 @@ async fn server_killed_mid_attestation_leaves_nothing_half_written() {
     })
     .await
     .unwrap();
-    let agents = String::from_utf8_lossy(&plane.cli(&["agent", "list"]).stdout).into_owned();
+    let agents = plane.cli_ok(&["agent", "list"]);
     assert!(!agents.contains(node), "a half-attested node was stored: {agents}");
     let session =
         NodeSession::establish(&agent_config(&plane, "crash2", &tok)).await.expect("the token is still unused");

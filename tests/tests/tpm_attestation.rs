@@ -58,7 +58,7 @@ fn fetch(plane: &Plane, cg: &CgroupGuard) -> (bool, String, String) {
 }
 
 fn agents(plane: &Plane) -> String {
-    String::from_utf8_lossy(&plane.cli(&["agent", "list"]).stdout).into_owned()
+    plane.cli_ok(&["agent", "list"])
 }
 
 #[test]
@@ -133,6 +133,42 @@ fn a_changed_boot_measurement_revokes_and_a_staged_policy_restores() {
     wait_for("the node to attest again", || plane.log("agent").contains("node attested again").then_some(()));
     wait_for("a workload SVID again", || fetch(&plane, &cg).0.then_some(()));
     assert!(agents(&plane).contains("tpm:policy:image-v2"));
+}
+
+/// A node whose last accepted quote is older than `max_evidence_age_seconds` is refused
+/// service (its workloads lose their SVIDs), while a node that keeps re-attesting within the
+/// limit keeps being served.
+#[test]
+fn evidence_older_than_the_limit_is_refused_service() {
+    require_root().unwrap();
+    let (tpm_fresh, tpm_stale) = (Swtpm::start(), Swtpm::start());
+    let policies = tempfile::tempdir().unwrap();
+    policy_from(&tpm_fresh, policies.path(), "base");
+    let limit = "max_evidence_age_seconds = 6\n";
+    let (cg_fresh, cg_stale) = (CgroupGuard::new("tpm-age-fresh").unwrap(), CgroupGuard::new("tpm-age-stale").unwrap());
+    // Re-attests every second: always within the limit.
+    let fresh = Plane::start_tpm_with(1, &tpm_fresh, policies.path(), "rsa", 1, limit);
+    fresh.entry("spiffe://example.org/fresh", &[&cgroup_selector(&cg_fresh), "unix:uid:0"], &[]);
+    // Re-attests every 10 minutes (and at node SVID renewal, half an hour away): its evidence
+    // outlives the limit 6 s after it attested.
+    let stale = Plane::start_tpm_with(1, &tpm_stale, policies.path(), "rsa", 600, limit);
+    stale.entry("spiffe://example.org/stale", &[&cgroup_selector(&cg_stale), "unix:uid:0"], &[]);
+    stale.wait_issued("spiffe://example.org/stale");
+    assert!(fetch(&stale, &cg_stale).0, "served while its quote is fresh");
+    fresh.wait_issued("spiffe://example.org/fresh");
+
+    wait_for("the server to refuse the stale node", || stale.log("agent").contains("NODE NOT ATTESTED").then_some(()));
+    let log = stale.log("agent");
+    assert!(log.contains("last TPM quote is") && log.contains("(limit 6 s): re-attest"), "{log}");
+    let out = cg_stale.run(stale.workload(&tether_tests::agent_bin()).args(["api", "fetch", "x509"])).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not attested"), "stale evidence still served: {err}");
+
+    // The node that re-attests is served past the limit.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (ok, out, err) = fetch(&fresh, &cg_fresh);
+    assert!(ok && out.contains("spiffe://example.org/fresh"), "{out}{err}\n{}", fresh.log("agent"));
+    assert!(!fresh.log("agent").contains("NODE NOT ATTESTED"), "{}", fresh.log("agent"));
 }
 
 // ---- forgeries, against the server's node API directly ----
@@ -242,14 +278,46 @@ impl Node {
     }
 }
 
-fn refused(r: Result<impl std::fmt::Debug, tonic::Status>, code: tonic::Code, needle: &str) {
-    match r {
-        Ok(v) => panic!("accepted, expected refusal containing {needle:?}: {v:?}"),
-        Err(s) => {
-            assert_eq!(s.code(), code, "{}", s.message());
-            assert!(s.message().contains(needle), "expected {needle:?} in {:?}", s.message());
+/// `text` is `pattern`, where each `*` stands for any text (names and hashes that differ per
+/// run); everything else must match exactly, start to end.
+fn matches_pattern(text: &str, pattern: &str) -> bool {
+    let pieces: Vec<&str> = pattern.split('*').collect();
+    let (first, last) = (pieces[0], pieces[pieces.len() - 1]);
+    if pieces.len() == 1 {
+        return text == pattern;
+    }
+    if !text.starts_with(first) || !text[first.len()..].ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for piece in &pieces[1..pieces.len() - 1] {
+        match rest.find(piece) {
+            Some(i) => rest = &rest[i + piece.len()..],
+            None => return false,
         }
     }
+    true
+}
+
+/// Refused with exactly this code and message (`*`: any text).
+fn refused(r: Result<impl std::fmt::Debug, tonic::Status>, code: tonic::Code, message: &str) {
+    match r {
+        Ok(v) => panic!("accepted, expected the refusal {message:?}: {v:?}"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{}", s.message());
+            assert!(matches_pattern(s.message(), message), "expected {message:?}, got {:?}", s.message());
+        }
+    }
+}
+
+#[test]
+fn patterns_match_whole_messages_only() {
+    assert!(matches_pattern("quote: nonce", "quote: nonce"));
+    assert!(!matches_pattern("quote: nonce!", "quote: nonce"));
+    assert!(matches_pattern("node abc is banned", "node * is banned"));
+    assert!(!matches_pattern("node abc is not banned", "node * is banned"));
+    assert!(matches_pattern("a x b y c", "a * b * c"));
+    assert!(!matches_pattern("a x c", "a * b * c"));
 }
 
 fn zero_policy() -> tempfile::TempDir {
@@ -269,20 +337,33 @@ async fn forged_identities_are_refused_and_nothing_is_issued() {
     let tpm_b = Swtpm::start_vendor(Vendor::B);
     let mut a = Node::open(&tpm_a, EkAlgorithm::Rsa);
     let mut b = Node::open(&tpm_b, EkAlgorithm::Rsa);
+    use tonic::Code::{InvalidArgument, PermissionDenied};
 
     // EK certificate from a manufacturer the server does not trust.
-    refused(f.begin(&b.hello()).await, tonic::Code::PermissionDenied, "EK certificate");
+    refused(
+        f.begin(&b.hello()).await,
+        PermissionDenied,
+        // Vendor B's CAs carry the same names as vendor A's: found by name, refused by key.
+        "EK certificate: signature on certificate CN=unknown does not verify with its issuer's key",
+    );
+    f.assert_nothing_issued();
 
     // A genuine certificate that is not this EK's (the ECC EK's certificate, the RSA EK).
     let a_ecc = Node::open(&tpm_a, EkAlgorithm::Ecc);
     let mut h = a.hello();
     h.ek_certificate = a_ecc.ek.certificate.clone();
-    refused(f.begin(&h).await, tonic::Code::PermissionDenied, "does not match its certificate");
+    refused(
+        f.begin(&h).await,
+        PermissionDenied,
+        "EK public key does not match its certificate: ek public key does not match the ek certificate",
+    );
+    f.assert_nothing_issued();
 
     // An AK with the wrong attributes: `restricted` cleared (TPMT_PUBLIC bytes 4..8).
     let mut h = a.hello();
     h.ak_public[5] &= !0x01; // restricted is bit 16
-    refused(f.begin(&h).await, tonic::Code::PermissionDenied, "restricted");
+    refused(f.begin(&h).await, PermissionDenied, "attestation key: ak attribute restricted must be set");
+    f.assert_nothing_issued();
 
     // An AK not in the EK's TPM: A's EK and certificate, B's AK. B cannot activate a
     // credential made for A's EK; a made-up secret is refused.
@@ -292,7 +373,12 @@ async fn forged_identities_are_refused_and_nothing_is_issued() {
     assert!(b.dev.activate_credential(&b.ek, &b.ak, &c.credential_blob, &c.encrypted_secret).is_err());
     let mut ev = b.quote(&c, &c.nonce.clone());
     ev.activated_secret = vec![7; 32];
-    refused(f.attest(&id, &ev).await, tonic::Code::PermissionDenied, "credential activation failed");
+    refused(
+        f.attest(&id, &ev).await,
+        PermissionDenied,
+        "credential activation failed: the AK is not in the same TPM as the EK",
+    );
+    f.assert_nothing_issued();
 
     // A quote signed by another key (B's AK) for A's attestation.
     let (id, c) = f.begin(&a.hello()).await.unwrap();
@@ -300,7 +386,8 @@ async fn forged_identities_are_refused_and_nothing_is_issued() {
     let forged = b.quote(&c, &c.nonce.clone());
     ev.quote = forged.quote;
     ev.signature = forged.signature;
-    refused(f.attest(&id, &ev).await, tonic::Code::PermissionDenied, "quote");
+    refused(f.attest(&id, &ev).await, PermissionDenied, "quote: quote signature does not verify with the ak");
+    f.assert_nothing_issued();
 
     // A stale nonce: a quote made for another challenge.
     let (id, c) = f.begin(&a.hello()).await.unwrap();
@@ -308,27 +395,43 @@ async fn forged_identities_are_refused_and_nothing_is_issued() {
     let stale = a.quote(&c, b"an old nonce from another round");
     ev.quote = stale.quote;
     ev.signature = stale.signature;
-    refused(f.attest(&id, &ev).await, tonic::Code::PermissionDenied, "nonce");
+    refused(
+        f.attest(&id, &ev).await,
+        PermissionDenied,
+        "quote: quote nonce does not match the challenge (stale or replayed quote)",
+    );
+    f.assert_nothing_issued();
 
     // PCR values that are not the ones quoted.
     let (id, c) = f.begin(&a.hello()).await.unwrap();
     let mut ev = a.answer(&c);
     ev.pcr_values[3].value[0] ^= 1;
-    refused(f.attest(&id, &ev).await, tonic::Code::PermissionDenied, "digest");
+    refused(
+        f.attest(&id, &ev).await,
+        PermissionDenied,
+        "quote: reported pcr values do not match the quoted pcr digest",
+    );
+    f.assert_nothing_issued();
 
     // Truncated and garbage structures.
     let mut h = a.hello();
     h.ek_public.truncate(20);
-    refused(f.begin(&h).await, tonic::Code::InvalidArgument, "malformed EK public");
+    refused(f.begin(&h).await, InvalidArgument, "malformed EK public (TPMT_PUBLIC): *");
+    f.assert_nothing_issued();
     let r = f
         .client
         .begin_attestation(node::BeginAttestationRequest { attestor: "tpm".into(), payload: vec![0xff; 40] })
         .await;
-    refused(r, tonic::Code::InvalidArgument, "malformed hello");
+    refused(r, InvalidArgument, "malformed hello: *");
+    f.assert_nothing_issued();
     let (id, c) = f.begin(&a.hello()).await.unwrap();
     let mut ev = a.answer(&c);
     ev.quote.truncate(ev.quote.len() / 2);
-    refused(f.attest(&id, &ev).await, tonic::Code::PermissionDenied, "quote");
+    refused(
+        f.attest(&id, &ev).await,
+        PermissionDenied,
+        "quote: tpms_attest truncated at offset 44: extraData needs 32 bytes, 28 left",
+    );
     f.assert_nothing_issued();
 
     // The genuine flow passes; replaying it, whole or with a new challenge, does not.
@@ -336,9 +439,19 @@ async fn forged_identities_are_refused_and_nothing_is_issued() {
     let ev = a.answer(&c);
     let ok = f.attest(&id, &ev).await.unwrap();
     assert!(ok.node_id.starts_with("spiffe://example.org/tether/agent/tpm/"));
-    refused(f.attest(&id, &ev).await, tonic::Code::PermissionDenied, "already used challenge");
+    assert!(agents(&f.plane).starts_with("Found 1 attested agents"), "the genuine node is stored");
+    refused(
+        f.attest(&id, &ev).await,
+        PermissionDenied,
+        "unknown, expired or already used challenge (replayed attestation?)",
+    );
     let (id2, _) = f.begin(&a.hello()).await.unwrap();
-    refused(f.attest(&id2, &ev).await, tonic::Code::PermissionDenied, "credential activation failed");
+    refused(
+        f.attest(&id2, &ev).await,
+        PermissionDenied,
+        "credential activation failed: the AK is not in the same TPM as the EK",
+    );
+    assert!(agents(&f.plane).starts_with("Found 1 attested agents"), "a replay stored another node");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -366,7 +479,12 @@ async fn evidence_outside_policy_rolled_back_tpms_and_banned_eks_are_refused() {
     {
         let mut a = Node::open(&old, EkAlgorithm::Rsa);
         let (id, c) = f.begin(&a.hello()).await.unwrap();
-        refused(f.attest(&id, &a.answer(&c)).await, tonic::Code::PermissionDenied, "TPM clock");
+        refused(
+            f.attest(&id, &a.answer(&c)).await,
+            tonic::Code::PermissionDenied,
+            "TPM clock: tpm reset count went back from * to *: quote from before a reboot (replayed)",
+        );
+        assert!(agents(&f.plane).starts_with("Found 1 attested agents"), "only the genuine node is stored");
     }
 
     // A genuine quote of PCR values outside every golden set.
@@ -374,16 +492,25 @@ async fn evidence_outside_policy_rolled_back_tpms_and_banned_eks_are_refused() {
         let mut a = Node::open(&tpm, EkAlgorithm::Rsa);
         a.dev.extend("sha256", 4, &[0x42; 32]).unwrap();
         let (id, c) = f.begin(&a.hello()).await.unwrap();
-        refused(f.attest(&id, &a.answer(&c)).await, tonic::Code::PermissionDenied, "zeros: PCR 4 is");
+        refused(
+            f.attest(&id, &a.answer(&c)).await,
+            tonic::Code::PermissionDenied,
+            &format!("PCR values match no golden policy (zeros: PCR 4 is * (expected {}))", "00".repeat(32)),
+        );
+        // Refused, nothing new stored (the node attested before stays as it was).
+        assert!(agents(&f.plane).starts_with("Found 1 attested agents"), "{}", agents(&f.plane));
     }
 
     // Banned by EK hash: this EK never attests again (whatever its PCRs).
     let hash = ok.node_id.rsplit('/').next().unwrap().to_owned();
-    let out = f.plane.cli(&["agent", "evict", "--spiffe-id", &format!("tpm:ek-hash:{hash}"), "--ban"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    f.plane.cli_ok(&["agent", "evict", "--spiffe-id", &format!("tpm:ek-hash:{hash}"), "--ban"]);
     // Refused before the server makes it any credential.
     let fresh = Swtpm::start();
     let a = Node::open(&fresh, EkAlgorithm::Rsa);
-    refused(f.begin(&a.hello()).await, tonic::Code::PermissionDenied, "is banned");
-    assert!(!agents(&f.plane).contains(&hash));
+    refused(
+        f.begin(&a.hello()).await,
+        tonic::Code::PermissionDenied,
+        &format!("node spiffe://example.org/tether/agent/tpm/{hash} is banned"),
+    );
+    f.assert_nothing_issued();
 }

@@ -22,6 +22,11 @@ fn run_in(cg: &CgroupGuard, cmd: &mut Command) -> (bool, String, String) {
     )
 }
 
+/// Workload API connections the agent has accepted so far (it logs each at debug).
+fn connections(plane: &Plane) -> usize {
+    plane.log("agent").matches("workload API connection accepted").count()
+}
+
 fn json_lines(s: &str) -> Vec<serde_json::Value> {
     s.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
@@ -32,18 +37,27 @@ fn rust_spiffe_client_gets_svids_sees_rotation_and_validates_jwt() {
     let plane = Plane::start(1);
     let cg = CgroupGuard::new("wl-rust").unwrap();
     plane.entry("spiffe://example.org/web", &[&cgroup_selector(&cg), "unix:uid:0"], &["--x509-ttl", "8"]);
+    // Started once the agent holds the SVID, so the client's first call succeeds (a refused
+    // first call would make it reconnect, which is not what is measured here).
+    plane.wait_issued("spiffe://example.org/web");
 
-    // X.509: the SVID, then one rotation pushed on the open stream (TTL 8 s: renewed ~4 s in).
-    let (ok, out, err) = run_in(&cg, plane.workload(Path::new(SPIFFE_CLIENT)).args(["x509", "1"]));
+    // X.509: the SVID, then two rotations pushed on the open stream (TTL 8 s: renewed ~4 s
+    // in). The crate's X509Source makes two connections whatever happens (one for its initial
+    // sync, one for the stream it watches); a stream the agent ended on rotation would make
+    // it reconnect, a third.
+    let before = connections(&plane);
+    let (ok, out, err) = run_in(&cg, plane.workload(Path::new(SPIFFE_CLIENT)).args(["x509", "2"]));
     assert!(ok, "spiffe client failed: {err}\nagent log:\n{}", plane.log("agent"));
+    assert_eq!(connections(&plane) - before, 2, "a rotation came over a new connection:\n{}", plane.log("agent"));
     let seen = json_lines(&out);
-    assert_eq!(seen.len(), 2, "{out}");
+    assert_eq!(seen.len(), 3, "{out}");
     for s in &seen {
         assert_eq!(s["spiffe_id"], "spiffe://example.org/web");
         assert_eq!(s["chain"], 1);
         assert!(s["roots"].as_u64().unwrap() >= 1);
     }
     assert_ne!(seen[0]["leaf"], seen[1]["leaf"], "the rotation delivered a new certificate");
+    assert_ne!(seen[1]["leaf"], seen[2]["leaf"], "the second rotation delivered a new certificate");
 
     // JWT: fetched with an audience, validated by the Workload API.
     let (ok, out, err) = run_in(&cg, plane.workload(Path::new(SPIFFE_CLIENT)).args(["jwt", "db"]));
@@ -157,9 +171,15 @@ fn error_codes_follow_the_standard() {
 fn bad_registrations_are_refused_and_store_nothing() {
     require_root().unwrap();
     let plane = Plane::start(5);
-    let count = |p: &Plane| {
-        let out = p.cli(&["entry", "show"]);
-        String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_owned()
+    // The number `entry show` reports; it must succeed and say it.
+    let count = |p: &Plane| -> usize {
+        let out = p.cli_ok(&["entry", "show"]);
+        let first = out.lines().next().unwrap_or_default();
+        first
+            .strip_prefix("Found ")
+            .and_then(|r| r.strip_suffix(" entries"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("entry show printed {out:?}"))
     };
     let before = count(&plane);
     let cases: &[(&[&str], &str)] = &[
@@ -227,11 +247,12 @@ fn bad_registrations_are_refused_and_store_nothing() {
         "unix:uid:7",
     ]);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("already exists"),
-        "{}",
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already exists"),
+        "a duplicate entry must be refused ({}): {}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(count(&plane), before.replace('0', "1"), "only the one good entry was stored");
+    assert_eq!(count(&plane), before + 1, "only the one good entry was stored");
 
     // A used join token cannot attest a second agent.
     let reused = plane.dir.path().join("agent2.toml");
@@ -288,8 +309,11 @@ fn python_spiffe_client_gets_svids_sees_rotation_and_validates_jwt() {
     // the agent holds the SVID.
     plane.wait_issued("spiffe://example.org/py");
 
+    let before = connections(&plane);
     let (ok, out, err) = run_in(&cg, plane.workload(&python).arg(&script).args(["x509", "1"]));
     assert!(ok, "python client failed: {err}\n{out}\nagent log:\n{}", plane.log("agent"));
+    // One gRPC channel, one connection: the update arrived on the open stream.
+    assert_eq!(connections(&plane) - before, 1, "the rotation came over a new connection");
     let seen = json_lines(&out);
     assert_eq!(seen.len(), 2, "{out}");
     assert!(seen.iter().all(|s| s["spiffe_id"] == "spiffe://example.org/py"), "{out}");
@@ -399,4 +423,130 @@ fn server_on_postgresql_serves_the_same_plane() {
         Command::new("psql").args([conninfo.as_str(), "-At", "-c", "SELECT spiffe_id FROM entries"]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&rows.stdout).trim(), "spiffe://example.org/pg");
     assert!(!plane.dir.path().join("server/tether.db").exists());
+}
+
+/// The rotation is pushed on the stream the caller opened: two messages on one HTTP/2 stream,
+/// read with a plain generated client (no library that might reconnect behind our back).
+#[test]
+fn rotation_arrives_on_the_open_stream() {
+    require_root().unwrap();
+    let plane = Plane::start(1);
+    // This test process is the workload: root, in whatever cgroup the test runs.
+    plane.entry("spiffe://example.org/self", &["unix:uid:0"], &["--x509-ttl", "8"]);
+    plane.wait_issued("spiffe://example.org/self");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut client = tether_agent::api_client::connect(&plane.socket()).await.unwrap();
+        let mut stream = client.fetch_x509svid(workload::X509svidRequest {}).await.unwrap().into_inner();
+        let mut leaves = Vec::new();
+        for _ in 0..2 {
+            let msg = tokio::time::timeout(Duration::from_secs(30), stream.message())
+                .await
+                .expect("no message within 30 s on the open stream")
+                .unwrap()
+                .expect("the stream ended");
+            assert_eq!(msg.svids[0].spiffe_id, "spiffe://example.org/self");
+            leaves.push(msg.svids[0].x509_svid.clone());
+        }
+        assert_ne!(leaves[0], leaves[1], "the second message carries the rotated SVID");
+    });
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn unb64(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).unwrap()
+}
+
+/// `token` with its header replaced (the signature left as it was).
+fn with_header(token: &str, header: serde_json::Value) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    format!("{}.{}.{}", b64(header.to_string().as_bytes()), parts[1], parts[2])
+}
+
+/// ValidateJWTSVID refuses every kind of bad token with InvalidArgument and says why.
+#[test]
+fn validate_jwt_svid_refuses_forged_expired_and_foreign_tokens() {
+    require_root().unwrap();
+    let plane = Plane::start(1);
+    let other = Plane::start_in("other.org", 1, "");
+    // This test process is a workload of both planes (root, any cgroup); short-lived JWTs for
+    // the expiry case.
+    plane.entry("spiffe://example.org/self", &["unix:uid:0"], &[]);
+    plane.entry("spiffe://example.org/short-lived", &["unix:uid:0"], &["--jwt-ttl", "2"]);
+    other.entry("spiffe://other.org/self", &["unix:uid:0"], &[]);
+    plane.wait_issued("spiffe://example.org/self");
+    other.wait_issued("spiffe://other.org/self");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = tether_agent::api_client::connect(&plane.socket()).await.unwrap();
+        let other_client = tether_agent::api_client::connect(&other.socket()).await.unwrap();
+        let fetch = |c: &tether_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<_>, id: &str| {
+            let mut c = c.clone();
+            let spiffe_id = id.to_owned();
+            async move {
+                c.fetch_jwtsvid(workload::JwtsvidRequest { audience: vec!["db".into()], spiffe_id })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .svids
+                    .remove(0)
+                    .svid
+            }
+        };
+        let good = fetch(&client, "spiffe://example.org/self").await;
+        let foreign = fetch(&other_client, "spiffe://other.org/self").await;
+        let validate = |token: String, audience: &str| {
+            let mut c = client.clone();
+            let audience = audience.to_owned();
+            async move { c.validate_jwtsvid(workload::ValidateJwtsvidRequest { audience, svid: token }).await }
+        };
+        // The control: the genuine token validates.
+        let ok = validate(good.clone(), "db").await.expect("a genuine JWT-SVID must validate").into_inner();
+        assert_eq!(ok.spiffe_id, "spiffe://example.org/self");
+
+        let header: serde_json::Value = serde_json::from_slice(&unb64(good.split('.').next().unwrap())).unwrap();
+        let kid = header["kid"].as_str().unwrap().to_owned();
+        let parts: Vec<&str> = good.split('.').collect();
+        let mut sig = unb64(parts[2]);
+        sig[10] ^= 0x55;
+        let tampered = format!("{}.{}.{}", parts[0], parts[1], b64(&sig));
+        let cases: Vec<(&str, String, &str, &[&str])> = vec![
+            ("tampered signature", tampered, "db", &["signature does not verify"]),
+            (
+                "unknown kid",
+                with_header(&good, serde_json::json!({"alg": "ES256", "kid": "not-a-key", "typ": "JWT"})),
+                "db",
+                &["unknown kid", "not-a-key"],
+            ),
+            ("alg none", format!("{}.{}.", b64(br#"{"alg":"none","typ":"JWT"}"#), parts[1]), "db", &["alg", "none"]),
+            (
+                "alg HS256",
+                with_header(&good, serde_json::json!({"alg": "HS256", "kid": kid, "typ": "JWT"})),
+                "db",
+                &["alg", "HS256"],
+            ),
+            ("wrong audience", good.clone(), "payments", &["audience", "payments"]),
+            ("another trust domain", foreign, "db", &["trust domain", "other.org"]),
+            ("malformed", "not.a-token".into(), "db", &["malformed"]),
+            ("malformed", "a.b.c".into(), "db", &["malformed"]),
+        ];
+        for (what, token, audience, reasons) in cases {
+            let err = validate(token, audience).await.expect_err(what);
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
+            for reason in reasons {
+                assert!(err.message().contains(reason), "{what}: the refusal must name why ({reason:?}): {err:?}");
+            }
+        }
+        // Expired: a 2 s token (valid when fetched), once its life is over.
+        let short = fetch(&client, "spiffe://example.org/short-lived").await;
+        tokio::time::sleep(Duration::from_millis(3100)).await;
+        let err = validate(short, "db").await.expect_err("an expired JWT-SVID validated");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("expired"), "{err:?}");
+    });
 }

@@ -287,21 +287,33 @@ fn reading_and_bytes() {
 }
 
 #[test]
-fn odd_inputs_are_errors_not_panics() {
-    let inputs: &[&[u8]] = &[
-        b"",
-        b"[[rule]]",
-        b"rule = 3",
-        b"rule = [1]",
-        b"[rule]\nname = \"x\"",
-        b"defaults = []",
-        b"[[rule]]\nname = \"x\"\nfrom = \"spiffe://a/b\"",
-        b"[[rule]]\nname = \"x\"\nfrom = { spiffe_id = \"spiffe://a/b\" }\nto = { cidr = [\"1.2.3.4/\"] }",
-        b"[[rule]]\nname = \"x\"\nports = [-1, 9223372036854775807]",
-        b"\n\n\xe2\x82\xac = 1",
-        b"a.b.c.d = 1\n[[rule]]\n[[rule]]",
+fn odd_inputs_are_located_errors() {
+    // An empty file is a policy with no rules: everything is denied (it fails closed).
+    assert!(parse_bytes(b"").unwrap().rules.is_empty());
+    let cases: &[(&[u8], &str)] = &[
+        (b"[[rule]]", "<fuzz>:1: rule[0]: key `name`: is required"),
+        (b"rule = 3", "<fuzz>:1: key `rule`: invalid type: integer `3`, expected a sequence"),
+        (b"rule = [1]", "<fuzz>:1: rule[0]: invalid type: integer `1`, expected struct RawRule"),
+        (b"[rule]\nname = \"x\"", "<fuzz>:1: key `rule`: invalid type: map, expected a sequence"),
+        (b"defaults = []", "<fuzz>:1: key `defaults`: invalid length 0, expected struct RawDefaults with 2 elements"),
+        (
+            b"[[rule]]\nname = \"x\"\nfrom = \"spiffe://a/b\"",
+            "<fuzz>:3: rule[0] \"x\": key `from`: invalid type: string \"spiffe://a/b\", expected struct RawSelector",
+        ),
+        (
+            b"[[rule]]\nname = \"x\"\nfrom = { spiffe_id = \"spiffe://a/b\" }\nto = { cidr = [\"1.2.3.4/\"] }",
+            "<fuzz>:4: rule[0] \"x\": key `to.cidr[0]`: \"1.2.3.4/\" is not an IPv4 CIDR",
+        ),
+        (
+            b"[[rule]]\nname = \"x\"\nports = [-1, 9223372036854775807]",
+            "<fuzz>:1: rule[0] \"x\": key `from`: is required",
+        ),
+        (b"\n\n\xe2\x82\xac = 1", "<fuzz>:3:1: invalid unquoted key, expected letters, numbers, `-`, `_`"),
+        (b"a.b.c.d = 1\n[[rule]]\n[[rule]]", "<fuzz>:1: key `a`: unknown field `a`, expected `defaults` or `rule`"),
+        (b"\xff\xfe", "<fuzz>: not valid UTF-8 (byte 0)"),
     ];
-    for input in inputs {
-        let _ = parse_bytes(input);
+    for (input, want) in cases {
+        let err = parse_bytes(input).expect_err(&String::from_utf8_lossy(input)).to_string();
+        assert_eq!(&err, want, "{:?}", String::from_utf8_lossy(input));
     }
 }
