@@ -1,40 +1,58 @@
 //! Enforcement: who may talk to whom, decided in the kernel from what it recorded of each
 //! process. Attached only to protected cgroups (never the root cgroup).
 //!
-//! - `cgroup/sock_create` stamps every new socket with its creator's identity and exec.
-//! - `cgroup/connect4` and `cgroup/sendmsg4` refuse destinations the policy does not allow.
-//! - `cgroup/post_bind4` records which identity serves a port; `sockops` records which
-//!   identity opened each same-node TCP connection, so the server side can check it.
-//! - `cgroup_skb/ingress` drops packets to a protected listener from peers the policy does
-//!   not allow; `cgroup_skb/egress` drops packets of sockets whose creator has since exec'd.
-//! - While `ENFORCE_CONFIG.node_attested` is 0, nothing of a protected workload gets through.
+//! Every socket of a protected cgroup carries a [`SockState`] (socket storage, cloned onto
+//! accepted sockets): its creator's record key and exec, and the verdict of its connection
+//! with the epoch it was decided at.
+//! - `cgroup/sock_create` stamps the socket, and refuses what no hook could judge (IPv6, raw
+//!   and ICMP sockets, protocols other than TCP and UDP).
+//! - `cgroup/connect4` and `cgroup/sendmsg4` judge the destination: a socket of this network
+//!   namespace (found by the kernel's own socket lookup, never by port) by identity, anything
+//!   else by address. A connected socket keeps its verdict.
+//! - `cgroup/post_bind4` marks the socket a server: its accepted sockets judge their peers.
+//! - `cgroup_skb/ingress` judges the peer of each inbound connection at its handshake (the
+//!   accepted socket inherits the verdict from its listener): a socket of this namespace (it
+//!   came over loopback) by its own stamp, found by the kernel's socket lookup; another
+//!   namespace of this node is never a valid address source; anything else by address. The
+//!   destination is the receiving socket itself.
+//! - `cgroup_skb/egress` drops packets of sockets whose creator has since exec'd.
+//! - Per packet, both `cgroup_skb` hooks do one socket-storage lookup and compare the
+//!   verdict's epoch with the live one (and the creator's exec, and the node's lease). Any
+//!   change of identities, policy or local addresses bumps the epoch: established
+//!   connections are judged again at their next packet.
+//! - The node's attestation is a lease: when it runs out (no agent renews it, or the server
+//!   refused the node), nothing of a protected workload gets through.
 //!
 //! Policy maps come in two generations; `ENFORCE_CONFIG.generation` picks the live one, so
 //! the agent swaps a whole policy with one write. Every map is pinned by the agent (not
 //! declared pinned here: unpinned loads such as `trace-exec` must not share them).
 //!
-//! IPv4 only: IPv6 sockets are stamped but nothing checks them (no connect6/sendmsg6 hook).
-//! Every decision is logged as a drop count and (rate-limited) a `DropEvent`.
+//! IPv4 only: IPv6 sockets are refused at creation. Every refusal is counted and
+//! (rate-limited) reported as a `DropEvent`.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, task_struct, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        bpf_sock, bpf_sock_tuple, task_struct, BPF_F_CLONE, BPF_F_CURRENT_NETNS, BPF_F_NO_PREALLOC, BPF_NOEXIST,
+        BPF_SK_STORAGE_GET_F_CREATE,
     },
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_ktime_get_ns,
-        generated::{bpf_sk_fullsock, bpf_sk_storage_get, bpf_skb_cgroup_id},
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_current_task_btf, bpf_ktime_get_ns,
+        generated::{
+            bpf_ktime_get_coarse_ns, bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
+            bpf_sk_storage_get, bpf_skb_cgroup_id,
+        },
     },
-    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, Queue, RingBuf},
-    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
-use aya_log_ebpf::warn;
 use tether_common::{
-    direction, drop_reason, record_flags, BoundVal, DropEvent, EnforceConfig, ExecGenExit, FlowKey, IdentityKey,
-    IdentityVal, PortKey, RuleRef, SockStamp, TupleKey, EXEC_GEN_EXITED, EXEC_GEN_EXIT_GRACE_NS,
+    direction, drop_reason, record_flags, sock_role, DropEvent, EnforceConfig, ExecGen, ExecGenExit, FlowKey,
+    IdentityKey, IdentityVal, ProtectedRoot, Quota, RuleRef, SockState, TupleKey, EXEC_GEN_EXITED,
+    EXEC_GEN_EXIT_GRACE_NS, MAX_PROTECTED_ROOTS,
 };
 
 use crate::process::TASK_RECORDS;
@@ -42,13 +60,26 @@ use crate::process::TASK_RECORDS;
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 
+const IPPROTO_ICMP: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const SOCK_RAW: u32 = 3;
+
+/// TCP states (the same numbers name UDP's unconnected state).
+const TCP_CLOSE: u32 = 7;
+const TCP_LISTEN: u32 = 10;
+
+/// `LOOPBACK_IFINDEX`: every network namespace's `lo`.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Socket storage (BPF_MAP_TYPE_SK_STORAGE). aya-ebpf 0.2's `btf_maps::SkStorage` only takes
 /// a sock_addr context; this one takes any socket pointer the verifier accepts (the ctx of
-/// cgroup/sock programs, `bpf_sock_addr.sk`, `bpf_sock_ops.sk`, `bpf_sk_fullsock`).
-/// BPF_F_CLONE: an accepted socket inherits its listener's stamp.
+/// cgroup/sock programs, `bpf_sock_addr.sk`, `bpf_sk_fullsock`, `bpf_sk_lookup_*`).
+/// BPF_F_CLONE: an accepted socket inherits its listener's state.
 #[repr(C)]
 pub struct SkStorage<T> {
     r#type: *const [i32; aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
@@ -104,26 +135,37 @@ impl<T> SkStorage<T> {
 static IDENTITIES: HashMap<IdentityKey, IdentityVal> = HashMap::with_max_entries(16384, 0);
 
 #[btf_map]
-static SOCK_STAMPS: SkStorage<SockStamp> = SkStorage::new();
+static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 
-/// tgid -> exec ktime of the process's current image, maintained by the process programs.
-/// One entry per live process on the machine, and per process exited in the last
-/// EXEC_GEN_EXIT_GRACE_NS (marked EXEC_GEN_EXITED).
+/// tgid -> exec of the process's current image, for processes that stamped a socket; marked
+/// at exit, removed EXEC_GEN_EXIT_GRACE_NS later.
 #[map]
-static EXEC_GEN: HashMap<u32, u64> = HashMap::with_max_entries(65536, 0);
+static EXEC_GEN: HashMap<u32, ExecGen> = HashMap::with_max_entries(65536, 0);
 
 /// Exits in order, so their EXEC_GEN entries go once the grace period is over.
 #[map]
 static EXEC_GEN_EXITS: Queue<ExecGenExit> = Queue::with_max_entries(65536, 0);
 
+/// One counter, moved (atomically, by the process programs only) whenever an EXEC_GEN entry
+/// changes: an exec or exit of a process that holds sockets, an entry removed. A socket
+/// remembers the value its creator was last checked at and looks EXEC_GEN up again only
+/// when it moved, so the per-packet check is an array read, not a hash lookup.
+#[map]
+static EXEC_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
+
+/// EXEC_GEN entries per protected root, and each root's limit.
+#[map]
+static EXEC_GEN_QUOTA: HashMap<u64, Quota> = HashMap::with_max_entries(MAX_PROTECTED_ROOTS, 0);
+
+#[map]
+static PROTECTED_ROOTS: Array<ProtectedRoot> = Array::with_max_entries(MAX_PROTECTED_ROOTS, 0);
+
 /// Expired exits removed per exit: more than one, so the queue shrinks when exits slow down.
 const EXIT_SWEEP: usize = 4;
 
+/// Every address of this node's network namespaces.
 #[map]
-static PEERS: LruHashMap<TupleKey, u32> = LruHashMap::with_max_entries(65536, 0);
-
-#[map]
-static BOUND: HashMap<PortKey, BoundVal> = HashMap::with_max_entries(16384, 0);
+static LOCAL_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(16384, 0);
 
 #[map]
 static FLOWS_0: HashMap<FlowKey, RuleRef> = HashMap::with_max_entries(65536, 0);
@@ -169,12 +211,32 @@ const SUPPRESSED_MASK: u64 = 0xffff;
 // ---------------------------------------------------------------------------------------
 // Called by the process programs (process.rs).
 
-/// A process's image changed (exec) or a process appeared (fork, seeding).
+/// A process's image changed: sockets it stamped before stop carrying its traffic. Only
+/// processes that stamped a socket have an entry; others are left alone (no insert), so
+/// exec churn cannot fill the map.
 #[inline(always)]
-pub(crate) fn note_exec(tgid: u32, exec_ktime_ns: u64, only_if_new: bool) {
-    let flags = if only_if_new { BPF_NOEXIST as u64 } else { 0 };
-    // A full map leaves the process without an entry: its sockets fail the check (closed).
-    let _ = EXEC_GEN.insert(tgid, exec_ktime_ns, flags);
+pub(crate) fn note_exec(tgid: u32, exec_ktime_ns: u64) {
+    if let Some(slot) = EXEC_GEN.get_ptr_mut(tgid) {
+        // SAFETY: valid for this run; one aligned 8-byte store.
+        unsafe { (*slot).exec = exec_ktime_ns };
+        move_exec_epoch();
+    }
+}
+
+/// Every socket checks its creator again at its next packet.
+#[inline(always)]
+fn move_exec_epoch() {
+    if let Some(e) = EXEC_EPOCH.get_ptr_mut(0) {
+        // SAFETY: the map's one value, aligned and valid for this run; an atomic add (BPF's
+        // atomic add instruction: the target's core has no atomic read-modify-write types),
+        // so concurrent moves are never lost.
+        unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(e, 1) };
+    }
+}
+
+#[inline(always)]
+fn exec_epoch() -> u64 {
+    EXEC_EPOCH.get(0).copied().unwrap_or(0)
 }
 
 /// The thread-group leader exited: sockets it made may no longer start flows, but may
@@ -188,16 +250,34 @@ pub(crate) fn note_exit(tgid: u32) {
     if let Some(slot) = EXEC_GEN.get_ptr_mut(tgid) {
         // SAFETY: valid for this run; one aligned 8-byte store.
         let value = unsafe {
-            *slot |= EXEC_GEN_EXITED;
-            *slot
+            (*slot).exec |= EXEC_GEN_EXITED;
+            (*slot).exec
         };
+        move_exec_epoch();
         let note = ExecGenExit { tgid, _pad: 0, exit_ktime_ns: now, value };
         if EXEC_GEN_EXITS.push(note, 0).is_err() {
             // Too many recent exits to remember: the entry goes now (tails may be cut).
-            let _ = EXEC_GEN.remove(tgid);
+            remove_exec_gen(tgid, value);
         }
     }
     sweep_exits(now);
+}
+
+/// Removes the entry if it still holds `exec`, returning its quota.
+#[inline(always)]
+fn remove_exec_gen(tgid: u32, exec: u64) {
+    // SAFETY: copied out at once.
+    let Some(entry) = (unsafe { EXEC_GEN.get(tgid) }).copied() else {
+        return;
+    };
+    if entry.exec != exec || EXEC_GEN.remove(tgid).is_err() {
+        return;
+    }
+    move_exec_epoch();
+    if let Some(q) = EXEC_GEN_QUOTA.get_ptr_mut(entry.root) {
+        // SAFETY: valid for this run. Racing CPUs may lose an update; the agent resyncs.
+        unsafe { (*q).used = (*q).used.saturating_sub(1) };
+    }
 }
 
 /// Removes the entries of exits older than the grace period, if not reused since.
@@ -212,10 +292,7 @@ fn sweep_exits(now: u64) {
             let _ = EXEC_GEN_EXITS.push(note, 0);
             return;
         }
-        // SAFETY: copied out at once.
-        if unsafe { EXEC_GEN.get(note.tgid) }.copied() == Some(note.value) {
-            let _ = EXEC_GEN.remove(note.tgid);
-        }
+        remove_exec_gen(note.tgid, note.value);
     }
 }
 
@@ -223,6 +300,7 @@ fn sweep_exits(now: u64) {
 // Shared pieces.
 
 /// Why a flow is refused, and what the audit log says about it.
+#[derive(Clone, Copy)]
 struct Denial {
     reason: u32,
     direction: u32,
@@ -232,61 +310,157 @@ struct Denial {
     tgid: u32,
 }
 
+impl Denial {
+    #[inline(always)]
+    fn new(reason: u32, direction: u32) -> Denial {
+        Denial { reason, direction, src: 0, dst: 0, tuple: TupleKey::default(), tgid: 0 }
+    }
+}
+
 #[inline(always)]
 fn config() -> EnforceConfig {
     match ENFORCE_CONFIG.get(0) {
         Some(c) => *c,
-        // Unreachable for an array; an unattested default denies everything.
-        None => EnforceConfig { generation: 0, node_attested: 0, audit_interval_ns: 0 },
+        // Unreachable for an array; a zero lease denies everything.
+        None => EnforceConfig { generation: 0, epoch: 0, lease_until_ns: 0, audit_interval_ns: 0 },
     }
 }
 
-/// The identity of the process running this hook: its record, looked up in IDENTITIES.
-/// Returns (identity, tgid, exec ktime); identity 0 when there is no record or no entry.
+/// The node's attestation lease holds.
 #[inline(always)]
-fn current_stamp() -> SockStamp {
+fn lease_holds(cfg: &EnforceConfig) -> bool {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_coarse_ns() < cfg.lease_until_ns }
+}
+
+/// The state a socket gets from the process running this hook: its record's key and exec.
+#[inline(always)]
+fn current_state() -> SockState {
     // SAFETY: plain helper calls; the task pointer is trusted by the verifier.
     let task: *mut task_struct = unsafe { bpf_get_current_task_btf() };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let mut state = SockState { tgid, ..SockState::default() };
     // SAFETY: a trusted task pointer.
     let Some(rec) = (unsafe { TASK_RECORDS.get(task) }) else {
-        return SockStamp { key: IdentityKey::default(), exec_ktime_ns: 0, tgid, key_valid: 0 };
+        return state;
     };
     // SAFETY: valid for this run; only fields are copied out.
-    let (key, flags, exec) = unsafe {
-        (
-            IdentityKey { cgroup_id: (*rec).cgroup_id, exe: (*rec).exe, euid: (*rec).euid, egid: (*rec).egid },
-            (*rec).flags,
-            (*rec).exec_ktime_ns,
-        )
-    };
-    SockStamp { key, exec_ktime_ns: exec, tgid, key_valid: u32::from(flags & record_flags::EXE_VALID != 0) }
+    unsafe {
+        state.key = IdentityKey { cgroup_id: (*rec).cgroup_id, exe: (*rec).exe, euid: (*rec).euid, egid: (*rec).egid };
+        state.key_valid = u32::from((*rec).flags & record_flags::EXE_VALID != 0);
+        state.exec_ktime_ns = (*rec).exec_ktime_ns;
+    }
+    state
 }
 
-/// The identity a stamp's creator has now (0: none).
+/// The protected root the current process is under (0 if none is known).
 #[inline(always)]
-fn identity_of(key: &IdentityKey, valid: u32) -> u32 {
-    if valid == 0 {
+fn current_root() -> u64 {
+    for i in 0..MAX_PROTECTED_ROOTS {
+        let Some(root) = PROTECTED_ROOTS.get(i) else {
+            return 0;
+        };
+        if root.cgroup_id == 0 {
+            return 0;
+        }
+        // SAFETY: plain helper call; 0 when the level is deeper than the current cgroup.
+        if unsafe { bpf_get_current_ancestor_cgroup_id(root.level as i32) } == root.cgroup_id {
+            return root.cgroup_id;
+        }
+    }
+    0
+}
+
+/// Makes sure the stamping process has an EXEC_GEN entry for its current exec, counted
+/// against its protected root's quota. Fails when the root's quota (or the map) is full:
+/// then only this root's new sockets fail.
+#[inline(always)]
+fn register_exec(tgid: u32, exec: u64) -> Result<(), ()> {
+    // SAFETY: copied out at once.
+    if let Some(e) = unsafe { EXEC_GEN.get(tgid) } {
+        if e.exec == exec {
+            return Ok(());
+        }
+        // A dead process's entry for a reused PID, or an exec the tracepoint missed: this
+        // process's own exec replaces it (the old sockets become stale, as they must).
+        let slot = EXEC_GEN.get_ptr_mut(tgid).ok_or(())?;
+        // SAFETY: valid for this run.
+        unsafe { (*slot).exec = exec };
+        return Ok(());
+    }
+    let root = current_root();
+    let quota = EXEC_GEN_QUOTA.get_ptr_mut(root).ok_or(())?;
+    // SAFETY: valid for this run. Two CPUs racing may both pass with one slot left: the
+    // quota is a bound on one root's share, not an exact count.
+    unsafe {
+        if (*quota).used >= (*quota).limit {
+            return Err(());
+        }
+        (*quota).used += 1;
+    }
+    if EXEC_GEN.insert(tgid, ExecGen { exec, root }, BPF_NOEXIST as u64).is_err() {
+        // SAFETY: as above.
+        unsafe { (*quota).used = (*quota).used.saturating_sub(1) };
+        // Lost a race with another thread of this process: that entry is as good.
+        // SAFETY: copied out at once.
+        return match unsafe { EXEC_GEN.get(tgid) } {
+            Some(e) if e.exec == exec => Ok(()),
+            _ => Err(()),
+        };
+    }
+    Ok(())
+}
+
+/// The identity a state's creator has now (0: none).
+#[inline(always)]
+fn identity_of(state: &SockState) -> u32 {
+    if state.key_valid == 0 {
         return 0;
     }
     // SAFETY: the value is copied out at once.
-    unsafe { IDENTITIES.get(*key) }.map(|v| v.identity).unwrap_or(0)
+    unsafe { IDENTITIES.get(state.key) }.map(|v| v.identity).unwrap_or(0)
 }
 
-/// The stamp belongs to a live process running the image that made the socket: it may
-/// start flows.
+/// As [`identity_of`], kept on the socket for the rest of the epoch (identities only change
+/// with the epoch), so a listener's identity is looked up once, not per handshake.
 #[inline(always)]
-fn stamp_is_current(stamp: &SockStamp) -> bool {
-    // SAFETY: the value is copied out at once.
-    matches!(unsafe { EXEC_GEN.get(stamp.tgid) }, Some(&t) if t == stamp.exec_ktime_ns)
+fn identity_cached(state: *mut SockState, cfg: &EnforceConfig) -> u32 {
+    // SAFETY: a socket's own storage, valid for this run.
+    let s = unsafe { &mut *state };
+    if s.id_epoch == cfg.epoch && cfg.epoch != 0 {
+        return s.id;
+    }
+    let id = identity_of(s);
+    s.id = id;
+    s.id_epoch = cfg.epoch;
+    id
 }
 
-/// The stamp's process still runs, or exited, in the image that made the socket: the
-/// socket may carry packets (an exited creator's sockets drain and close).
+/// The creator still runs the image that made the socket: it may start flows.
 #[inline(always)]
-fn stamp_may_send(stamp: &SockStamp) -> bool {
+fn creator_is_current(state: &SockState) -> bool {
     // SAFETY: the value is copied out at once.
-    matches!(unsafe { EXEC_GEN.get(stamp.tgid) }, Some(&t) if t & !EXEC_GEN_EXITED == stamp.exec_ktime_ns)
+    matches!(unsafe { EXEC_GEN.get(state.tgid) }, Some(e) if e.exec == state.exec_ktime_ns)
+}
+
+/// The creator still runs, or exited, in the image that made the socket: the socket may
+/// carry packets (an exited creator's sockets drain and close). Looked up only when an exec
+/// table entry changed since the socket's last check (`exec_seen` is that EXEC_EPOCH + 1).
+#[inline(always)]
+fn creator_may_send(state: *mut SockState) -> bool {
+    let epoch = exec_epoch();
+    // SAFETY: the socket's own storage, valid for this run.
+    let s = unsafe { &mut *state };
+    if s.exec_seen == epoch.wrapping_add(1) {
+        return true;
+    }
+    // SAFETY: the value is copied out at once.
+    let ok = matches!(unsafe { EXEC_GEN.get(s.tgid) }, Some(e) if e.exec & !EXEC_GEN_EXITED == s.exec_ktime_ns);
+    if ok {
+        // Read before the lookup: an exec after it moves the epoch past what is kept here.
+        s.exec_seen = epoch.wrapping_add(1);
+    }
+    ok
 }
 
 #[inline(always)]
@@ -312,22 +486,11 @@ fn cidr_allowed(trie: &LpmTrie<CidrData, RuleRef>, identity: u32, proto: u32, po
     trie.get(&key).is_some()
 }
 
+/// 127.0.0.0/8, or an address of one of this node's network namespaces.
 #[inline(always)]
-fn egress_allowed(generation: u32, identity: u32, proto: u32, port: u16, addr: u32) -> bool {
-    let trie = if generation == 0 { &EGRESS_0 } else { &EGRESS_1 };
-    cidr_allowed(trie, identity, proto, port, addr)
-}
-
-#[inline(always)]
-fn ingress_allowed(generation: u32, identity: u32, proto: u32, port: u16, addr: u32) -> bool {
-    let trie = if generation == 0 { &INGRESS_0 } else { &INGRESS_1 };
-    cidr_allowed(trie, identity, proto, port, addr)
-}
-
-/// 127.0.0.0/8, `addr` in network order.
-#[inline(always)]
-fn is_loopback(addr: u32) -> bool {
-    u32::from_be(addr) >> 24 == 127
+fn is_local(addr: u32) -> bool {
+    // SAFETY: presence only.
+    u32::from_be(addr) >> 24 == 127 || unsafe { LOCAL_ADDRS.get(addr) }.is_some()
 }
 
 /// Counts the drop, and reports it unless its source reported within the audit interval.
@@ -388,42 +551,234 @@ fn record_drop(d: &Denial, cgroup_id: u64, interval_ns: u64) {
 }
 
 // ---------------------------------------------------------------------------------------
-// cgroup/sock_create
+// Sockets of this network namespace, found by the kernel's own lookup.
 
-/// Stamps the new socket with its creator's identity and exec. Never refuses a socket: an
-/// unstamped or identity-0 socket is refused where it would be used.
-///
-/// Except IPv6 sockets: no hook checks their flows yet, so they are refused here (EPERM at
-/// socket()) instead of being a way around enforcement.
-#[cgroup_sock(sock_create)]
-pub fn enforce_sock_create(ctx: SockContext) -> i32 {
-    // SAFETY: ctx field of a cgroup/sock program.
-    if unsafe { (*ctx.sock).family } == AF_INET6 {
-        let stamp = current_stamp();
-        let d = Denial {
-            reason: drop_reason::IPV6,
-            direction: direction::EGRESS,
-            src: identity_of(&stamp.key, stamp.key_valid),
-            dst: 0,
-            tuple: TupleKey::default(),
-            tgid: stamp.tgid,
-        };
-        // SAFETY: plain helper call.
-        record_drop(&d, unsafe { bpf_get_current_cgroup_id() }, config().audit_interval_ns);
-        return DENY;
-    }
-    let _ = try_sock_create(&ctx);
-    ALLOW
+/// What a socket lookup found.
+#[derive(Clone, Copy)]
+enum Found {
+    /// No socket matched.
+    Nothing,
+    /// A socket of a protected cgroup, with its creator's identity (0: none).
+    Protected(u32),
+    /// A socket no protected hook ever saw (an unprotected process's).
+    Unprotected,
 }
 
-const AF_INET6: u32 = 10;
+/// Looks up a socket of the current network namespace the way the kernel would deliver a
+/// packet `saddr:sport -> daddr:dport` (all network order), checks it with `accept` (on the
+/// socket's own fields, so a listener or a look-alike is not taken for a connected peer),
+/// and reads its state. The reference the lookup takes is released on every path.
+///
+/// # Safety
+/// `ctx` must be the program's context pointer (an skb or a sock_addr).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn lookup(
+    ctx: *mut c_void,
+    cfg: &EnforceConfig,
+    proto: u32,
+    saddr: u32,
+    sport: u16,
+    daddr: u32,
+    dport: u16,
+    peer: bool,
+) -> Found {
+    // SAFETY: all-zero is a valid tuple; the IPv4 member is written below.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.saddr = saddr;
+    tuple.__bindgen_anon_1.ipv4.daddr = daddr;
+    tuple.__bindgen_anon_1.ipv4.sport = sport;
+    tuple.__bindgen_anon_1.ipv4.dport = dport;
+    let size = size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    // SAFETY: a valid context and tuple; the result is released below.
+    let sk = unsafe {
+        if proto == IPPROTO_TCP {
+            bpf_sk_lookup_tcp(ctx, &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx, &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0)
+        }
+    };
+    if sk.is_null() {
+        return Found::Nothing;
+    }
+    // SAFETY: a referenced socket from the lookup, released right after.
+    let found = unsafe {
+        let ok = if peer { accept_peer(&*sk, saddr, sport, daddr, dport) } else { accept_server(&*sk, dport) };
+        if !ok {
+            Found::Nothing
+        } else {
+            match SOCK_STATE.get(sk as *mut c_void) {
+                Some(state) => Found::Protected(identity_cached(state, cfg)),
+                None => Found::Unprotected,
+            }
+        }
+    };
+    // SAFETY: releases the lookup's reference.
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    found
+}
 
-fn try_sock_create(ctx: &SockContext) -> Result<(), ()> {
-    let mut stamp = current_stamp();
+/// A server socket for a connection to `dport`: a TCP listener or a bound UDP socket.
+#[inline(always)]
+fn accept_server(sk: &bpf_sock, dport: u16) -> bool {
+    sk.src_port == u32::from(u16::from_be(dport)) && (sk.protocol != IPPROTO_TCP || sk.state == TCP_LISTEN)
+}
+
+/// The peer's own socket, seen from the receiver: the lookup was for a packet to the peer
+/// (`daddr:dport` is the peer), so the socket must be bound there and, for TCP, be the one
+/// connected to us (`saddr:sport`), never a listener.
+#[inline(always)]
+fn accept_peer(sk: &bpf_sock, saddr: u32, sport: u16, daddr: u32, dport: u16) -> bool {
+    if sk.src_port != u32::from(u16::from_be(dport)) || (sk.src_ip4 != 0 && sk.src_ip4 != daddr) {
+        return false;
+    }
+    if sk.protocol == IPPROTO_TCP {
+        return sk.state != TCP_LISTEN && sk.dst_port == sport && sk.dst_ip4 == saddr;
+    }
+    // UDP: unconnected, or connected to us.
+    sk.dst_port == 0 || (sk.dst_port == sport && sk.dst_ip4 == saddr)
+}
+
+// ---------------------------------------------------------------------------------------
+// Judging a connection.
+
+/// The verdict of a connection from `src` (this socket's identity) to `daddr:dport`
+/// (network order): the destination socket's identity when it is a socket of this
+/// namespace a protected process made, else the destination address. Returns the
+/// destination identity (0: an address).
+#[inline(always)]
+fn judge_outbound(
+    ctx: *mut c_void,
+    cfg: &EnforceConfig,
+    src: u32,
+    proto: u32,
+    daddr: u32,
+    dport_be: u16,
+) -> Result<u32, (u32, u32)> {
+    let dport = u16::from_be(dport_be);
+    if is_local(daddr) {
+        // SAFETY: the program's context.
+        match unsafe { lookup(ctx, cfg, proto, 0, 0, daddr, dport_be, false) } {
+            Found::Protected(0) => return Err((drop_reason::NO_IDENTITY, 0)),
+            Found::Protected(dst) => {
+                return if flow_allowed(cfg.generation, src, dst, dport, proto) {
+                    Ok(dst)
+                } else {
+                    Err((drop_reason::POLICY, dst))
+                };
+            }
+            // An unprotected service of this node, or no listener (the connect will fail
+            // on its own): address rules decide.
+            Found::Unprotected | Found::Nothing => {}
+        }
+    }
+    let trie = if cfg.generation == 0 { &EGRESS_0 } else { &EGRESS_1 };
+    if cidr_allowed(trie, src, proto, dport, daddr) {
+        Ok(0)
+    } else {
+        Err((drop_reason::POLICY, 0))
+    }
+}
+
+/// The verdict of a connection from `saddr:sport` to this socket (`dst`, at `daddr:dport`;
+/// all network order). `via_loopback`: the packet came from this network namespace, so
+/// the peer is a socket of it (found by the kernel's lookup, judged by its identity).
+/// Returns the peer's identity (0: an address).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn judge_inbound(
+    ctx: *mut c_void,
+    cfg: &EnforceConfig,
+    dst: u32,
+    proto: u32,
+    saddr: u32,
+    sport: u16,
+    daddr: u32,
+    dport_be: u16,
+    via_loopback: bool,
+) -> Result<u32, (u32, u32)> {
+    let dport = u16::from_be(dport_be);
+    if via_loopback {
+        // The lookup is for a packet back to the peer: from us to it.
+        // SAFETY: the program's context.
+        return match unsafe { lookup(ctx, cfg, proto, daddr, dport_be, saddr, sport, true) } {
+            Found::Protected(src) if src != 0 => {
+                if flow_allowed(cfg.generation, src, dst, dport, proto) {
+                    Ok(src)
+                } else {
+                    Err((drop_reason::POLICY, src))
+                }
+            }
+            _ => Err((drop_reason::UNAUTHENTICATED_PEER, 0)),
+        };
+    }
+    // Another namespace of this node: its processes are not identified by address.
+    if is_local(saddr) {
+        return Err((drop_reason::UNAUTHENTICATED_PEER, 0));
+    }
+    let trie = if cfg.generation == 0 { &INGRESS_0 } else { &INGRESS_1 };
+    if cidr_allowed(trie, dst, proto, dport, saddr) {
+        Ok(0)
+    } else {
+        Err((drop_reason::UNAUTHENTICATED_PEER, 0))
+    }
+}
+
+/// Keeps a connection's verdict on its socket.
+#[inline(always)]
+fn remember(state: *mut SockState, cfg: &EnforceConfig, verdict: u32, src: u32, dst: u32) {
+    // SAFETY: the socket's own storage, valid for this run.
+    unsafe {
+        (*state).verdict = verdict;
+        (*state).src = src;
+        (*state).dst = dst;
+        (*state).epoch = cfg.epoch;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// cgroup/sock_create
+
+/// Stamps the new socket with its creator's record and exec. Refuses, at socket(), what no
+/// hook could judge: IPv6 (not enforced yet), raw and ICMP datagram sockets (they pass no
+/// connect or sendmsg hook), and every protocol but TCP and UDP.
+#[cgroup_sock(sock_create)]
+pub fn enforce_sock_create(ctx: SockContext) -> i32 {
+    let cfg = config();
+    match try_sock_create(&ctx) {
+        Ok(()) => ALLOW,
+        Err(mut d) => {
+            d.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            // SAFETY: plain helper call.
+            record_drop(&d, unsafe { bpf_get_current_cgroup_id() }, cfg.audit_interval_ns);
+            DENY
+        }
+    }
+}
+
+fn try_sock_create(ctx: &SockContext) -> Result<(), Denial> {
+    // SAFETY: ctx fields of a cgroup/sock program.
+    let (family, kind, protocol) = unsafe { ((*ctx.sock).family, (*ctx.sock).type_, (*ctx.sock).protocol) };
+    let refused = match (family, kind, protocol) {
+        (AF_INET6, _, _) => drop_reason::IPV6,
+        (AF_INET, SOCK_STREAM, IPPROTO_TCP) | (AF_INET, SOCK_DGRAM, IPPROTO_UDP) => 0,
+        (_, SOCK_RAW, _) => drop_reason::RAW_SOCKET,
+        (_, SOCK_DGRAM, IPPROTO_ICMP) => drop_reason::ICMP_SOCKET,
+        _ => drop_reason::PROTOCOL,
+    };
+    if refused != 0 {
+        return Err(Denial::new(refused, direction::EGRESS));
+    }
+    let mut state = current_state();
+    if state.key_valid != 0 && register_exec(state.tgid, state.exec_ktime_ns).is_err() {
+        // This root's quota is used up: its new sockets fail, nobody else's.
+        return Err(Denial::new(drop_reason::MAP_FULL, direction::EGRESS));
+    }
     // SAFETY: for cgroup/sock programs the ctx is the socket.
-    let slot = unsafe { SOCK_STAMPS.get_or_insert(ctx.sock as *mut c_void, &mut stamp) }.ok_or(())?;
+    let slot = unsafe { SOCK_STATE.get_or_insert(ctx.sock as *mut c_void, &mut state) }
+        .ok_or(Denial::new(drop_reason::MAP_FULL, direction::EGRESS))?;
     // SAFETY: valid for this run.
-    unsafe { *slot = stamp };
+    unsafe { *slot = state };
     Ok(())
 }
 
@@ -432,19 +787,19 @@ fn try_sock_create(ctx: &SockContext) -> Result<(), ()> {
 
 #[cgroup_sock_addr(connect4)]
 pub fn enforce_connect4(ctx: SockAddrContext) -> i32 {
-    verdict_addr(&ctx)
+    verdict_addr(&ctx, true)
 }
 
-/// Unconnected UDP sends (a connected socket was checked at connect).
+/// Unconnected UDP sends (a connected socket was judged at connect).
 #[cgroup_sock_addr(sendmsg4)]
 pub fn enforce_sendmsg4(ctx: SockAddrContext) -> i32 {
-    verdict_addr(&ctx)
+    verdict_addr(&ctx, false)
 }
 
 #[inline(always)]
-fn verdict_addr(ctx: &SockAddrContext) -> i32 {
+fn verdict_addr(ctx: &SockAddrContext, connect: bool) -> i32 {
     let cfg = config();
-    match try_addr(ctx, &cfg) {
+    match try_addr(ctx, &cfg, connect) {
         Ok(()) => ALLOW,
         Err(d) => {
             // SAFETY: plain helper call.
@@ -454,15 +809,10 @@ fn verdict_addr(ctx: &SockAddrContext) -> i32 {
     }
 }
 
-/// The destination is allowed for the socket's identity.
-///
-/// Same-node destinations (a protected workload's port in BOUND, at a loopback address or at
-/// the socket's own bound source address) are checked identity to identity in FLOWS; every
-/// other destination by address in EGRESS. A same-node destination at another local address
-/// (e.g. the host's interface address) takes the EGRESS path here, and its server side still
-/// checks FLOWS on ingress through PEERS.
+/// The destination is allowed for the socket's identity; a connect keeps the verdict on
+/// the socket for its packets.
 #[inline(always)]
-fn try_addr(ctx: &SockAddrContext, cfg: &EnforceConfig) -> Result<(), Denial> {
+fn try_addr(ctx: &SockAddrContext, cfg: &EnforceConfig, connect: bool) -> Result<(), Denial> {
     // SAFETY: ctx fields of a sock_addr program, read one at a time at their exact size.
     let (daddr, dport_be, proto, sk) = unsafe {
         let a = ctx.sock_addr;
@@ -472,166 +822,67 @@ fn try_addr(ctx: &SockAddrContext, cfg: &EnforceConfig) -> Result<(), Denial> {
     let (saddr, sport_host) = unsafe { ((*sk).src_ip4, (*sk).src_port) };
     let tuple = TupleKey { saddr, daddr, sport: (sport_host as u16).to_be(), dport: dport_be, proto };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let mut denial = Denial { reason: 0, direction: direction::EGRESS, src: 0, dst: 0, tuple, tgid };
+    let mut d = Denial { reason: 0, direction: direction::EGRESS, src: 0, dst: 0, tuple, tgid };
 
-    if cfg.node_attested != 1 {
-        denial.reason = drop_reason::NODE_UNATTESTED;
-        return Err(denial);
+    if !lease_holds(cfg) {
+        d.reason = drop_reason::NODE_UNATTESTED;
+        return Err(d);
     }
     // SAFETY: `sk` is the sock_addr program's socket.
-    let Some(stamp) = (unsafe { SOCK_STAMPS.get(sk as *mut c_void) }) else {
-        // Made before the programs were attached: no identity can be vouched for.
-        denial.reason = drop_reason::NO_IDENTITY;
-        return Err(denial);
+    let Some(state) = (unsafe { SOCK_STATE.get(sk as *mut c_void) }) else {
+        d.reason = drop_reason::UNSTAMPED_SOCKET;
+        return Err(d);
     };
     // SAFETY: valid for this run; copied out.
-    let stamp = unsafe { *stamp };
-    let identity = identity_of(&stamp.key, stamp.key_valid);
-    denial.src = identity;
-    if identity == 0 {
-        denial.reason = drop_reason::NO_IDENTITY;
-        return Err(denial);
+    let s = unsafe { *state };
+    let src = identity_cached(state, cfg);
+    d.src = src;
+    if src == 0 {
+        d.reason = drop_reason::NO_IDENTITY;
+        return Err(d);
     }
-    if !stamp_is_current(&stamp) {
-        denial.reason = drop_reason::STALE_SOCKET;
-        return Err(denial);
+    if !creator_is_current(&s) {
+        d.reason = drop_reason::STALE_SOCKET;
+        return Err(d);
     }
-    let dport = u16::from_be(dport_be);
-    let local = is_loopback(daddr) || (saddr != 0 && saddr == daddr);
-    // SAFETY: the value is copied out at once.
-    let bound = unsafe { BOUND.get(PortKey { port: dport, _pad: 0, proto }) }.copied();
-    let allowed = match bound {
-        Some(b) if local => {
-            let dst = identity_of(&b.key, b.key_valid);
-            denial.dst = dst;
-            dst != 0 && flow_allowed(cfg.generation, identity, dst, dport, proto)
+    let verdict = judge_outbound(ctx.sock_addr as *mut c_void, cfg, src, proto, daddr, dport_be);
+    match verdict {
+        Ok(dst) => {
+            if connect {
+                // SAFETY: valid for this run.
+                unsafe { (*state).role = sock_role::OUTBOUND };
+                remember(state, cfg, 0, src, dst);
+            }
+            Ok(())
         }
-        _ => egress_allowed(cfg.generation, identity, proto, dport, daddr),
-    };
-    if allowed {
-        Ok(())
-    } else {
-        denial.reason = drop_reason::POLICY;
-        Err(denial)
+        Err((reason, dst)) => {
+            d.reason = reason;
+            d.dst = dst;
+            Err(d)
+        }
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // cgroup/post_bind4
 
-/// Records who serves the port (the binder's stamp key; its identity is looked up when a
-/// packet or connect needs it). A binder without identity keeps the listener protected
-/// (nothing reaches it) rather than taken for the port's former owner, or left open.
+/// A bound socket is a server: the connections it accepts come in. Never refuses.
 #[cgroup_sock(post_bind4)]
 pub fn enforce_post_bind4(ctx: SockContext) -> i32 {
-    match try_post_bind4(&ctx) {
-        Ok(()) => ALLOW,
-        Err(d) => {
-            warn!(&ctx, "post_bind4: BOUND is full; bind refused");
-            let cfg = config();
-            // SAFETY: plain helper call.
-            record_drop(&d, unsafe { bpf_get_current_cgroup_id() }, cfg.audit_interval_ns);
-            DENY
-        }
-    }
-}
-
-fn try_post_bind4(ctx: &SockContext) -> Result<(), Denial> {
-    let sk = ctx.sock;
-    // SAFETY: ctx fields of a cgroup/sock program.
-    let (port, proto, saddr) = unsafe { ((*sk).src_port as u16, (*sk).protocol, (*sk).src_ip4) };
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return Ok(());
-    }
-    let key = PortKey { port, _pad: 0, proto };
     // SAFETY: for cgroup/sock programs the ctx is the socket.
-    // The binder's key, not its identity now: an identity published later applies, and a
-    // socket whose creator has none keeps the listener unreachable rather than unprotected.
-    let value = match unsafe { SOCK_STAMPS.get(sk as *mut c_void) } {
-        // SAFETY: valid for this run.
-        Some(stamp) => unsafe { BoundVal { key: (*stamp).key, key_valid: (*stamp).key_valid, _pad: 0 } },
-        None => BoundVal::default(),
-    };
-    let identity = identity_of(&value.key, value.key_valid);
-    BOUND.insert(key, value, 0).map_err(|_| Denial {
-        reason: drop_reason::MAP_FULL,
-        direction: direction::INGRESS,
-        src: identity,
-        dst: identity,
-        tuple: TupleKey { saddr, daddr: 0, sport: port.to_be(), dport: 0, proto },
-        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
-    })
+    if let Some(state) = unsafe { SOCK_STATE.get(ctx.sock as *mut c_void) } {
+        // SAFETY: valid for this run. A later connect makes it outbound again.
+        unsafe {
+            if (*state).role == sock_role::NEW {
+                (*state).role = sock_role::INBOUND;
+            }
+        }
+    }
+    ALLOW
 }
 
 // ---------------------------------------------------------------------------------------
-// sockops
-
-/// At TCP connect (in the connecting task, before the SYN) records the 4-tuple's identity
-/// for the server side; deletes it when the connection closes, so a later socket reusing
-/// the tuple is not taken for it.
-#[sock_ops]
-pub fn enforce_sock_ops(ctx: SockOpsContext) -> u32 {
-    let _ = try_sock_ops(&ctx);
-    1
-}
-
-fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), ()> {
-    let op = ctx.op();
-    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_STATE_CB {
-        return Ok(());
-    }
-    if ctx.family() != 2 {
-        return Ok(()); // AF_INET only
-    }
-    let key = TupleKey {
-        saddr: ctx.local_ip4(),
-        daddr: ctx.remote_ip4(),
-        // local_port is host order; remote_port is the network-order port shifted left 16.
-        sport: (ctx.local_port() as u16).to_be(),
-        dport: (ctx.remote_port() >> 16) as u16,
-        proto: IPPROTO_TCP,
-    };
-    if op == BPF_SOCK_OPS_STATE_CB {
-        if ctx.arg(1) == BPF_TCP_CLOSE {
-            let _ = PEERS.remove(key);
-        }
-        return Ok(());
-    }
-    // SAFETY: the ctx's socket field; null-checked.
-    let sk: *mut bpf_sock = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return Err(());
-    }
-    // SAFETY: a full socket at TCP_CONNECT_CB.
-    let stamp = unsafe { SOCK_STAMPS.get(sk as *mut c_void) }.ok_or(())?;
-    // SAFETY: valid for this run.
-    let identity = unsafe { identity_of(&(*stamp).key, (*stamp).key_valid) };
-    if identity == 0 {
-        return Err(());
-    }
-    PEERS.insert(key, identity, 0).map_err(|_| ())?;
-    ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).map_err(|_| ())
-}
-
-// ---------------------------------------------------------------------------------------
-// cgroup_skb/ingress
-
-/// Packets to a protected listener (its port in BOUND): from a same-node identity (PEERS)
-/// checked in FLOWS, from anyone else by source address in INGRESS. Packets to other ports
-/// (replies to a protected client, unprotected listeners) pass.
-#[cgroup_skb(ingress)]
-pub fn enforce_ingress(ctx: SkBuffContext) -> i32 {
-    let cfg = config();
-    match try_ingress(&ctx, &cfg) {
-        Ok(()) => ALLOW,
-        Err(d) => {
-            // SAFETY: the program's own skb.
-            let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
-            record_drop(&d, cgroup_id, cfg.audit_interval_ns);
-            DENY
-        }
-    }
-}
+// cgroup_skb/ingress and egress
 
 /// IPv4 header fields the policy needs; the packet starts at the IP header.
 #[inline(always)]
@@ -658,53 +909,139 @@ fn parse_ipv4(ctx: &SkBuffContext) -> Option<TupleKey> {
     })
 }
 
+/// The TCP header's SYN flag (the packet is IPv4 TCP).
+#[inline(always)]
+fn is_syn(ctx: &SkBuffContext) -> bool {
+    let Ok(vihl) = ctx.load::<u8>(0) else {
+        return true;
+    };
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    // Unreadable flags are judged as a SYN would be.
+    ctx.load::<u8>(ihl + 13).map(|flags| flags & 0x02 != 0).unwrap_or(true)
+}
+
+/// The packet's full socket, if it has one (request and timewait sockets give none).
+#[inline(always)]
+fn skb_fullsock(ctx: &SkBuffContext) -> Option<*mut bpf_sock> {
+    // SAFETY: the ctx's socket field.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: a socket pointer from the skb.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    (!full.is_null()).then_some(full)
+}
+
+/// A socket with one peer (TCP in any connected state, connected UDP), as opposed to a
+/// listener or an unconnected UDP socket.
+#[inline(always)]
+fn has_one_peer(sk: *mut bpf_sock) -> bool {
+    // SAFETY: a full socket.
+    let st = unsafe { (*sk).state };
+    st != TCP_LISTEN && st != TCP_CLOSE
+}
+
+#[cgroup_skb(ingress)]
+pub fn enforce_ingress(ctx: SkBuffContext) -> i32 {
+    let cfg = config();
+    match try_ingress(&ctx, &cfg) {
+        Ok(()) => ALLOW,
+        Err(d) => {
+            // SAFETY: the program's own skb.
+            let cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+            let d = if d.tuple.proto == 0 { Denial { tuple: parse_ipv4(&ctx).unwrap_or_default(), ..d } } else { d };
+            record_drop(&d, cgroup_id, cfg.audit_interval_ns);
+            DENY
+        }
+    }
+}
+
 fn try_ingress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
+    let mut d = Denial::new(0, direction::INGRESS);
+    if !lease_holds(cfg) {
+        d.reason = drop_reason::NODE_UNATTESTED;
+        return Err(d);
+    }
+    // Request and timewait sockets (handshake and close) carry no data of their own.
+    let Some(sk) = skb_fullsock(ctx) else {
+        return Ok(());
+    };
+    // SAFETY: a full socket.
+    let Some(state) = (unsafe { SOCK_STATE.get(sk as *mut c_void) }) else {
+        d.reason = drop_reason::UNSTAMPED_SOCKET;
+        return Err(d);
+    };
+    let connected = has_one_peer(sk);
+    // SAFETY: valid for this run.
+    let s = unsafe { *state };
+    if connected && s.epoch == cfg.epoch {
+        if s.verdict == 0 {
+            return Ok(());
+        }
+        return Err(Denial { reason: s.verdict, direction: direction::INGRESS, src: s.src, dst: s.dst, ..d });
+    }
+    // An unconnected socket that never bound is a UDP client: what comes back to its port
+    // was asked for by its own sends (judged at sendmsg).
+    if !connected && s.role == sock_role::NEW {
+        return Ok(());
+    }
     // Not IPv4 TCP/UDP (or too short to tell): not ours to judge.
     let Some(tuple) = parse_ipv4(ctx) else {
         return Ok(());
     };
-    let dport = u16::from_be(tuple.dport);
-    // SAFETY: copied out at once.
-    let Some(bound) = unsafe { BOUND.get(PortKey { port: dport, _pad: 0, proto: tuple.proto }) }.copied() else {
+    // A listener judges each SYN; what completes a handshake (or is stray) reaches a
+    // connection only if the kernel holds a request, or a SYN cookie, made for an allowed SYN
+    // of that very tuple: the connection's socket is cloned with the verdict kept below.
+    // SAFETY: a full socket.
+    if tuple.proto == IPPROTO_TCP && unsafe { (*sk).state } == TCP_LISTEN && !is_syn(ctx) {
         return Ok(());
+    }
+    d.tuple = tuple;
+    let ctxp = ctx.skb.skb as *mut c_void;
+    let own = identity_cached(state, cfg);
+    let verdict = if connected && s.role == sock_role::OUTBOUND {
+        // Our own connection, judged again after a change: as it was at connect.
+        let src = own;
+        if src == 0 {
+            Err((drop_reason::NO_IDENTITY, 0))
+        } else {
+            judge_outbound(ctxp, cfg, src, tuple.proto, tuple.saddr, tuple.sport).map(|dst| (src, dst))
+        }
+    } else {
+        let dst = own;
+        if dst == 0 {
+            Err((drop_reason::NO_IDENTITY, 0))
+        } else {
+            // SAFETY: the program's own skb.
+            let via_loopback = unsafe { (*ctx.skb.skb).ingress_ifindex } == LOOPBACK_IFINDEX;
+            judge_inbound(ctxp, cfg, dst, tuple.proto, tuple.saddr, tuple.sport, tuple.daddr, tuple.dport, via_loopback)
+                .map(|src| (src, dst))
+        }
     };
-    let dst = identity_of(&bound.key, bound.key_valid);
-    let mut denial = Denial { reason: 0, direction: direction::INGRESS, src: 0, dst, tuple, tgid: 0 };
-    if cfg.node_attested != 1 {
-        denial.reason = drop_reason::NODE_UNATTESTED;
-        return Err(denial);
-    }
-    if dst == 0 {
-        denial.reason = drop_reason::NO_IDENTITY;
-        return Err(denial);
-    }
-    // SAFETY: copied out at once.
-    match unsafe { PEERS.get(tuple) }.copied() {
-        Some(src) => {
-            denial.src = src;
-            if flow_allowed(cfg.generation, src, dst, dport, tuple.proto) {
-                return Ok(());
-            }
-            denial.reason = drop_reason::POLICY;
+    match verdict {
+        Ok((src, dst)) => {
+            // A listener keeps the verdict of the handshake it just allowed: the socket the
+            // kernel makes for the connection (when this packet completes the handshake) is
+            // cloned from the listener right after this program, and starts with it. Only
+            // allowed verdicts are kept there: a refused handshake makes no socket. (Two
+            // handshakes judged at once on two CPUs may swap the identities kept for the
+            // audit log; both are allowed ones.)
+            remember(state, cfg, 0, src, dst);
+            Ok(())
         }
-        None => {
-            if ingress_allowed(cfg.generation, dst, tuple.proto, dport, tuple.saddr) {
-                return Ok(());
+        Err((reason, other)) => {
+            if connected {
+                remember(state, cfg, reason, other, own);
             }
-            denial.reason = drop_reason::UNAUTHENTICATED_PEER;
+            d.reason = reason;
+            d.src = other;
+            d.dst = own;
+            Err(d)
         }
     }
-    Err(denial)
 }
 
-// ---------------------------------------------------------------------------------------
-// cgroup_skb/egress
-
-/// Drops packets of sockets whose creator has exec'd since it made them (or exited more than
-/// the grace period ago): a connection established under one identity does not carry the
-/// next image's traffic.
-/// And every packet while the node is unattested. Everything else was decided at
-/// connect/sendmsg; this runs per packet, so it stays small.
 #[cgroup_skb(egress)]
 pub fn enforce_egress(ctx: SkBuffContext) -> i32 {
     let cfg = config();
@@ -720,30 +1057,68 @@ pub fn enforce_egress(ctx: SkBuffContext) -> i32 {
     }
 }
 
-/// The stamp of the packet's socket, if it is a full socket with one.
-#[inline(always)]
-fn skb_stamp(ctx: &SkBuffContext) -> Option<SockStamp> {
-    // SAFETY: the ctx's socket field.
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return None;
-    }
-    // SAFETY: a socket pointer from the skb; request and timewait sockets give null.
-    let full = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
-        return None;
-    }
-    // SAFETY: a full socket; the value is copied out at once.
-    unsafe { SOCK_STAMPS.get(full as *mut c_void).map(|p| *p) }
-}
-
+/// Per packet: the lease, the creator's exec, and the connection's verdict (judged again if
+/// it is of another epoch). Packets of sockets whose creator has exec'd since it made them
+/// are dropped: a connection established under one identity does not carry the next image's
+/// traffic.
 fn try_egress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
-    let stamp = skb_stamp(ctx);
-    let reason = match stamp {
-        _ if cfg.node_attested != 1 => drop_reason::NODE_UNATTESTED,
-        Some(s) if !stamp_may_send(&s) => drop_reason::STALE_SOCKET,
-        _ => return Ok(()),
+    let mut d = Denial::new(0, direction::EGRESS);
+    if !lease_holds(cfg) {
+        d.reason = drop_reason::NODE_UNATTESTED;
+        return Err(d);
+    }
+    // Request sockets (SYN-ACK) and timewait sockets (closing ACKs) carry no data.
+    let Some(sk) = skb_fullsock(ctx) else {
+        return Ok(());
     };
-    let (src, tgid) = stamp.map(|s| (identity_of(&s.key, s.key_valid), s.tgid)).unwrap_or((0, 0));
-    Err(Denial { reason, direction: direction::EGRESS, src, dst: 0, tuple: TupleKey::default(), tgid })
+    // SAFETY: a full socket.
+    let Some(state) = (unsafe { SOCK_STATE.get(sk as *mut c_void) }) else {
+        d.reason = drop_reason::UNSTAMPED_SOCKET;
+        return Err(d);
+    };
+    // SAFETY: valid for this run.
+    let s = unsafe { *state };
+    d.tgid = s.tgid;
+    if !creator_may_send(state) {
+        d.reason = drop_reason::STALE_SOCKET;
+        d.src = identity_of(&s);
+        return Err(d);
+    }
+    if !has_one_peer(sk) {
+        // Unconnected UDP: every destination was judged at sendmsg.
+        return Ok(());
+    }
+    if s.epoch == cfg.epoch {
+        if s.verdict == 0 {
+            return Ok(());
+        }
+        return Err(Denial { reason: s.verdict, src: s.src, dst: s.dst, ..d });
+    }
+    // SAFETY: a full socket; addresses and ports in network order.
+    let (local_addr, local_port, peer_addr, peer_port, proto) =
+        unsafe { ((*sk).src_ip4, ((*sk).src_port as u16).to_be(), (*sk).dst_ip4, (*sk).dst_port, (*sk).protocol) };
+    let own = identity_cached(state, cfg);
+    let ctxp = ctx.skb.skb as *mut c_void;
+    let verdict = if own == 0 {
+        Err((drop_reason::NO_IDENTITY, 0))
+    } else if s.role == sock_role::OUTBOUND {
+        judge_outbound(ctxp, cfg, own, proto, peer_addr, peer_port).map(|dst| (own, dst))
+    } else {
+        // An accepted connection: its peer is of this namespace when its address is local.
+        let local = is_local(peer_addr);
+        judge_inbound(ctxp, cfg, own, proto, peer_addr, peer_port, local_addr, local_port, local).map(|src| (src, own))
+    };
+    match verdict {
+        Ok((src, dst)) => {
+            remember(state, cfg, 0, src, dst);
+            Ok(())
+        }
+        Err((reason, other)) => {
+            remember(state, cfg, reason, own, other);
+            d.reason = reason;
+            d.src = own;
+            d.dst = other;
+            Err(d)
+        }
+    }
 }

@@ -9,8 +9,8 @@
 
 use aya_ebpf::{
     helpers::bpf_get_current_cgroup_id,
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
-    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use aya_log_ebpf::warn;
 
@@ -21,11 +21,6 @@ pub fn floor_sock_create(_ctx: SockContext) -> i32 {
 
 #[cgroup_sock(post_bind4)]
 pub fn floor_post_bind4(_ctx: SockContext) -> i32 {
-    1
-}
-
-#[sock_ops]
-pub fn floor_sock_ops(_ctx: SockOpsContext) -> u32 {
     1
 }
 

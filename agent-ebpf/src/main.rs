@@ -2,6 +2,9 @@
 //! around a `try_*` function returning `Result`.
 #![no_std]
 #![no_main]
+// BPF's atomic add, for a counter several CPUs move (core has no atomic RMW for this target).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod enforce;
 mod process;

@@ -223,7 +223,7 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // SAFETY: slot points into this task's storage, valid for the program's run.
     unsafe { *slot = record };
     // Sockets made before this exec stop carrying the process's traffic.
-    crate::enforce::note_exec(record.tgid, record.exec_ktime_ns, false);
+    crate::enforce::note_exec(record.tgid, record.exec_ktime_ns);
 
     if in_trace_scope() {
         if let Some(mut entry) = EXEC_EVENTS.reserve::<ExecEvent>(0) {
@@ -288,8 +288,10 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     if let Some(slot) = unsafe { TASK_RECORDS.get_or_insert(child, &mut record) } {
         // SAFETY: valid for this run.
         unsafe { *slot = record };
-        // A new process runs its parent's image (for a thread this rewrites the same value).
-        crate::enforce::note_exec(tgid, record.exec_ktime_ns, false);
+        // A new process runs its parent's image: if its PID still names a dead process's
+        // entry, that process's sockets become stale (for a thread this rewrites the same
+        // value).
+        crate::enforce::note_exec(tgid, record.exec_ktime_ns);
     }
     0
 }
@@ -369,7 +371,5 @@ pub extern "C" fn seed_tasks(ctx: *mut c_void) -> i32 {
     }
     // SAFETY: trusted iterator argument.
     unsafe { TASK_RECORDS.get_or_insert(task, &mut record) };
-    // Seeded processes have exec time 0; an entry written at a real exec is kept.
-    crate::enforce::note_exec(record.tgid, record.exec_ktime_ns, true);
     0
 }

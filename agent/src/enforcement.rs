@@ -8,7 +8,7 @@
 //! takes the pins over.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io::Write,
     path::{Path, PathBuf},
     sync::Arc,
@@ -17,7 +17,7 @@ use std::{
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tether_common::{drop_reason, CidrKey, DropEvent, FlowKey, IdentityKey, RuleRef};
+use tether_common::{drop_reason, sock_role, CidrKey, DropEvent, FlowKey, IdentityKey, RuleRef, SockState};
 use tokio::sync::watch;
 
 use crate::{
@@ -53,6 +53,22 @@ pub struct EnforcementConfig {
     /// A golden manifest (`tether-agent measure`): identities whose binary is listed with its
     /// measured sha256 are "golden" for rules that require it.
     pub golden_manifest: Option<PathBuf>,
+    /// The node's attestation lease in the kernel: protected flows stop this long after the
+    /// agent last renewed it (it renews while the server accepts the node, every half
+    /// second). A restart within the lease keeps every allowed flow; a dead agent, or a node
+    /// the server refused, stops them when it runs out. Default 30.
+    #[serde(default = "default_lease")]
+    pub node_lease_seconds: u64,
+    /// The network namespaces that make up this node (paths such as `/run/netns/x`): their
+    /// addresses are this node's, so packets from them are judged by identity, never by
+    /// address. Default: every network namespace of the machine. The namespaces of protected
+    /// processes always count.
+    #[serde(default)]
+    pub node_network_namespaces: Vec<PathBuf>,
+    /// How many processes holding sockets each protected cgroup may have at once in the
+    /// kernel's exec table; past it, only that cgroup's new sockets fail (audited as
+    /// `map_full`). Default: the table's size shared evenly.
+    pub socket_processes_per_cgroup: Option<u64>,
 }
 
 fn default_pin_dir() -> PathBuf {
@@ -61,6 +77,12 @@ fn default_pin_dir() -> PathBuf {
 fn default_audit_interval() -> u64 {
     1000
 }
+fn default_lease() -> u64 {
+    30
+}
+
+/// How often this node's addresses are read again.
+const ADDRS_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnforcementError {
@@ -168,6 +190,10 @@ struct Pushed {
     identities: Vec<(IdentityKey, u32)>,
     tables: Option<Tables>,
     node_attested: Option<bool>,
+    /// When this node's addresses were last read.
+    addrs_at: Option<std::time::Instant>,
+    /// Sockets made before enforcement were looked for (once, after the first identities).
+    preexisting_done: bool,
     /// What `tables` was compiled from (identities, the policy file's stamp, attestation):
     /// the policy is compiled again only when one of them changes.
     compiled_from: Option<(Vec<policy::IdentityInfo>, Option<SystemTime>, bool)>,
@@ -185,6 +211,18 @@ pub struct Enforcement {
     pushed: Pushed,
     audit: Option<std::fs::File>,
     metrics: PathBuf,
+    /// Policies this agent has loaded into the kernel (a metric tests and operators watch).
+    policy_loads: u64,
+}
+
+/// What one pass over the protected cgroups found.
+#[derive(Default)]
+struct Scan {
+    identities: Vec<(IdentityKey, u32)>,
+    /// The protected processes, with the pidfd they were identified through.
+    processes: Vec<(u32, PidFd, crate::process::Record)>,
+    /// Their network namespaces.
+    namespaces: BTreeMap<u64, crate::netns::Netns>,
 }
 
 fn key_of(id: &ProcessIdentity) -> Option<IdentityKey> {
@@ -205,6 +243,10 @@ fn reason_name(r: u32) -> &'static str {
         drop_reason::UNAUTHENTICATED_PEER => "unauthenticated_peer",
         drop_reason::MAP_FULL => "map_full",
         drop_reason::IPV6 => "ipv6_not_enforced",
+        drop_reason::RAW_SOCKET => "raw_socket",
+        drop_reason::ICMP_SOCKET => "icmp_socket",
+        drop_reason::PROTOCOL => "protocol_not_enforced",
+        drop_reason::UNSTAMPED_SOCKET => "unstamped_socket",
         _ => "unknown",
     }
 }
@@ -228,12 +270,16 @@ impl Enforcement {
             .iter()
             .map(|p| Cgroup::open(&if p.is_absolute() { p.clone() } else { cgroup_root.join(p) }))
             .collect::<Result<Vec<_>, _>>()?;
-        let enforcer = Enforcer::start(&config.pin_dir, &cgroups)?;
+        let mut enforcer = Enforcer::start(&config.pin_dir, &cgroups)?;
+        if let Some(per_root) = config.socket_processes_per_cgroup {
+            enforcer.set_quota(&cgroups, per_root.min(crate::ebpf::EXEC_TABLE))?;
+        }
         let support = crate::ebpf::probe_kernel();
         tracing::info!(
             protected = cgroups.len(),
             pin_dir = %config.pin_dir.display(),
-            "enforcement active through cgroup hooks (sock_create, connect4, sendmsg4, post_bind4, sock_ops, \
+            lease_seconds = config.node_lease_seconds,
+            "enforcement active through cgroup hooks (sock_create, connect4, sendmsg4, post_bind4, \
              cgroup_skb ingress/egress) and tp_btf process records; BPF LSM hooks are not used{}",
             if support.bpf_lsm { " (this kernel would allow them)" } else { " (this kernel refuses them)" }
         );
@@ -279,6 +325,7 @@ impl Enforcement {
             pushed: Pushed::default(),
             audit,
             metrics: data_dir.join("metrics.prom"),
+            policy_loads: 0,
         })
     }
 
@@ -322,8 +369,9 @@ impl Enforcement {
     }
 
     /// Every process in the protected cgroups, identified from its kernel record.
-    fn scan(&self, snapshot: &Snapshot) -> Vec<(IdentityKey, u32)> {
+    fn scan(&self, snapshot: &Snapshot) -> Scan {
         let mut out: HashMap<IdentityKey, u32> = HashMap::new();
+        let mut scan = Scan::default();
         for cg in &self.cgroups {
             let mut dirs = vec![cg.path.clone()];
             while let Some(dir) = dirs.pop() {
@@ -332,9 +380,13 @@ impl Enforcement {
                 }
                 let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else { continue };
                 for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                    if let Some(ns) = crate::netns::of_process(pid) {
+                        scan.namespaces.entry(ns.inode).or_insert(ns);
+                    }
                     let Ok(pidfd) = PidFd::open(pid) else { continue };
                     let Ok(id) = self.resolver.identify(&pidfd) else { continue };
                     let Some(key) = key_of(&id) else { continue };
+                    scan.processes.push((pid, pidfd, id.record.clone()));
                     let Some(entry) = snapshot.matching(&id.selectors).into_iter().next() else { continue };
                     out.insert(key, identity_number(&entry.spiffe_id.to_string(), self.golden(&id)));
                 }
@@ -343,14 +395,117 @@ impl Enforcement {
         let mut v: Vec<(IdentityKey, u32)> = out.into_iter().collect();
         // A stable order, so "changed" means changed.
         v.sort_by_key(|(k, _)| (k.cgroup_id, k.exe.ino, k.exe.ctime_sec, k.exe.ctime_nsec, k.exe.dev, k.euid, k.egid));
-        v
+        scan.identities = v;
+        scan
     }
 
-    /// One round: identities, policy, attestation state into the kernel (only what changed).
+    /// This node's addresses: those of the configured namespaces (or of every namespace of
+    /// the machine) and of the protected processes' namespaces.
+    fn node_addresses(&self, protected: &BTreeMap<u64, crate::netns::Netns>) -> Vec<std::net::Ipv4Addr> {
+        let mut namespaces = if self.config.node_network_namespaces.is_empty() {
+            crate::netns::all()
+        } else {
+            self.config
+                .node_network_namespaces
+                .iter()
+                .filter_map(|p| match crate::netns::at(p) {
+                    Ok(ns) => Some((ns.inode, ns)),
+                    Err(e) => {
+                        tracing::warn!(path = %p.display(), "node network namespace unreadable: {e}");
+                        None
+                    }
+                })
+                .collect()
+        };
+        namespaces.extend(protected.iter().map(|(k, v)| (*k, v.clone())));
+        let mut addrs: Vec<std::net::Ipv4Addr> = namespaces
+            .values()
+            .filter_map(|ns| crate::netns::addresses(ns).ok())
+            .flatten()
+            // 127/8 is local everywhere; the kernel programs know it.
+            .filter(|a| !a.is_loopback())
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        addrs
+    }
+
+    /// Sockets the protected processes held before enforcement was attached carry no state,
+    /// and the kernel drops their traffic (fail closed). Listening and bound sockets are
+    /// stamped as their holder's (the holder's identity then decides, as for any socket it
+    /// makes); connected ones stay unstamped and are reported: their connections were never
+    /// judged. Every one is written to the audit log.
+    fn stamp_preexisting(&mut self, processes: &[(u32, PidFd, crate::process::Record)]) {
+        for (pid, pidfd, record) in processes {
+            let Some(exe) = record.exe else { continue };
+            let state = SockState {
+                key: IdentityKey { cgroup_id: record.cgroup_id, exe: exe.key(), euid: record.euid, egid: record.egid },
+                exec_ktime_ns: record.exec_ktime_ns,
+                tgid: record.tgid,
+                key_valid: 1,
+                role: sock_role::INBOUND,
+                ..SockState::default()
+            };
+            for held in crate::netns::inet_sockets(*pid, pidfd) {
+                match self.enforcer.socket_state(&held.fd) {
+                    Ok(None) => {}
+                    _ => continue,
+                }
+                let listening = crate::netns::sockopt(&held.fd, libc::SO_ACCEPTCONN) == Some(1);
+                let udp = crate::netns::sockopt(&held.fd, libc::SO_TYPE) == Some(libc::SOCK_DGRAM);
+                let connected = {
+                    // SAFETY: an all-zero sockaddr_in to fill; the length says how much.
+                    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+                    let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                    // SAFETY: a valid fd and buffer.
+                    unsafe {
+                        libc::getpeername(
+                            std::os::fd::AsRawFd::as_raw_fd(&held.fd),
+                            (&mut addr as *mut libc::sockaddr_in).cast(),
+                            &mut len,
+                        ) == 0
+                    }
+                };
+                let action = if listening || (udp && !connected) {
+                    match self.enforcer.stamp_socket(&held.fd, state) {
+                        Ok(()) => "stamped as its holder's",
+                        Err(e) => {
+                            tracing::warn!(pid, fd = held.number, "stamping a socket made before enforcement: {e}");
+                            "left unstamped (stamping failed)"
+                        }
+                    }
+                } else {
+                    "left unstamped: its connection was never judged and carries nothing"
+                };
+                let line = serde_json::json!({
+                    "time": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                    "event": "socket_made_before_enforcement",
+                    "pid": pid,
+                    "fd": held.number,
+                    "listening": listening,
+                    "udp": udp,
+                    "connected": connected,
+                    "action": action,
+                });
+                tracing::warn!(target: "tether_agent::audit", "{line}");
+                if let Some(f) = &mut self.audit {
+                    let _ = writeln!(f, "{line}");
+                }
+            }
+        }
+    }
+
+    /// One round: identities, policy, local addresses and the node's lease into the kernel
+    /// (only what changed; the lease every round while the node is attested).
     pub fn sync(&mut self, snapshot: &Snapshot) -> Result<(), EnforcementError> {
         let attested = snapshot.node_attested;
+        if attested {
+            self.enforcer.set_lease(Duration::from_secs(self.config.node_lease_seconds))?;
+        } else if self.pushed.node_attested != Some(false) {
+            // A refused node ends its lease at once, not when it runs out.
+            self.enforcer.set_lease(Duration::ZERO)?;
+        }
         if self.pushed.node_attested != Some(attested) {
-            self.enforcer.set_node_attested(attested)?;
             self.pushed.node_attested = Some(attested);
             tracing::info!(attested, "enforcement: node attestation state");
         }
@@ -366,6 +521,7 @@ impl Enforcement {
             match encode(&compiled) {
                 Ok(tables) if self.pushed.tables.as_ref() != Some(&tables) => {
                     self.enforcer.load_policy(&tables.0, &tables.1, &tables.2)?;
+                    self.policy_loads += 1;
                     tracing::info!(
                         flows = tables.0.len(),
                         egress = tables.1.len(),
@@ -379,7 +535,15 @@ impl Enforcement {
             }
             self.pushed.compiled_from = Some(inputs);
         }
-        let ids = self.scan(snapshot);
+        let scan = self.scan(snapshot);
+        if self.pushed.addrs_at.is_none_or(|at| at.elapsed() >= ADDRS_EVERY) {
+            let addrs = self.node_addresses(&scan.namespaces);
+            if self.enforcer.set_local_addrs(&addrs)? {
+                tracing::info!(addresses = ?addrs, "this node's addresses (never admitted by address rules)");
+            }
+            self.pushed.addrs_at = Some(std::time::Instant::now());
+        }
+        let ids = scan.identities;
         if ids != self.pushed.identities {
             self.enforcer.set_identities(&ids)?;
             for (key, id) in ids.iter().filter(|x| !self.pushed.identities.contains(x)) {
@@ -393,7 +557,17 @@ impl Enforcement {
             }
             self.pushed.identities = ids;
         }
+        if !self.pushed.preexisting_done {
+            self.stamp_preexisting(&scan.processes);
+            self.pushed.preexisting_done = true;
+        }
         self.write_metrics();
+        Ok(())
+    }
+
+    /// Ends the node's lease now (the agent could not attest the node at start).
+    pub fn end_lease(&mut self) -> Result<(), EnforcementError> {
+        self.enforcer.set_lease(Duration::ZERO)?;
         Ok(())
     }
 
@@ -408,6 +582,13 @@ impl Enforcement {
             ));
         }
         text.push_str(&format!("tether_enforcement_identities {}\n", self.pushed.identities.len()));
+        text.push_str(&format!(
+            "# HELP tether_enforcement_policy_loads_total Policies this agent loaded into the kernel.\n# TYPE tether_enforcement_policy_loads_total counter\ntether_enforcement_policy_loads_total {}\n",
+            self.policy_loads
+        ));
+        if let Ok(until) = self.enforcer.lease_until_ns() {
+            text.push_str(&format!("tether_enforcement_lease_until_monotonic_ns {until}\n"));
+        }
         if text == self.pushed.metrics {
             return;
         }

@@ -10,6 +10,7 @@ pub mod ebpf;
 pub mod enforcement;
 pub mod h2_authority;
 pub mod manager;
+pub mod netns;
 pub mod node_client;
 pub mod policy;
 pub mod process;

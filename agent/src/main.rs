@@ -431,7 +431,19 @@ async fn run_agent(config_path: &Path) -> Result<()> {
             std::sync::Arc::new(Resolver::new(monitor, Measurer::new(config.max_measure_bytes), cgroup2_root()?))
         }
     };
-    let manager = Manager::start(config.clone()).await.context("node attestation")?;
+    let manager = match Manager::start(config.clone()).await {
+        Ok(m) => m,
+        Err(e) => {
+            // The node is not attested: the kernel must not keep the lease a previous agent
+            // left (flows of protected workloads stop now, not when it runs out).
+            if let Some(mut enf) = enforcement {
+                if let Err(err) = enf.end_lease() {
+                    tracing::error!("ending the node's lease: {err}");
+                }
+            }
+            return Err(anyhow::Error::new(e).context("node attestation"));
+        }
+    };
     if let Some(e) = enforcement {
         let every = std::time::Duration::from_millis(500);
         tokio::spawn(tether_agent::enforcement::run(e, manager.subscribe(), every));

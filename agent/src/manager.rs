@@ -160,9 +160,11 @@ impl Manager {
         }
     }
 
-    /// One round. A TPM node whose evidence the server refused is unattested: it stops
-    /// serving SVIDs at once (not when they expire) and attests from scratch each interval
-    /// until its evidence passes again.
+    /// One round. A node the server refused (its evidence failed, it was evicted or banned,
+    /// or its evidence is too old) is unattested: it stops serving SVIDs at once (not when
+    /// they expire), the kernel's lease ends, and it attests from scratch each interval until
+    /// the server accepts it again (a TPM node whose evidence passes again; a join-token node
+    /// only with a new token).
     pub async fn tick(&self) -> Result<(), NodeError> {
         let mut session = self.session.lock().await;
         if !self.current().node_attested {
@@ -175,26 +177,39 @@ impl Manager {
             self.set_node_status(true, "");
         }
         match self.tick_attested(&mut session).await {
-            Err(NodeError::Status(s)) if session.uses_tpm() && node_refused(&s) => {
-                tracing::error!(
-                    reason = s.message(),
-                    "NODE NOT ATTESTED: the server refused this node's evidence; workload SVIDs withdrawn"
-                );
-                self.set_node_status(false, s.message());
-                let cur = self.current();
-                let mut next = (*cur).clone();
-                next.svids.clear();
-                next.node_attested = false;
-                self.snapshot.send_replace(Arc::new(next));
-                self.jwt_cache.lock().await.clear();
+            Err(NodeError::Status(s)) if node_refused(&s) => {
+                self.withdraw(s.message()).await;
                 Err(NodeError::Status(s))
+            }
+            // The server is away: cached SVIDs serve until they expire, but a node whose own
+            // SVID has expired holds no attestation any more.
+            Err(e) if session.node_svid.not_after <= now() => {
+                self.withdraw(&format!("node SVID expired while the server was unreachable ({e})")).await;
+                Err(e)
             }
             other => other,
         }
     }
 
+    /// The node is not attested: workload SVIDs are withdrawn at once (and, through the
+    /// snapshot, the kernel's lease ends).
+    async fn withdraw(&self, reason: &str) {
+        tracing::error!(reason, "NODE NOT ATTESTED: the server refused this node; workload SVIDs withdrawn");
+        self.set_node_status(false, reason);
+        let cur = self.current();
+        let mut next = (*cur).clone();
+        next.svids.clear();
+        next.node_attested = false;
+        self.snapshot.send_replace(Arc::new(next));
+        self.jwt_cache.lock().await.clear();
+    }
+
     async fn schedule_reattest(&self) {
-        let every = self.config.tpm.as_ref().map(|t| t.reattest_interval_seconds).unwrap_or(0) as i64;
+        // Join-token nodes try again at the sync interval (a refused token stays refused;
+        // a stored node SVID the server accepts again resumes).
+        let every =
+            self.config.tpm.as_ref().map(|t| t.reattest_interval_seconds).unwrap_or(self.config.sync_interval_seconds)
+                as i64;
         *self.next_reattest.lock().await = now() + every;
     }
 

@@ -338,7 +338,7 @@ impl World {
                     addr: REMOTE_ADDR.octets(),
                 };
                 e.load_policy(&flows, &[(remote, RuleRef { rule: 1 })], &[])?;
-                e.set_node_attested(true)?;
+                e.set_lease(Duration::from_secs(600))?;
                 Attached::Tether(Box::new(e))
             }
         })
@@ -414,14 +414,16 @@ fn drops(a: &Attached) -> Result<u64> {
     })
 }
 
-/// Total BPF nanoseconds per connect, over every program, for `arm`, with stats on.
-fn bpf_ns_per_connect(w: &World, arm: Arm, connects: u32) -> Result<(f64, Vec<(String, f64)>)> {
+/// Total BPF nanoseconds per operation (`mode`: a connect, or a request/response
+/// exchange), over every program, for `arm`, with stats on.
+fn bpf_ns_per_op(w: &World, arm: Arm, mode: &str, ops: u32) -> Result<(f64, Vec<(String, f64)>)> {
     let net = Net::new()?;
     let attached = w.attach(arm)?;
-    let at = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT_CONNECT);
-    let server = Server::start(&net.node, Some(&w.srv), "connect", at)?;
+    let port = if mode == "rr" { PORT_RR } else { PORT_CONNECT };
+    let at = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    let server = Server::start(&net.node, Some(&w.srv), mode, at)?;
     let stats = tether_agent::ebpf::enable_run_stats()?;
-    run_client(&net.node, &w.cli, "connect", at, u64::from(connects))?;
+    run_client(&net.node, &w.cli, mode, at, u64::from(ops))?;
     let per_program = match &attached {
         Attached::Tether(e) => e.program_stats(),
         Attached::Floor { allow, .. } => allow.program_stats(),
@@ -430,7 +432,7 @@ fn bpf_ns_per_connect(w: &World, arm: Arm, connects: u32) -> Result<(f64, Vec<(S
     drop(stats);
     drop(server);
     w.detach(attached)?;
-    let n = f64::from(connects);
+    let n = f64::from(ops);
     let rows: Vec<(String, f64)> = per_program
         .into_iter()
         .filter(|(_, _, count)| *count > 0)
@@ -496,8 +498,13 @@ pub fn run(args: &Args) -> Result<()> {
         overflows += none.overflows + floor.overflows + tether.overflows;
         unexpected_drops += tether.unexpected_drops;
     }
-    let (tether_ns, tether_rows) = bpf_ns_per_connect(&w, Arm::Tether, args.connects)?;
-    let (floor_ns, floor_rows) = bpf_ns_per_connect(&w, Arm::Floor, args.connects)?;
+    let mut per_op = Vec::new();
+    for (mode, what, ops) in [("connect", "connect", args.connects), ("rr", "request/response", args.exchanges)] {
+        for (arm, name) in [(Arm::Tether, "tether"), (Arm::Floor, "floor")] {
+            let (total, rows) = bpf_ns_per_op(&w, arm, mode, ops)?;
+            per_op.push((what, name, total, rows));
+        }
+    }
 
     println!(
         "B1-B3 enforce: {} rounds, arms in alternating order (none, floor, tether / tether, floor, none); \
@@ -510,14 +517,15 @@ pub fn run(args: &Args) -> Result<()> {
         m.print();
     }
     refusal.print();
-    for (arm, total, rows) in [("tether", tether_ns, &tether_rows), ("floor", floor_ns, &floor_rows)] {
-        println!("B1         BPF ns per connect, {arm:<6} (all hooks, both ends): {total:>8.0} ns");
+    for (what, arm, total, rows) in &per_op {
+        let bench = if *what == "connect" { "B1" } else { "B2" };
+        println!("{bench}         BPF ns per {what}, {arm:<6} (all hooks, both ends): {total:>8.0} ns");
         for (name, ns) in rows {
-            println!("             {name:<24} {ns:>8.0} ns per connect");
+            println!("             {name:<24} {ns:>8.0} ns per {what}");
         }
         println!(
             "{}",
-            serde_json::json!({"bench": "B1", "metric": format!("bpf_ns_per_connect {arm}"), "unit": "ns", "value": total,
+            serde_json::json!({"bench": bench, "metric": format!("bpf_ns_per_{what} {arm}"), "unit": "ns", "value": total,
                 "programs": rows.iter().map(|(n, ns)| serde_json::json!({"program": n, "ns": ns})).collect::<Vec<_>>()})
         );
     }

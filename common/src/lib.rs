@@ -23,22 +23,29 @@ pub mod maps {
     /// HashMap [`super::IdentityKey`] -> [`super::IdentityVal`]: who a process is, by what
     /// the kernel recorded of it (written by the agent from registration entries).
     pub const IDENTITIES: &str = "IDENTITIES";
-    /// Socket storage of [`super::SockStamp`]: the identity of the process that made it.
-    pub const SOCK_STAMPS: &str = "SOCK_STAMPS";
-    /// HashMap tgid (u32) -> exec ktime (u64): the current exec of each process, so a socket
-    /// stamped before an exec (or by a dead process whose PID was reused) stops working.
-    /// Bit 63 ([`super::EXEC_GEN_EXITED`]) is set when the process exits: its sockets may
-    /// still drain what was written (and close), but start nothing new. The entry is removed
-    /// [`super::EXEC_GEN_EXIT_GRACE_NS`] after the exit.
+    /// Socket storage of [`super::SockState`]: who made the socket, and the verdict of its
+    /// connection with the epoch it was decided at.
+    pub const SOCK_STATE: &str = "SOCK_STATE";
+    /// HashMap tgid (u32) -> [`super::ExecGen`]: the current exec of each process that has
+    /// stamped a socket, so a socket stamped before an exec (or by a dead process whose PID
+    /// was reused) stops working. [`super::EXEC_GEN_EXITED`] is set when the process exits:
+    /// its sockets may still drain what was written (and close), but start nothing new. The
+    /// entry is removed [`super::EXEC_GEN_EXIT_GRACE_NS`] after the exit.
     pub const EXEC_GEN: &str = "EXEC_GEN";
     /// Queue of [`super::ExecGenExit`]: exits whose EXEC_GEN entry is still to be removed.
     pub const EXEC_GEN_EXITS: &str = "EXEC_GEN_EXITS";
-    /// LRU HashMap [`super::TupleKey`] -> identity (u32): same-node connections, recorded by
-    /// the client side, read by the server side's ingress.
-    pub const PEERS: &str = "PEERS";
-    /// HashMap [`super::PortKey`] -> identity (u32): protected workloads' bound ports
-    /// ([`super::UNIDENTIFIED`] when bound by a process without identity).
-    pub const BOUND: &str = "BOUND";
+    /// Array with one u64, moved by the process programs whenever an EXEC_GEN entry changes.
+    pub const EXEC_EPOCH: &str = "EXEC_EPOCH";
+    /// HashMap protected root cgroup id (u64) -> [`super::Quota`]: the EXEC_GEN entries held
+    /// by processes under each protected root, so no root's churn can fill the map for the
+    /// others.
+    pub const EXEC_GEN_QUOTA: &str = "EXEC_GEN_QUOTA";
+    /// Array of [`super::ProtectedRoot`]: the protected cgroups, for quotas.
+    pub const PROTECTED_ROOTS: &str = "PROTECTED_ROOTS";
+    /// HashMap IPv4 address (network order, u32) -> u32: every address of this node's network
+    /// namespaces (kept by the agent). A packet from one of them that did not come over
+    /// loopback is from another namespace of this node: never judged by address rules.
+    pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
     /// Two generations of each policy map; [`super::EnforceConfig::generation`] picks one, so a
     /// reload is one write (never a mix of old and new rules, never none).
     pub const FLOWS: [&str; 2] = ["FLOWS_0", "FLOWS_1"];
@@ -73,7 +80,6 @@ pub mod programs {
     pub const CONNECT4_ENFORCE: &str = "enforce_connect4";
     pub const SENDMSG4: &str = "enforce_sendmsg4";
     pub const POST_BIND4: &str = "enforce_post_bind4";
-    pub const SOCK_OPS: &str = "enforce_sock_ops";
     pub const SKB_INGRESS: &str = "enforce_ingress";
     pub const SKB_EGRESS: &str = "enforce_egress";
 }
@@ -224,11 +230,6 @@ pub struct IdentityVal {
     pub _pad: u32,
 }
 
-/// Not an identity: marks, in [`maps::BOUND`], a port bound by a process without one, so
-/// its listener is neither unprotected nor taken for the port's previous owner. The policy
-/// compiler never assigns it.
-pub const UNIDENTIFIED: u32 = u32::MAX;
-
 /// In an [`maps::EXEC_GEN`] value: the process has exited.
 pub const EXEC_GEN_EXITED: u64 = 1 << 63;
 
@@ -243,32 +244,81 @@ pub struct ExecGenExit {
     pub tgid: u32,
     pub _pad: u32,
     pub exit_ktime_ns: u64,
-    /// The entry as the exit left it; removed only if still so (not reused since).
+    /// The entry's exec as the exit left it; removed only if still so (not reused since).
     pub value: u64,
 }
 
-/// Stamped on a socket when it is created in a protected cgroup: who made it, as the kernel
-/// recorded that process. The identity number is looked up from `key` in
-/// [`maps::IDENTITIES`] each time it is needed, so an identity the agent publishes after the
-/// socket was made applies to it, and one the agent withdraws stops applying.
+/// Value of [`maps::EXEC_GEN`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockStamp {
+pub struct ExecGen {
+    /// Exec ktime of the process's current image; [`EXEC_GEN_EXITED`] set once it exited.
+    pub exec: u64,
+    /// The protected root whose quota the entry counts against.
+    pub root: u64,
+}
+
+/// A protected cgroup (the root of a protected subtree), for per-root quotas.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProtectedRoot {
+    pub cgroup_id: u64,
+    pub level: u32,
+    pub _pad: u32,
+}
+
+/// Most protected roots a node has.
+pub const MAX_PROTECTED_ROOTS: u32 = 16;
+
+/// EXEC_GEN entries held under one protected root, and its limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Quota {
+    pub used: u64,
+    pub limit: u64,
+}
+
+/// Kept on every socket of a protected cgroup (socket storage, cloned onto accepted
+/// sockets): who made it, as the kernel recorded that process, and the verdict of its
+/// connection. The identity number is looked up from `key` in [`maps::IDENTITIES`] when the
+/// connection is judged, so an identity the agent publishes after the socket was made applies
+/// to it, and one the agent withdraws stops applying at the next epoch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
     pub key: IdentityKey,
     /// The creator's exec (see [`maps::EXEC_GEN`]).
     pub exec_ktime_ns: u64,
+    /// [`maps::EXEC_EPOCH`] + 1 when the creator was last found running that exec (0: never
+    /// checked): the exec table is looked up again only once that counter has moved.
+    pub exec_seen: u64,
     pub tgid: u32,
     /// 0: the creator had no record with an executable (no identity can ever apply).
     pub key_valid: u32,
+    /// [`EnforceConfig::epoch`] the verdict was decided at; 0: not decided (listeners,
+    /// unconnected sockets, and accepted sockets until their first packet).
+    pub epoch: u32,
+    /// 0: allowed; otherwise the [`drop_reason`] the connection is refused with.
+    pub verdict: u32,
+    /// Identities the verdict was decided for (audit).
+    pub src: u32,
+    pub dst: u32,
+    /// [`sock_role`].
+    pub role: u32,
+    /// The creator's identity number as of epoch `id_epoch` (looked up again at another).
+    pub id: u32,
+    pub id_epoch: u32,
+    pub _pad: u32,
 }
 
-/// Value of [`maps::BOUND`]: the stamp key of the socket that bound the port.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BoundVal {
-    pub key: IdentityKey,
-    pub key_valid: u32,
-    pub _pad: u32,
+/// What a socket does, as far as judging its connection goes.
+pub mod sock_role {
+    /// Created, not yet connected or bound.
+    pub const NEW: u32 = 0;
+    /// Connected by its owner: the flow goes out to the peer.
+    pub const OUTBOUND: u32 = 1;
+    /// Bound (a server); its accepted sockets inherit this role: the flow comes in.
+    pub const INBOUND: u32 = 2;
 }
 
 /// An IPv4 flow as seen from the client: addresses and ports in network byte order.
@@ -279,16 +329,6 @@ pub struct TupleKey {
     pub daddr: u32,
     pub sport: u16,
     pub dport: u16,
-    pub proto: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct PortKey {
-    /// Host byte order.
-    pub port: u16,
-    pub _pad: u16,
-    /// IPPROTO_TCP (6) or IPPROTO_UDP (17).
     pub proto: u32,
 }
 
@@ -328,8 +368,14 @@ pub struct RuleRef {
 pub struct EnforceConfig {
     /// Which of the two policy map generations is live (0 or 1).
     pub generation: u32,
-    /// 1 while the node's attestation holds; 0 drops every flow of protected workloads.
-    pub node_attested: u32,
+    /// Bumped by the agent whenever identities, policy, local addresses or attestation
+    /// change: a connection whose verdict is of another epoch is judged again at its next
+    /// packet. Never 0 once the agent has written the config.
+    pub epoch: u32,
+    /// The node's attestation is a lease: protected flows pass only while
+    /// `bpf_ktime_get_coarse_ns() < lease_until_ns` (CLOCK_MONOTONIC). The agent renews it
+    /// while the server accepts the node; a dead agent or a refused node lets it run out.
+    pub lease_until_ns: u64,
     /// Minimum interval between two drop events from the same source.
     pub audit_interval_ns: u64,
 }
@@ -339,17 +385,28 @@ pub mod drop_reason {
     pub const NO_IDENTITY: u32 = 1;
     /// The socket was made before its creator exec'd (or its creator is gone).
     pub const STALE_SOCKET: u32 = 2;
+    /// The node's attestation lease ran out (a dead agent, or the server refused the node).
     pub const NODE_UNATTESTED: u32 = 3;
     /// No rule allows this flow.
     pub const POLICY: u32 = 4;
-    /// Inbound from a peer that is neither a known same-node identity nor an allowed range.
+    /// Inbound from a peer that is neither a same-node identity nor an allowed remote range
+    /// (a process of this node without identity, or one in another namespace of this node).
     pub const UNAUTHENTICATED_PEER: u32 = 5;
-    /// A map was full: denied, and alerted.
+    /// A map (or the protected root's quota in it) was full: denied, and alerted.
     pub const MAP_FULL: u32 = 6;
     /// An IPv6 socket in a protected cgroup: only IPv4 is enforced, so IPv6 is refused at
     /// socket creation rather than left unchecked.
     pub const IPV6: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// A raw socket: its packets pass no connect or sendmsg hook.
+    pub const RAW_SOCKET: u32 = 8;
+    /// An ICMP datagram ("ping") socket: no connect or sendmsg hook judges it.
+    pub const ICMP_SOCKET: u32 = 9;
+    /// Any other protocol (SCTP, UDP-Lite, MPTCP, ...): only TCP and UDP are judged.
+    pub const PROTOCOL: u32 = 10;
+    /// A socket of a protected cgroup that carries no state: made before enforcement was
+    /// attached; it carries nothing until the agent stamps it.
+    pub const UNSTAMPED_SOCKET: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
 
 pub mod direction {
@@ -379,16 +436,17 @@ mod pod {
     // SAFETY: repr(C), no implicit padding, every bit pattern valid.
     unsafe impl aya::Pod for super::IdentityKey {}
     unsafe impl aya::Pod for super::IdentityVal {}
-    unsafe impl aya::Pod for super::SockStamp {}
-    unsafe impl aya::Pod for super::BoundVal {}
+    unsafe impl aya::Pod for super::SockState {}
     unsafe impl aya::Pod for super::TupleKey {}
-    unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::CidrKey {}
     unsafe impl aya::Pod for super::RuleRef {}
     unsafe impl aya::Pod for super::EnforceConfig {}
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::ExecGenExit {}
+    unsafe impl aya::Pod for super::ExecGen {}
+    unsafe impl aya::Pod for super::ProtectedRoot {}
+    unsafe impl aya::Pod for super::Quota {}
     // SAFETY: all of these are repr(C) with no implicit padding and every bit pattern valid.
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::TraceFilter {}

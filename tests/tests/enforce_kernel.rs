@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sandbox::{require_root, CgroupGuard};
+use sandbox::{require_root, CgroupGuard, NetnsGuard};
 use tether_agent::{
     cgroup::Cgroup,
     ebpf::{DropEvents, Enforcer, Monitor},
@@ -80,8 +80,16 @@ struct Server {
 
 impl Server {
     fn start(cg: &CgroupGuard) -> Server {
-        let mut cmd = Command::new(NET);
-        cmd.args(["listen", "0"]).stdout(Stdio::piped());
+        Self::start_with(cg, Command::new(NET), "127.0.0.1")
+    }
+
+    /// A listener on `addr` inside a network namespace.
+    fn start_in(cg: &CgroupGuard, ns: &NetnsGuard, addr: &str) -> Server {
+        Self::start_with(cg, ns.command(NET), addr)
+    }
+
+    fn start_with(cg: &CgroupGuard, mut cmd: Command, addr: &str) -> Server {
+        cmd.args(["listen", "0", addr]).stdout(Stdio::piped());
         cg.place(&mut cmd).unwrap();
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -224,7 +232,7 @@ impl World {
     fn enforcer(&self, pins: &PinGuard) -> Enforcer {
         let mut e = Enforcer::start(&pins.0, &[cgroup(&self.root)]).unwrap();
         e.set_identities(&self.identities()).unwrap();
-        e.set_node_attested(true).unwrap();
+        e.set_lease(Duration::from_secs(600)).unwrap();
         e
     }
 }
@@ -300,12 +308,12 @@ async fn identities_policy_and_generations() {
     while !a.seen(Duration::from_millis(50)).contains(&"data one".to_string()) {
         assert!(Instant::now() < deadline, "the first line never arrived");
     }
-    e.set_node_attested(false).unwrap();
+    e.set_lease(Duration::ZERO).unwrap();
     assert_eperm(connect_from(&w.client, a.port), "unattested");
     events_until(&mut events, |e| e.reason == drop_reason::NODE_UNATTESTED).await;
     assert!(held.0.wait().unwrap().success());
     assert!(!a.seen(Duration::from_millis(200)).contains(&"data two".to_string()), "sent while unattested");
-    e.set_node_attested(true).unwrap();
+    e.set_lease(Duration::from_secs(600)).unwrap();
     connect_from(&w.client, a.port).expect("attested again");
 
     // Audit rate limit: one event per source per interval; every drop is counted.
@@ -377,7 +385,7 @@ async fn exec_after_connect_loses_the_connection() {
 }
 
 /// (d) A protected listener receives nothing from peers that are not same-node identities,
-/// unless an INGRESS range allows their address.
+/// unless an INGRESS range allows their address and they are on another host.
 #[tokio::test]
 async fn ingress_from_unprotected_peers() {
     let w = World::new("enforce-ingress");
@@ -396,18 +404,42 @@ async fn ingress_from_unprotected_peers() {
     assert_eq!((ev.src_identity, ev.dst_identity), (0, SRV_A));
     assert_eq!(ev.tuple.saddr, u32::from_ne_bytes([127, 0, 0, 1]));
 
-    // A same-node identity is let in through FLOWS (its sock_ops recorded the tuple).
+    // A same-node identity is let in through FLOWS (the kernel finds its socket).
     connect_from(&w.client, a.port).expect("CLIENT -> A");
     assert_eq!(a.accepts(Duration::from_millis(300)), 1);
 
-    // An INGRESS rule for 127.0.0.1 lets the unprotected peer in.
+    // An INGRESS rule for 127.0.0.1 does not let the unprotected peer in: a process of this
+    // node is judged by identity only, whatever address it comes from.
     e.load_policy(&[flow(CLIENT, SRV_A, 0, TCP)], &[], &[cidr(SRV_A, TCP, 0, [127, 0, 0, 1], 32)]).unwrap();
-    let _conn = connect_here(a.port).expect("allowed by the ingress range");
-    assert_eq!(a.accepts(Duration::from_millis(300)), 2);
-    // A range that does not cover the peer does not.
-    e.load_policy(&[], &[], &[cidr(SRV_A, TCP, 0, [10, 0, 0, 0], 8)]).unwrap();
-    assert!(connect_here(a.port).is_err());
-    assert_eq!(a.accepts(Duration::from_millis(200)), 2);
+    assert!(connect_here(a.port).is_err(), "an address rule admitted a process of this node");
+    assert_eq!(a.accepts(Duration::from_millis(200)), 1);
+
+    // A peer on another host (a namespace joined by veth) is let in by a range that covers
+    // its address, and not by one that does not.
+    let (node, remote) = (NetnsGuard::new("ing-node").unwrap(), NetnsGuard::new("ing-remote").unwrap());
+    node.link("10.78.0.1/24", &remote, "10.78.0.2/24").unwrap();
+    let mut r = Server::start_in(&w.srv_a, &node, "10.78.0.1");
+    let from_remote = |port: u16| {
+        remote
+            .run_in(|| {
+                TcpStream::connect_timeout(&SocketAddr::from(([10, 78, 0, 1], port)), Duration::from_millis(1500))
+            })
+            .unwrap()
+    };
+    e.load_policy(&[], &[], &[cidr(SRV_A, TCP, 0, [10, 78, 0, 2], 32)]).unwrap();
+    let _conn = from_remote(r.port).expect("allowed by the ingress range");
+    assert_eq!(r.accepts(Duration::from_millis(300)), 1);
+    e.load_policy(&[], &[], &[cidr(SRV_A, TCP, 0, [192, 168, 0, 0], 16)]).unwrap();
+    assert!(from_remote(r.port).is_err(), "a range that does not cover the peer let it in");
+    assert_eq!(r.accepts(Duration::from_millis(200)), 1);
+    // And once that address is one of this node's (another namespace of the same node), the
+    // range no longer admits it either.
+    e.load_policy(&[], &[], &[cidr(SRV_A, TCP, 0, [10, 78, 0, 2], 32)]).unwrap();
+    e.set_local_addrs(&["10.78.0.2".parse().unwrap()]).unwrap();
+    assert!(from_remote(r.port).is_err(), "an address of this node was admitted by a range");
+    assert_eq!(r.accepts(Duration::from_millis(200)), 1);
+    e.set_local_addrs(&[]).unwrap();
+    drop(r);
 
     // A listener without identity in a protected cgroup is reached by no one: not taken for
     // an unprotected listener, nor for whoever held its port before.
@@ -441,7 +473,7 @@ async fn takeover_after_the_agent_dies() {
     let first = e.pinned_links().unwrap();
     // Dropped without detaching: every fd of the first agent is closed, as on kill -9.
     drop(e);
-    assert_eq!(first.len(), 4 + 7, "4 process links and 7 cgroup links pinned: {first:?}");
+    assert_eq!(first.len(), 4 + 6, "4 process links and 6 cgroup links pinned: {first:?}");
 
     // No agent: the policy still holds, and a process started now is still identified (the
     // pinned exec program keeps writing records).

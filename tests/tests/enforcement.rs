@@ -25,7 +25,8 @@ fn rel(cg: &CgroupGuard) -> String {
     format!("/{}", cg.path().strip_prefix(cgroup2_root().unwrap()).unwrap().display())
 }
 
-/// One node: a network namespace, a protected cgroup subtree, an agent.
+/// One node: a network namespace (the node's only one: the other host's namespace is another
+/// node), a protected cgroup subtree, an agent.
 struct Host {
     name: &'static str,
     ns: NetnsGuard,
@@ -52,7 +53,7 @@ impl Host {
         std::fs::write(
             dir.join("agent.toml"),
             format!(
-                "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{token}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = 1\n[enforcement]\nprotected_cgroups = [\"{}\"]\npolicy = \"{}\"\npin_dir = \"{}\"\naudit_interval_ms = 100\n",
+                "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{token}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = 1\n[enforcement]\nprotected_cgroups = [\"{}\"]\npolicy = \"{}\"\npin_dir = \"{}\"\naudit_interval_ms = 100\nnode_network_namespaces = [\"/run/netns/{}\"]\n",
                 plane.port,
                 plane.dir.path().join("server/bundle.pem").display(),
                 dir.join("data").display(),
@@ -60,6 +61,7 @@ impl Host {
                 root.path().display(),
                 dir.join("policy.toml").display(),
                 pin_dir.display(),
+                ns.name(),
             ),
         )
         .unwrap();

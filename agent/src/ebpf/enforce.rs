@@ -5,11 +5,16 @@
 //! the next agent takes it over without a gap:
 //!
 //! ```text
-//! <pin_dir>/<MAP>                        every map the programs share (common::maps names,
-//!                                        plus TASK_RECORDS and MEASUREMENTS)
-//! <pin_dir>/links/process/<program>      the record-keeping tp_btf links
-//! <pin_dir>/links/<cgroup-id>/<program>  one cgroup link per enforcement program and cgroup
+//! <pin_dir>/v2/<MAP>                        every map the programs share (common::maps names,
+//!                                           plus TASK_RECORDS and MEASUREMENTS)
+//! <pin_dir>/v2/links/process/<program>      the record-keeping tp_btf links
+//! <pin_dir>/v2/links/<cgroup-id>/<program>  one cgroup link per enforcement program and cgroup
 //! ```
+//!
+//! `v2` is the layout of the maps' keys and values: pins of another layout (an agent of
+//! another version) are never reused with programs that read them differently. They are
+//! removed once this layout's programs are attached beside them (both refuse while both
+//! run), so an upgrade leaves no moment without enforcement.
 //!
 //! Taking over (after the previous agent was killed, or on upgrade): the maps are reused as
 //! they are (identities, policy, stamps and records keep working), every pinned cgroup link
@@ -31,35 +36,43 @@ use std::{
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, HashMap, MapData, MapError, PerCpuArray, RingBuf,
+        Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, SkStorage,
     },
     programs::{
         links::{CgroupAttachMode, FdLink},
-        CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, SockOps,
+        CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
     },
     Btf as AyaBtf, Ebpf,
 };
 use tether_common::{
-    drop_reason, maps, programs, CidrKey, DropEvent, EnforceConfig, FlowKey, IdentityKey, IdentityVal, RuleRef,
-    UNIDENTIFIED,
+    drop_reason, maps, programs, CidrKey, DropEvent, EnforceConfig, FlowKey, IdentityKey, IdentityVal, ProtectedRoot,
+    Quota, RuleRef, SockState, MAX_PROTECTED_ROOTS,
 };
 use tokio::io::unix::AsyncFd;
 
 use super::{load_with_pins, map_err, monitor, program_err, EbpfError, Loaded};
 use crate::cgroup::Cgroup;
 
+/// Entries of the kernel's exec table (`EXEC_GEN`), shared out as per-root quotas.
+pub const EXEC_TABLE: u64 = 65536;
+
+/// The layout of the pinned maps' keys and values; pins of another layout are never reused.
+pub(super) const LAYOUT: &str = "v2";
+
 /// Maps pinned under the pin directory: shared by every load on it, kept across agents.
-const PINNED_MAPS: [&str; 18] = [
+const PINNED_MAPS: [&str; 20] = [
     maps::TASK_RECORDS,
     // Not read by enforcement yet; pinned so that a `Monitor::open_pinned` publishes
     // measurements where the pinned programs can see them.
     maps::MEASUREMENTS,
     maps::IDENTITIES,
-    maps::SOCK_STAMPS,
+    maps::SOCK_STATE,
     maps::EXEC_GEN,
     maps::EXEC_GEN_EXITS,
-    maps::PEERS,
-    maps::BOUND,
+    maps::EXEC_EPOCH,
+    maps::EXEC_GEN_QUOTA,
+    maps::PROTECTED_ROOTS,
+    maps::LOCAL_ADDRS,
     maps::FLOWS[0],
     maps::FLOWS[1],
     maps::EGRESS[0],
@@ -79,17 +92,15 @@ const PROCESS_LINKS: &str = "process";
 pub(super) enum Hook {
     Sock,
     SockAddr,
-    SockOps,
     SkbIngress,
     SkbEgress,
 }
 
 /// The enforcement programs in attach order: sockets are stamped before anything checks a
 /// stamp.
-const HOOKS: [(&str, Hook); 7] = [
+const HOOKS: [(&str, Hook); 6] = [
     (programs::SOCK_CREATE, Hook::Sock),
     (programs::POST_BIND4, Hook::Sock),
-    (programs::SOCK_OPS, Hook::SockOps),
     (programs::SKB_EGRESS, Hook::SkbEgress),
     (programs::SKB_INGRESS, Hook::SkbIngress),
     (programs::SENDMSG4, Hook::SockAddr),
@@ -136,6 +147,9 @@ pub struct PinnedLinkStatus {
 pub struct Enforcer {
     pin_dir: PathBuf,
     identities: HashMap<MapData, IdentityKey, IdentityVal>,
+    sock_state: SkStorage<MapData, SockState>,
+    local_addrs: HashMap<MapData, u32, u32>,
+    quotas: HashMap<MapData, u64, Quota>,
     flows: [HashMap<MapData, FlowKey, RuleRef>; 2],
     egress: [LpmTrie<MapData, CidrData, RuleRef>; 2],
     ingress: [LpmTrie<MapData, CidrData, RuleRef>; 2],
@@ -165,12 +179,13 @@ impl Enforcer {
                 source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
             });
         }
-        let links = pin_dir.join("links");
+        let dir = pin_dir.join(LAYOUT);
+        let links = dir.join("links");
         let process_links = links.join(PROCESS_LINKS);
         fs::create_dir_all(&process_links)
             .map_err(|source| EbpfError::Io { op: "creating the pin directory", source })?;
 
-        let mut loaded = load_with_pins(Some(pin_dir), &PINNED_MAPS)?;
+        let mut loaded = load_with_pins(Some(&dir), &PINNED_MAPS)?;
         let ebpf = &mut loaded.ebpf;
         let btf = AyaBtf::from_sys_fs()?;
         monitor::attach_process_programs(ebpf, &btf, Some(&process_links))?;
@@ -217,7 +232,27 @@ impl Enforcer {
             tracing::info!(cgroup_id = cg.id, cgroup = %cg.path.display(), "enforcing");
         }
 
+        // Pins of another layout (an older agent's) go once ours run beside them.
+        remove_other_layouts(pin_dir)?;
+
         let identities = HashMap::try_from(take(ebpf, maps::IDENTITIES)?).map_err(map_err(maps::IDENTITIES, "open"))?;
+        let sock_state =
+            SkStorage::try_from(take(ebpf, maps::SOCK_STATE)?).map_err(map_err(maps::SOCK_STATE, "open"))?;
+        let local_addrs =
+            HashMap::try_from(take(ebpf, maps::LOCAL_ADDRS)?).map_err(map_err(maps::LOCAL_ADDRS, "open"))?;
+        let quotas =
+            HashMap::try_from(take(ebpf, maps::EXEC_GEN_QUOTA)?).map_err(map_err(maps::EXEC_GEN_QUOTA, "open"))?;
+        let mut roots: Array<MapData, ProtectedRoot> =
+            Array::try_from(take(ebpf, maps::PROTECTED_ROOTS)?).map_err(map_err(maps::PROTECTED_ROOTS, "open"))?;
+        // The protected roots, for the per-root quotas (a root pinned by a previous agent and
+        // not configured now keeps being enforced, but shares the catch-all quota 0).
+        for i in 0..MAX_PROTECTED_ROOTS {
+            let root = protected
+                .get(i as usize)
+                .map(|cg| ProtectedRoot { cgroup_id: cg.id, level: cg.level, _pad: 0 })
+                .unwrap_or_default();
+            roots.set(i, root, 0).map_err(map_err(maps::PROTECTED_ROOTS, "set"))?;
+        }
         let flows = [
             HashMap::try_from(take(ebpf, maps::FLOWS[0])?).map_err(map_err(maps::FLOWS[0], "open"))?,
             HashMap::try_from(take(ebpf, maps::FLOWS[1])?).map_err(map_err(maps::FLOWS[1], "open"))?,
@@ -236,9 +271,12 @@ impl Enforcer {
             PerCpuArray::try_from(take(ebpf, maps::DROP_COUNTS)?).map_err(map_err(maps::DROP_COUNTS, "open"))?;
         let drop_events =
             RingBuf::try_from(take(ebpf, maps::DROP_EVENTS)?).map_err(map_err(maps::DROP_EVENTS, "open"))?;
-        Ok(Enforcer {
+        let mut enforcer = Enforcer {
             pin_dir: pin_dir.to_path_buf(),
             identities,
+            sock_state,
+            local_addrs,
+            quotas,
             flows,
             egress,
             ingress,
@@ -246,7 +284,10 @@ impl Enforcer {
             drop_counts,
             drop_events: Some(drop_events),
             _loaded: loaded,
-        })
+        };
+        // The exec table shared evenly by the protected cgroups and the catch-all.
+        enforcer.set_quota(protected, EXEC_TABLE / (protected.len() as u64 + 1))?;
+        Ok(enforcer)
     }
 
     /// The pin directory this enforcer runs on.
@@ -256,7 +297,8 @@ impl Enforcer {
 
     /// Replaces the identity table: keys not in `ids` are removed first (their processes lose
     /// their identity), then every entry is written (entries that stay are overwritten in
-    /// place, never missing). Sockets keep the identity they were stamped with.
+    /// place, never missing). Then the epoch moves: every connection is judged again with
+    /// the new identities at its next packet.
     pub fn set_identities(&mut self, ids: &[(IdentityKey, u32)]) -> Result<(), EbpfError> {
         let name = maps::IDENTITIES;
         let wanted: std::collections::HashSet<IdentityKey> = ids.iter().map(|(k, _)| *k).collect();
@@ -272,12 +314,71 @@ impl Enforcer {
             remove_present(self.identities.remove(k)).map_err(map_err(name, "remove"))?;
         }
         for (key, identity) in ids {
-            if *identity == 0 || *identity == UNIDENTIFIED {
-                return Err(EbpfError::InvalidEntry { name, what: "identities 0 and u32::MAX are reserved" });
+            if *identity == 0 {
+                return Err(EbpfError::InvalidEntry { name, what: "identity 0 means none" });
             }
             insert_result(name, self.identities.insert(key, IdentityVal { identity: *identity, _pad: 0 }, 0))?;
         }
+        self.bump_epoch()
+    }
+
+    /// Replaces the set of this node's addresses (every network namespace of the node): a
+    /// packet from one of them that did not come over loopback comes from another namespace
+    /// of this node, and is never admitted by an address rule. Moves the epoch if it changed.
+    pub fn set_local_addrs(&mut self, addrs: &[std::net::Ipv4Addr]) -> Result<bool, EbpfError> {
+        let name = maps::LOCAL_ADDRS;
+        let wanted: std::collections::HashSet<u32> = addrs.iter().map(|a| u32::from_ne_bytes(a.octets())).collect();
+        let present: std::collections::HashSet<u32> =
+            self.local_addrs.keys().collect::<Result<_, _>>().map_err(map_err(name, "keys"))?;
+        if wanted == present {
+            return Ok(false);
+        }
+        // Additions first: an address is never briefly taken for a remote one.
+        for a in wanted.difference(&present) {
+            insert_result(name, self.local_addrs.insert(a, 1, 0))?;
+        }
+        for a in present.difference(&wanted) {
+            remove_present(self.local_addrs.remove(a)).map_err(map_err(name, "remove"))?;
+        }
+        self.bump_epoch()?;
+        Ok(true)
+    }
+
+    /// How many processes that hold sockets each protected root may have at once (entries of
+    /// the exec table); past it, only that root's new sockets fail.
+    pub fn set_quota(&mut self, roots: &[Cgroup], per_root: u64) -> Result<(), EbpfError> {
+        let name = maps::EXEC_GEN_QUOTA;
+        // Root 0 is the catch-all for sockets outside every configured root (cgroups a
+        // previous agent protected).
+        for id in std::iter::once(0).chain(roots.iter().map(|cg| cg.id)) {
+            let used = self.quotas.get(&id, 0).map(|q| q.used).unwrap_or(0);
+            insert_result(name, self.quotas.insert(id, Quota { used, limit: per_root }, 0))?;
+        }
         Ok(())
+    }
+
+    /// The state the kernel keeps on a socket (None: the socket carries none).
+    pub fn socket_state(&self, socket: &impl std::os::fd::AsRawFd) -> Result<Option<SockState>, EbpfError> {
+        match self.sock_state.get(socket, 0) {
+            Ok(s) => Ok(Some(s)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(source) => Err(EbpfError::Map { name: maps::SOCK_STATE, op: "get", source }),
+        }
+    }
+
+    /// Stamps a socket that carries no state (made before enforcement was attached) as if
+    /// `state`'s process had made it, and moves the epoch so its connection is judged.
+    pub fn stamp_socket(&mut self, socket: &impl std::os::fd::AsRawFd, state: SockState) -> Result<(), EbpfError> {
+        self.sock_state.insert(socket, state, 0).map_err(map_err(maps::SOCK_STATE, "insert"))?;
+        self.bump_epoch()
+    }
+
+    /// Every cached verdict is judged again at its connection's next packet.
+    pub fn bump_epoch(&mut self) -> Result<(), EbpfError> {
+        let mut cfg = self.read_config()?;
+        cfg.epoch = next_epoch(cfg.epoch);
+        self.write_config(cfg)
     }
 
     /// Writes a whole policy into the inactive generation (cleared first), then makes it the
@@ -318,6 +419,8 @@ impl Enforcer {
             }
         }
         cfg.generation = next as u32;
+        // The same write moves the epoch: connections are judged under the new policy.
+        cfg.epoch = next_epoch(cfg.epoch);
         self.write_config(cfg)?;
         tracing::info!(
             generation = next,
@@ -329,12 +432,21 @@ impl Enforcer {
         Ok(())
     }
 
-    /// While false (the default of a fresh pin directory), every flow of a protected workload
-    /// is dropped.
-    pub fn set_node_attested(&mut self, yes: bool) -> Result<(), EbpfError> {
+    /// The node's attestation lease: protected flows pass until `for_` from now, then stop
+    /// unless renewed (a dead agent, or a node the server refused). `Duration::ZERO` ends it
+    /// at once. A fresh pin directory has none: every flow of a protected workload is dropped.
+    pub fn set_lease(&mut self, for_: Duration) -> Result<(), EbpfError> {
         let mut cfg = self.read_config()?;
-        cfg.node_attested = u32::from(yes);
+        cfg.lease_until_ns = if for_.is_zero() { 0 } else { monotonic_ns().saturating_add(for_.as_nanos() as u64) };
+        if cfg.epoch == 0 {
+            cfg.epoch = 1;
+        }
         self.write_config(cfg)
+    }
+
+    /// When the lease runs out (CLOCK_MONOTONIC ns; 0: no lease).
+    pub fn lease_until_ns(&self) -> Result<u64, EbpfError> {
+        Ok(self.read_config()?.lease_until_ns)
     }
 
     /// Minimum time between two drop events from one source (counts are always kept);
@@ -379,7 +491,7 @@ impl Enforcer {
 
     /// Every link pinned under the pin directory, with the program it runs now.
     pub fn pinned_links(&self) -> Result<Vec<PinnedLinkStatus>, EbpfError> {
-        pinned_links(&self.pin_dir)
+        pinned_links(&self.maps_dir())
     }
 
     /// Ends enforcement: detaches and unpins every link and unpins every map under `pin_dir`
@@ -392,41 +504,56 @@ impl Enforcer {
     /// As [`Enforcer::detach_all`], without a running enforcer (`tether-agent enforce stop`
     /// after the agent is gone). Only files named as Tether names them are removed.
     pub fn detach_pinned(pin_dir: &Path) -> Result<(), EbpfError> {
-        let links = pin_dir.join("links");
-        for dir in cgroup_link_dirs(&links)? {
-            for (name, _) in HOOKS {
-                let pin = dir.join(name);
-                if !pin.exists() {
-                    continue;
-                }
-                // Detach explicitly: whoever still holds an fd of the link (a hung agent)
-                // cannot keep it enforcing.
-                match obj_get(&pin) {
-                    Ok(link) => {
-                        if let Err(e) = link_detach(link.as_fd()) {
-                            tracing::warn!(pin = %pin.display(), "detaching a cgroup link: {e}");
-                        }
-                    }
-                    Err(e) => tracing::warn!(pin = %pin.display(), "opening a pinned link: {e}"),
-                }
-                remove_pin(&pin)?;
-            }
-            remove_dir(&dir)?;
-        }
-        let process = links.join(PROCESS_LINKS);
-        for (name, _) in monitor::PROCESS_PROGRAMS {
-            // Tracing links detach when their last reference (the pin) goes.
-            remove_pin(&process.join(name))?;
-            remove_pin(&process.join(format!("{name}_staged")))?;
-        }
-        remove_dir(&process)?;
-        remove_dir(&links)?;
-        for name in PINNED_MAPS {
-            remove_pin(&pin_dir.join(name))?;
-        }
+        remove_other_layouts(pin_dir)?;
+        let dir = pin_dir.join(LAYOUT);
+        detach_layout(&dir)?;
         remove_dir(pin_dir)
     }
 
+    /// The directory this layout's maps and links are pinned in.
+    fn maps_dir(&self) -> PathBuf {
+        self.pin_dir.join(LAYOUT)
+    }
+}
+
+/// Detaches and unpins everything of this layout under `pin_dir`, then removes it.
+fn detach_layout(pin_dir: &Path) -> Result<(), EbpfError> {
+    let links = pin_dir.join("links");
+    for dir in cgroup_link_dirs(&links)? {
+        for (name, _) in HOOKS {
+            let pin = dir.join(name);
+            if !pin.exists() {
+                continue;
+            }
+            // Detach explicitly: whoever still holds an fd of the link (a hung agent)
+            // cannot keep it enforcing.
+            match obj_get(&pin) {
+                Ok(link) => {
+                    if let Err(e) = link_detach(link.as_fd()) {
+                        tracing::warn!(pin = %pin.display(), "detaching a cgroup link: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!(pin = %pin.display(), "opening a pinned link: {e}"),
+            }
+            remove_pin(&pin)?;
+        }
+        remove_dir(&dir)?;
+    }
+    let process = links.join(PROCESS_LINKS);
+    for (name, _) in monitor::PROCESS_PROGRAMS {
+        // Tracing links detach when their last reference (the pin) goes.
+        remove_pin(&process.join(name))?;
+        remove_pin(&process.join(format!("{name}_staged")))?;
+    }
+    remove_dir(&process)?;
+    remove_dir(&links)?;
+    for name in PINNED_MAPS {
+        remove_pin(&pin_dir.join(name))?;
+    }
+    remove_dir(pin_dir)
+}
+
+impl Enforcer {
     fn read_config(&self) -> Result<EnforceConfig, EbpfError> {
         self.config.get(&0, 0).map_err(map_err(maps::ENFORCE_CONFIG, "get"))
     }
@@ -461,6 +588,59 @@ impl DropEvents {
     }
 }
 
+/// The next epoch; never 0 (0 marks "no verdict" on sockets).
+fn next_epoch(e: u32) -> u32 {
+    match e.wrapping_add(1) {
+        0 => 1,
+        n => n,
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_coarse_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Removes pins of other layouts under `pin_dir` (an older agent's): cgroup links are
+/// detached explicitly (whoever holds their fd cannot keep them enforcing), everything else
+/// goes with its pin. Only bpffs files are touched (bpffs holds nothing else).
+fn remove_other_layouts(pin_dir: &Path) -> Result<(), EbpfError> {
+    let entries = match fs::read_dir(pin_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(EbpfError::Io { op: "listing the pin directory", source }),
+    };
+    for entry in entries.flatten() {
+        if entry.file_name() == LAYOUT {
+            continue;
+        }
+        remove_pins_under(&entry.path());
+        tracing::info!(pin = %entry.path().display(), "pins of another enforcement layout removed");
+    }
+    Ok(())
+}
+
+fn remove_pins_under(path: &Path) {
+    if path.is_dir() {
+        if let Ok(rd) = fs::read_dir(path) {
+            for e in rd.flatten() {
+                remove_pins_under(&e.path());
+            }
+        }
+        let _ = fs::remove_dir(path);
+        return;
+    }
+    if let Ok(link) = obj_get(path) {
+        if link_info(link.as_fd()).is_ok() {
+            let _ = link_detach(link.as_fd());
+        }
+    }
+    let _ = fs::remove_file(path);
+}
+
 fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
     ebpf.take_map(name).ok_or(EbpfError::Missing(name))
 }
@@ -492,7 +672,6 @@ pub(super) fn load_hook(ebpf: &mut Ebpf, name: &'static str, hook: Hook) -> Resu
     let r = match hook {
         Hook::Sock => <&mut CgroupSock>::try_from(prog).map_err(program_err(name, "type"))?.load(),
         Hook::SockAddr => <&mut CgroupSockAddr>::try_from(prog).map_err(program_err(name, "type"))?.load(),
-        Hook::SockOps => <&mut SockOps>::try_from(prog).map_err(program_err(name, "type"))?.load(),
         Hook::SkbIngress | Hook::SkbEgress => {
             <&mut CgroupSkb>::try_from(prog).map_err(program_err(name, "type"))?.load()
         }
@@ -523,11 +702,6 @@ pub(super) fn attach_hook(ebpf: &mut Ebpf, name: &'static str, hook: Hook, cgrou
         }
         Hook::SockAddr => {
             let p = <&mut CgroupSockAddr>::try_from(prog).map_err(program_err(name, "type"))?;
-            let id = p.attach(cgroup, mode).map_err(program_err(name, "attach"))?;
-            FdLink::try_from(p.take_link(id).map_err(program_err(name, "take link"))?).map_err(link)?
-        }
-        Hook::SockOps => {
-            let p = <&mut SockOps>::try_from(prog).map_err(program_err(name, "type"))?;
             let id = p.attach(cgroup, mode).map_err(program_err(name, "attach"))?;
             FdLink::try_from(p.take_link(id).map_err(program_err(name, "take link"))?).map_err(link)?
         }

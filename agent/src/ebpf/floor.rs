@@ -20,10 +20,9 @@ use crate::cgroup::Cgroup;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tether-floor.bpf.o"));
 
 /// The enforcement hooks, in the same order, each with an allow-only program.
-const ALLOW_ALL: [(&str, Hook); 7] = [
+const ALLOW_ALL: [(&str, Hook); 6] = [
     ("floor_sock_create", Hook::Sock),
     ("floor_post_bind4", Hook::Sock),
-    ("floor_sock_ops", Hook::SockOps),
     ("floor_egress", Hook::SkbEgress),
     ("floor_ingress", Hook::SkbIngress),
     ("floor_sendmsg4", Hook::SockAddr),

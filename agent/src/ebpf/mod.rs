@@ -13,7 +13,7 @@ use tether_common::{globals, KernelOffsets};
 use thiserror::Error;
 
 pub use btf::{Btf, BtfError};
-pub use enforce::{DropEvents, Enforcer, PinnedLinkStatus};
+pub use enforce::{DropEvents, Enforcer, PinnedLinkStatus, EXEC_TABLE};
 pub use floor::Floor;
 pub use monitor::{ExecEvents, Monitor, TraceScope};
 pub use probe::{probe_kernel, EnforcementPath, KernelSupport};

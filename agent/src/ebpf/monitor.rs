@@ -119,7 +119,8 @@ impl Monitor {
     /// `pin_dir`: the same task storage its enforcement hooks read, so the agent's identity
     /// decisions and the kernel's agree. Attaches nothing; has no exec events.
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, EbpfError> {
-        let open = |name: &'static str| MapData::from_pin(pin_dir.join(name)).map_err(map_err(name, "open pinned"));
+        let maps = pin_dir.join(super::enforce::LAYOUT);
+        let open = |name: &'static str| MapData::from_pin(maps.join(name)).map_err(map_err(name, "open pinned"));
         let records = open(maps::TASK_RECORDS)?
             .fd()
             .as_fd()

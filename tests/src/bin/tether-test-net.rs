@@ -1,6 +1,7 @@
 //! A network workload for the enforcement tests, run inside test cgroups:
 //!
-//! - `listen <port>`: a TCP listener on 127.0.0.1 (0 = any port). Prints `port N` once, then
+//! - `listen <port> [<addr>]`: a TCP listener on 127.0.0.1 (or `addr`; port 0 = any port).
+//!   Prints `port N` once, then
 //!   `accept` for each connection, `data <line>` for each line received and `eof` when a
 //!   peer closes.
 //! - `udp-send <port> <text>`: one unconnected `sendto` (never bound first, so no bind hook
@@ -11,8 +12,8 @@ use std::{
     net::TcpListener,
 };
 
-fn listen(port: u16) {
-    let listener = match TcpListener::bind(("127.0.0.1", port)) {
+fn listen(port: u16, addr: &str) {
+    let listener = match TcpListener::bind((addr, port)) {
         Ok(l) => l,
         Err(e) => {
             println!("bind-error {}", e.raw_os_error().unwrap_or(0));
@@ -70,10 +71,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let port = |i: usize| args.get(i).and_then(|p| p.parse::<u16>().ok());
     match (args.get(1).map(String::as_str), port(2)) {
-        (Some("listen"), Some(p)) => listen(p),
+        (Some("listen"), Some(p)) => listen(p, args.get(3).map(String::as_str).unwrap_or("127.0.0.1")),
         (Some("udp-send"), Some(p)) => udp_send(p, args.get(3).map(String::as_str).unwrap_or("x")),
         _ => {
-            eprintln!("usage: tether-test-net listen <port> | udp-send <port> <text>");
+            eprintln!("usage: tether-test-net listen <port> [<addr>] | udp-send <port> <text>");
             std::process::exit(2);
         }
     }
