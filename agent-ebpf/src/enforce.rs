@@ -500,14 +500,15 @@ fn record_drop(d: &Denial, cgroup_id: u64, interval_ns: u64) {
         // SAFETY: this CPU's slot; per-CPU, so no other writer.
         unsafe { *count += 1 };
     }
-    // The source: the sending identity if known, else the peer address, else the cgroup.
+    // The source: the sending identity if known, else the peer address, else the cgroup;
+    // with the reason, so each kind of refusal from one source is reported.
     let source = if d.src != 0 {
         1u64 << 62 | d.src as u64
     } else if d.tuple.saddr != 0 {
         2u64 << 62 | d.tuple.saddr as u64
     } else {
-        cgroup_id & ((1u64 << 62) - 1)
-    };
+        cgroup_id & ((1u64 << 56) - 1)
+    } ^ (u64::from(d.reason & 0x3f) << 56);
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let mut suppressed = 0u32;

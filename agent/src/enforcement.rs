@@ -219,8 +219,9 @@ pub struct Enforcement {
 #[derive(Default)]
 struct Scan {
     identities: Vec<(IdentityKey, u32)>,
-    /// The protected processes, with the pidfd they were identified through.
-    processes: Vec<(u32, PidFd, crate::process::Record)>,
+    /// The protected processes, with the pidfd they were identified through and the
+    /// protected cgroup they are under.
+    processes: Vec<(u32, PidFd, crate::process::Record, u64)>,
     /// Their network namespaces.
     namespaces: BTreeMap<u64, crate::netns::Netns>,
 }
@@ -386,7 +387,7 @@ impl Enforcement {
                     let Ok(pidfd) = PidFd::open(pid) else { continue };
                     let Ok(id) = self.resolver.identify(&pidfd) else { continue };
                     let Some(key) = key_of(&id) else { continue };
-                    scan.processes.push((pid, pidfd, id.record.clone()));
+                    scan.processes.push((pid, pidfd, id.record.clone(), cg.id));
                     let Some(entry) = snapshot.matching(&id.selectors).into_iter().next() else { continue };
                     out.insert(key, identity_number(&entry.spiffe_id.to_string(), self.golden(&id)));
                 }
@@ -435,8 +436,8 @@ impl Enforcement {
     /// stamped as their holder's (the holder's identity then decides, as for any socket it
     /// makes); connected ones stay unstamped and are reported: their connections were never
     /// judged. Every one is written to the audit log.
-    fn stamp_preexisting(&mut self, processes: &[(u32, PidFd, crate::process::Record)]) {
-        for (pid, pidfd, record) in processes {
+    fn stamp_preexisting(&mut self, processes: &[(u32, PidFd, crate::process::Record, u64)]) {
+        for (pid, pidfd, record, root) in processes {
             let Some(exe) = record.exe else { continue };
             let state = SockState {
                 key: IdentityKey { cgroup_id: record.cgroup_id, exe: exe.key(), euid: record.euid, egid: record.egid },
@@ -467,7 +468,7 @@ impl Enforcement {
                     }
                 };
                 let action = if listening || (udp && !connected) {
-                    match self.enforcer.stamp_socket(&held.fd, state) {
+                    match self.enforcer.stamp_socket(&held.fd, state, *root) {
                         Ok(()) => "stamped as its holder's",
                         Err(e) => {
                             tracing::warn!(pid, fd = held.number, "stamping a socket made before enforcement: {e}");

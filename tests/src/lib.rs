@@ -2,6 +2,7 @@
 //! cgroups and namespaces the tests create themselves (see the `sandbox` crate).
 //! The tests are in `tests/`; this library holds what several of them share.
 
+pub mod hosts;
 pub mod plane;
 pub mod vm;
 

@@ -2,195 +2,13 @@
 //! veth pair), each with its own agent protecting its own test cgroups, one server. Every flow
 //! is asserted at the receiver, not only at the sender.
 
-use std::{
-    io::{BufRead, BufReader},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+use std::{process::Command, time::Duration};
+
+use sandbox::CgroupGuard;
+use tether_tests::{
+    hosts::{world, Host, Workload, World, A_ADDR, B_ADDR},
+    wait_for,
 };
-
-use sandbox::{cgroup2_root, require_root, CgroupGuard, NetnsGuard};
-use tether_tests::{plane::Plane, wait_for, KillOnDrop};
-
-const NET: &str = env!("CARGO_BIN_EXE_tether-test-flow");
-const A_ADDR: &str = "10.77.0.1";
-const B_ADDR: &str = "10.77.0.2";
-
-fn sha256(path: &str) -> String {
-    tether_tests::sha256sum(Path::new(path))
-}
-
-fn rel(cg: &CgroupGuard) -> String {
-    format!("/{}", cg.path().strip_prefix(cgroup2_root().unwrap()).unwrap().display())
-}
-
-/// One node: a network namespace (the node's only one: the other host's namespace is another
-/// node), a protected cgroup subtree, an agent.
-struct Host {
-    name: &'static str,
-    ns: NetnsGuard,
-    root: CgroupGuard,
-    dir: PathBuf,
-    node_id: String,
-    pin_dir: PathBuf,
-    agent: Option<KillOnDrop>,
-    /// Agents started so far; agent N logs to agent-N.log.
-    starts: u32,
-}
-
-impl Host {
-    fn new(name: &'static str, plane: &Plane, ns: NetnsGuard) -> Host {
-        let root = CgroupGuard::new(&format!("enf-{name}")).unwrap();
-        let dir = plane.dir.path().join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let node_id = format!("spiffe://example.org/node/{name}");
-        let token = plane.token(&node_id);
-        // Unique per host and test: tests run in parallel in one process.
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/tether-test-{}-{name}{n}", std::process::id()));
-        std::fs::write(
-            dir.join("agent.toml"),
-            format!(
-                "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{token}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = 1\n[enforcement]\nprotected_cgroups = [\"{}\"]\npolicy = \"{}\"\npin_dir = \"{}\"\naudit_interval_ms = 100\nnode_network_namespaces = [\"/run/netns/{}\"]\n",
-                plane.port,
-                plane.dir.path().join("server/bundle.pem").display(),
-                dir.join("data").display(),
-                dir.join("agent.sock").display(),
-                root.path().display(),
-                dir.join("policy.toml").display(),
-                pin_dir.display(),
-                ns.name(),
-            ),
-        )
-        .unwrap();
-        Host { name, ns, root, dir, node_id, pin_dir, agent: None, starts: 0 }
-    }
-
-    fn policy(&self, text: &str) {
-        let tmp = self.dir.join("policy.toml.tmp");
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, self.dir.join("policy.toml")).unwrap();
-    }
-
-    /// The log of the agent started last (each start writes its own file).
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join(format!("agent-{}.log", self.starts))).unwrap_or_default()
-    }
-
-    fn audit(&self) -> String {
-        std::fs::read_to_string(self.dir.join("data/audit.jsonl")).unwrap_or_default()
-    }
-
-    fn start_agent(&mut self) {
-        let _ = std::fs::remove_file(self.dir.join("agent.sock"));
-        self.starts += 1;
-        let log = std::fs::File::create(self.dir.join(format!("agent-{}.log", self.starts))).unwrap();
-        let child = Command::new(tether_tests::agent_bin())
-            .arg("run")
-            .arg("-c")
-            .arg(self.dir.join("agent.toml"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.agent = Some(KillOnDrop(child));
-        let sock = self.dir.join("agent.sock");
-        wait_for(&format!("agent {}", self.name), || sock.exists().then_some(()));
-    }
-
-    /// SIGKILL, as a crash would: nothing is cleaned up.
-    fn kill_agent(&mut self) {
-        self.agent = None;
-    }
-
-    /// A workload: `tether-test-net ARGS` in cgroup `cg`, inside this host's namespace.
-    fn spawn(&self, cg: &CgroupGuard, args: &[&str]) -> Workload {
-        let mut cmd = self.ns.command(NET);
-        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
-        cg.place(&mut cmd).unwrap();
-        Workload::start(tether_tests::spawn_retrying(&mut cmd).unwrap())
-    }
-
-    fn run(&self, cg: &CgroupGuard, args: &[&str]) -> String {
-        let mut cmd = self.ns.command(NET);
-        cmd.args(args);
-        String::from_utf8_lossy(&cg.run(&mut cmd).unwrap().stdout).into_owned()
-    }
-
-    fn wait_identity(&self, spiffe_id: &str) {
-        let needle = format!("identity={spiffe_id}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.log().lines().any(|l| l.contains("enforcement identity published") && l.contains(&needle)) {
-            assert!(Instant::now() < deadline, "{} never published {spiffe_id}; its log:\n{}", self.name, self.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        self.agent = None;
-        // Enforcement outlives agents by design: the test removes its pins itself.
-        let _ = tether_agent::ebpf::Enforcer::detach_pinned(&self.pin_dir);
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-    }
-}
-
-/// A running workload whose output lines are collected.
-struct Workload {
-    _child: KillOnDrop,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Workload {
-    fn start(mut child: Child) -> Workload {
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Workload { _child: KillOnDrop(child), lines }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-
-    fn count(&self, prefix: &str) -> usize {
-        self.lines().iter().filter(|l| l.starts_with(prefix)).count()
-    }
-
-    fn wait_line(&self, prefix: &str) -> String {
-        wait_for(&format!("a line starting with {prefix:?}"), || {
-            self.lines().into_iter().find(|l| l.starts_with(prefix))
-        })
-    }
-}
-
-struct World {
-    plane: Plane,
-    a: Host,
-    b: Host,
-}
-
-/// Server, two hosts linked by veth, entries for web and db on A and api on B (each selected
-/// by cgroup, uid and the workload binary's sha256), and the policies.
-fn world() -> World {
-    require_root().unwrap();
-    let plane = Plane::server_only("");
-    let ns_a = NetnsGuard::new("enf-a").unwrap();
-    let ns_b = NetnsGuard::new("enf-b").unwrap();
-    ns_a.link(&format!("{A_ADDR}/24"), &ns_b, &format!("{B_ADDR}/24")).unwrap();
-    let a = Host::new("a", &plane, ns_a);
-    let b = Host::new("b", &plane, ns_b);
-    World { plane, a, b }
-}
 
 const POLICY_A: &str = r#"
 [[rule]]
@@ -226,15 +44,6 @@ to = { spiffe_id = "spiffe://example.org/api" }
 ports = [8443]
 "#;
 
-fn register(w: &World, host: &Host, cg: &CgroupGuard, spiffe_id: &str) {
-    w.plane.entry_under(
-        &host.node_id,
-        spiffe_id,
-        &[&format!("cgroup:path:{}", rel(cg)), "unix:uid:0", &format!("unix:sha256:{}", sha256(NET))],
-        &[],
-    );
-}
-
 #[test]
 fn flows_between_identities_and_hosts_follow_policy() {
     let mut w = world();
@@ -243,9 +52,9 @@ fn flows_between_identities_and_hosts_follow_policy() {
     let api = w.b.root.child("api").unwrap();
     let outside_a = CgroupGuard::new("enf-outside-a").unwrap();
     let outside_b = CgroupGuard::new("enf-outside-b").unwrap();
-    register(&w, &w.a, &web, "spiffe://example.org/web");
-    register(&w, &w.a, &db, "spiffe://example.org/db");
-    register(&w, &w.b, &api, "spiffe://example.org/api");
+    w.register(&w.a, &web, "spiffe://example.org/web");
+    w.register(&w.a, &db, "spiffe://example.org/db");
+    w.register(&w.b, &api, "spiffe://example.org/api");
     w.a.policy(POLICY_A);
     w.b.policy(POLICY_B);
     w.a.start_agent();
@@ -353,8 +162,8 @@ struct Node {
 
 fn web_and_db(w: &mut World) -> Node {
     let (web, db) = (w.a.root.child("web").unwrap(), w.a.root.child("db").unwrap());
-    register(w, &w.a, &web, "spiffe://example.org/web");
-    register(w, &w.a, &db, "spiffe://example.org/db");
+    w.register(&w.a, &web, "spiffe://example.org/web");
+    w.register(&w.a, &db, "spiffe://example.org/db");
     w.a.policy(POLICY_A);
     w.a.start_agent();
     let server = w.a.spawn(&db, &["serve", "5432"]);

@@ -45,8 +45,8 @@ use aya::{
     Btf as AyaBtf, Ebpf,
 };
 use tether_common::{
-    drop_reason, maps, programs, CidrKey, DropEvent, EnforceConfig, FlowKey, IdentityKey, IdentityVal, ProtectedRoot,
-    Quota, RuleRef, SockState, MAX_PROTECTED_ROOTS,
+    drop_reason, maps, programs, CidrKey, DropEvent, EnforceConfig, ExecGen, FlowKey, IdentityKey, IdentityVal,
+    ProtectedRoot, Quota, RuleRef, SockState, MAX_PROTECTED_ROOTS,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -148,6 +148,7 @@ pub struct Enforcer {
     pin_dir: PathBuf,
     identities: HashMap<MapData, IdentityKey, IdentityVal>,
     sock_state: SkStorage<MapData, SockState>,
+    exec_gen: HashMap<MapData, u32, ExecGen>,
     local_addrs: HashMap<MapData, u32, u32>,
     quotas: HashMap<MapData, u64, Quota>,
     flows: [HashMap<MapData, FlowKey, RuleRef>; 2],
@@ -240,6 +241,7 @@ impl Enforcer {
             SkStorage::try_from(take(ebpf, maps::SOCK_STATE)?).map_err(map_err(maps::SOCK_STATE, "open"))?;
         let local_addrs =
             HashMap::try_from(take(ebpf, maps::LOCAL_ADDRS)?).map_err(map_err(maps::LOCAL_ADDRS, "open"))?;
+        let exec_gen = HashMap::try_from(take(ebpf, maps::EXEC_GEN)?).map_err(map_err(maps::EXEC_GEN, "open"))?;
         let quotas =
             HashMap::try_from(take(ebpf, maps::EXEC_GEN_QUOTA)?).map_err(map_err(maps::EXEC_GEN_QUOTA, "open"))?;
         let mut roots: Array<MapData, ProtectedRoot> =
@@ -275,6 +277,7 @@ impl Enforcer {
             pin_dir: pin_dir.to_path_buf(),
             identities,
             sock_state,
+            exec_gen,
             local_addrs,
             quotas,
             flows,
@@ -368,8 +371,29 @@ impl Enforcer {
     }
 
     /// Stamps a socket that carries no state (made before enforcement was attached) as if
-    /// `state`'s process had made it, and moves the epoch so its connection is judged.
-    pub fn stamp_socket(&mut self, socket: &impl std::os::fd::AsRawFd, state: SockState) -> Result<(), EbpfError> {
+    /// `state`'s process had made it: that process gets its exec table entry (counted against
+    /// `root`'s quota) as if it had made a socket, and the epoch moves so the connection is
+    /// judged.
+    pub fn stamp_socket(
+        &mut self,
+        socket: &impl std::os::fd::AsRawFd,
+        state: SockState,
+        root: u64,
+    ) -> Result<(), EbpfError> {
+        let name = maps::EXEC_GEN;
+        match self.exec_gen.get(&state.tgid, 0) {
+            Ok(e) if e.exec == state.exec_ktime_ns => {}
+            Ok(_) | Err(MapError::KeyNotFound) => {
+                let mut quota = self.quotas.get(&root, 0).map_err(map_err(maps::EXEC_GEN_QUOTA, "get"))?;
+                if quota.used >= quota.limit {
+                    return Err(EbpfError::MapFull { name: maps::EXEC_GEN_QUOTA });
+                }
+                insert_result(name, self.exec_gen.insert(state.tgid, ExecGen { exec: state.exec_ktime_ns, root }, 0))?;
+                quota.used += 1;
+                insert_result(maps::EXEC_GEN_QUOTA, self.quotas.insert(root, quota, 0))?;
+            }
+            Err(source) => return Err(EbpfError::Map { name, op: "get", source }),
+        }
         self.sock_state.insert(socket, state, 0).map_err(map_err(maps::SOCK_STATE, "insert"))?;
         self.bump_epoch()
     }
