@@ -2,6 +2,7 @@
 
 mod demo;
 mod fuzz;
+mod peers;
 mod postgres;
 mod setup;
 
