@@ -49,6 +49,16 @@ pub const GO_CLIENT: GoBuild = GoBuild {
     ldflags: "-s -w",
 };
 
+/// SPIRE v1.13.3 (server and agent), the peer of `cargo xtask bench spire`.
+pub const SPIRE: GoBuild = GoBuild {
+    what: "SPIRE server and agent",
+    module: "bench/go",
+    packages: &["github.com/spiffe/spire/cmd/spire-server", "github.com/spiffe/spire/cmd/spire-agent"],
+    binaries: &["spire-server", "spire-agent"],
+    needed_by: "cargo xtask bench spire",
+    ldflags: "-s -w -X github.com/spiffe/spire/pkg/common/version.gittag=1.13.3",
+};
+
 pub fn bin_dir() -> PathBuf {
     crate::workspace().join("target/peers/bin")
 }

@@ -12,6 +12,7 @@
 //	dial -addr A -expect ID        spiffetls.Dial, authorising the server by ID
 //	bench -method x509|jwt ...     latency of N concurrent callers (used by the benchmarks)
 //	first-fetch [-interval D]      fetch an X.509-SVID until one arrives; print when
+//	version                        the Go and go-spiffe versions it was built with
 package main
 
 import (
@@ -22,6 +23,8 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"runtime"
+	"runtime/debug"
 	"sort"
 	"strings"
 	"sync"
@@ -359,14 +362,25 @@ func firstFetchCmd(args []string) {
 	}
 	defer client.Close()
 	attempts := 0
+	var firstErr string
 	var lastErr error
 	for ctx.Err() == nil {
 		attempts++
 		svid, err := client.FetchX509SVID(ctx)
 		if err == nil {
 			done := time.Now().UnixNano()
-			emit(map[string]any{"fetched_unix_ns": done, "attempts": attempts, "spiffe_id": svid.ID.String(), "serial": svid.Certificates[0].SerialNumber.Text(16)})
+			emit(map[string]any{
+				"main_unix_ns":    mainStarted.UnixNano(),
+				"fetched_unix_ns": done,
+				"attempts":        attempts,
+				"first_error":     firstErr,
+				"spiffe_id":       svid.ID.String(),
+				"serial":          svid.Certificates[0].SerialNumber.Text(16),
+			})
 			return
+		}
+		if attempts == 1 {
+			firstErr = err.Error()
 		}
 		lastErr = err
 		time.Sleep(*interval)
@@ -374,9 +388,25 @@ func firstFetchCmd(args []string) {
 	fail("first-fetch", fmt.Errorf("no SVID after %d attempts: %w", attempts, lastErr))
 }
 
+func versionCmd() {
+	goSpiffe := "unknown"
+	if info, ok := debug.ReadBuildInfo(); ok {
+		for _, dep := range info.Deps {
+			if dep.Path == "github.com/spiffe/go-spiffe/v2" {
+				goSpiffe = dep.Version
+			}
+		}
+	}
+	emit(map[string]string{"go": runtime.Version(), "go_spiffe": goSpiffe})
+}
+
+// When main started: what comes before is the loader and the Go runtime, not the agent.
+var mainStarted time.Time
+
 func main() {
+	mainStarted = time.Now()
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: spiffe-go-client x509|jwt|serve|dial|bench|first-fetch [flags]")
+		fmt.Fprintln(os.Stderr, "usage: spiffe-go-client x509|jwt|serve|dial|bench|first-fetch|version [flags]")
 		os.Exit(2)
 	}
 	switch os.Args[1] {
@@ -392,6 +422,8 @@ func main() {
 		benchCmd(os.Args[2:])
 	case "first-fetch":
 		firstFetchCmd(os.Args[2:])
+	case "version":
+		versionCmd()
 	default:
 		fmt.Fprintf(os.Stderr, "unknown command %q\n", os.Args[1])
 		os.Exit(2)
