@@ -24,6 +24,21 @@ impl Drop for Proc {
     }
 }
 
+/// Makes the kernel kill `cmd` if the benchmark dies first (killed, or interrupted): its
+/// servers and agents never outlive it.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Polls `ok` every 100 ms, for two minutes at most.
 pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);

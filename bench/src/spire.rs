@@ -35,7 +35,7 @@ use anyhow::{bail, Context, Result};
 use sandbox::{require_root, CgroupGuard};
 
 use crate::{
-    procs::{cgroup_cpu_seconds, percentile, rss_kib, wait_for, Proc},
+    procs::{cgroup_cpu_seconds, die_with_parent, percentile, rss_kib, wait_for, Proc},
     report::{median, Better, Metric},
 };
 
@@ -249,6 +249,7 @@ impl System {
         let mut cmd = Command::new(program);
         cmd.args(args).arg(&config).stdout(log.try_clone()?).stderr(log);
         sys.server_cg.place(&mut cmd)?;
+        die_with_parent(&mut cmd);
         sys.server = Some(Proc(cmd.spawn().with_context(|| format!("starting {}", program.display()))?));
         let socket = sys.server_socket();
         let port = sys.port;
@@ -413,6 +414,7 @@ impl System {
         };
         cmd.stdout(log.try_clone()?).stderr(log);
         self.agent_cg.place(&mut cmd)?;
+        die_with_parent(&mut cmd);
         self.agent = Some(Proc(cmd.spawn()?));
         let socket = self.socket();
         wait_for(&format!("the {} agent's socket", self.kind.name()), || socket.exists())
