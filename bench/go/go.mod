@@ -1,3 +1,7 @@
+// SPIRE v1.13.3 as tools: `cargo xtask bench spire` builds spire-server and spire-agent from
+// the Go module proxy with these pinned versions (go.sum), into target/peers/bin. No SPIRE
+// source lives here. Changed with `go get -tool github.com/spiffe/spire/cmd/spire-agent@vX`
+// (and spire-server).
 module tether.dev/bench/peers
 
 go 1.25.3
