@@ -243,10 +243,12 @@ impl Manager {
             .collect();
         let due: Vec<&LocalEntry> =
             entries.iter().filter(|e| svids.get(&e.id).is_none_or(|s| now >= s.renew_after)).collect();
-        if !due.is_empty() {
+        // In batches, so a node with thousands of entries keeps every request and answer
+        // bounded.
+        for batch in due.chunks(crate::node_client::SIGN_BATCH) {
             let mut keys = HashMap::new();
             let mut csrs = Vec::new();
-            for e in &due {
+            for e in batch {
                 let pending = new_key()?;
                 csrs.push((e.id.clone(), pending.csr_der));
                 keys.insert(e.id.clone(), pending.key);

@@ -84,6 +84,21 @@ pub struct NodeSession {
     tpm: Option<NodeTpm>,
 }
 
+/// The largest node API answer the agent accepts. An entry sync carries the node's whole
+/// entry set in one message, about 200 bytes an entry with a sha256 selector: tonic's default
+/// of 4 MiB would stop a node at some 20,000 entries, 64 MiB at some 300,000. Signing goes in
+/// batches of [`SIGN_BATCH`], so its answers stay far below either.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// CSRs per signing request. One request for every due SVID made a 5 MB answer at 9,000
+/// entries (a signed chain is about 550 bytes), past tonic's 4 MiB limit: the node then never
+/// got an SVID for any of them.
+pub const SIGN_BATCH: usize = 1000;
+
+fn node_client(channel: Channel) -> NodeClient<Channel> {
+    NodeClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES)
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, NodeError> {
     std::fs::read(path).map_err(|source| NodeError::Io { path: path.display().to_string(), source })
 }
@@ -131,7 +146,7 @@ impl NodeSession {
         // A TPM node proves its state on every start: a stored node SVID is not enough.
         if let Some(svid) = load_node_svid(&config.data_dir).filter(|_| tpm.is_none()) {
             let mut session = NodeSession {
-                client: NodeClient::new(channel(config, &roots, Some(&svid)).await?),
+                client: node_client(channel(config, &roots, Some(&svid)).await?),
                 node_svid: svid,
                 bundle: Bundle::default(),
                 node_selectors: vec![],
@@ -146,7 +161,7 @@ impl NodeSession {
             }
         }
         let pending = new_key()?;
-        let mut client = NodeClient::new(channel(config, &roots, None).await?);
+        let mut client = node_client(channel(config, &roots, None).await?);
         let request = match &tpm {
             Some(t) => {
                 let challenge = client
@@ -180,7 +195,7 @@ impl NodeSession {
             tracing::warn!("node SVID not persisted: {e}");
         }
         tracing::info!(node = %node_svid.spiffe_id, selectors = ?resp.node_selectors, "node attested");
-        let client = NodeClient::new(channel(config, &bundle.pem(), Some(&node_svid)).await?);
+        let client = node_client(channel(config, &bundle.pem(), Some(&node_svid)).await?);
         Ok(NodeSession { node_svid, bundle, node_selectors: resp.node_selectors, client, tpm })
     }
 
@@ -224,7 +239,7 @@ impl NodeSession {
         if let Err(e) = save_node_svid(&config.data_dir, &self.node_svid) {
             tracing::warn!("node SVID not persisted: {e}");
         }
-        self.client = NodeClient::new(channel(config, &self.bundle.pem(), Some(&self.node_svid)).await?);
+        self.client = node_client(channel(config, &self.bundle.pem(), Some(&self.node_svid)).await?);
         tracing::info!(not_after = self.node_svid.not_after, "node SVID renewed");
         Ok(())
     }
@@ -235,6 +250,8 @@ impl NodeSession {
         Ok(resp.entries)
     }
 
+    /// Has the server sign `csrs` (at most [`SIGN_BATCH`] per call; each call is all or
+    /// nothing on the server).
     pub async fn sign(&mut self, csrs: Vec<(String, Vec<u8>)>) -> Result<Vec<(String, Vec<u8>)>, NodeError> {
         let req = node::SignRequest {
             csrs: csrs.into_iter().map(|(entry_id, csr)| node::sign_request::Csr { entry_id, csr }).collect(),

@@ -4,8 +4,10 @@
 mod attest;
 mod enforce;
 mod exec;
+mod procs;
 mod report;
 mod server;
+mod spire;
 mod workload_api;
 
 use anyhow::Result;
@@ -48,6 +50,8 @@ enum Bench {
     Exec(exec::Args),
     /// B9: X.509-SVID issuance vs raw ECDSA signing; entry sync for 100k entries.
     Server(server::Args),
+    /// B5, B9, B10 against SPIRE 1.13.3 (server + agent) on the same machine, same run.
+    Spire(spire::Args),
     /// B5: Workload API latency vs a minimal tonic UDS service; memory per cached SVID.
     WorkloadApi(workload_api::Args),
     /// Internal: the Workload API client run inside the bench cgroup.
@@ -82,6 +86,7 @@ fn main() -> Result<()> {
         Bench::EnforceServer { mode, addr } => enforce::server(&mode, addr),
         Bench::Exec(args) => exec::run(&args),
         Bench::Server(args) => server::run(&args),
+        Bench::Spire(args) => spire::run(&args),
         Bench::WorkloadApi(args) => workload_api::run(&args),
         Bench::ApiClient { socket, method, callers, calls } => {
             tokio::runtime::Runtime::new()?.block_on(workload_api::client(&socket, &method, callers, calls))

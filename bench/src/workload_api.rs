@@ -7,7 +7,7 @@
 use std::{
     path::Path,
     pin::Pin,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -17,7 +17,10 @@ use tether_proto::workload::{self, spiffe_workload_api_server::SpiffeWorkloadApi
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::report::Metric;
+use crate::{
+    procs::{percentile, rss_kib, wait_for, Proc},
+    report::Metric,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -93,34 +96,6 @@ impl SpiffeWorkloadApi for Floor {
     }
 }
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !ok() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
-        })
-        .unwrap_or(0)
-}
-
 /// The client side, run inside the bench cgroup: per-call latencies in microseconds, one
 /// JSON array on stdout.
 pub async fn client(socket: &Path, method: &str, callers: usize, calls: usize) -> Result<()> {
@@ -153,12 +128,6 @@ pub async fn client(socket: &Path, method: &str, callers: usize, calls: usize) -
     }
     println!("{}", serde_json::to_string(&all)?);
     Ok(())
-}
-
-fn percentile(xs: &[f64], p: f64) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
 pub fn run(args: &Args) -> Result<()> {

@@ -2,6 +2,7 @@
 
 mod demo;
 mod fuzz;
+mod peers;
 mod postgres;
 mod setup;
 
@@ -27,9 +28,9 @@ enum Cmd {
     Test,
     /// Benchmarks from ../shared/BENCHMARKS.md, as ratios against a same-run baseline.
     Bench {
-        /// Which one (enforce = B1-B3, exec = B4,
-        /// workload-api = B5, attest = B8, server = B9).
-        #[arg(value_parser = ["attest", "enforce", "exec", "server", "workload-api"])]
+        /// Which one (enforce = B1-B3, exec = B4, workload-api = B5, attest = B8,
+        /// server = B9, spire = B5/B9/B10 against SPIRE).
+        #[arg(value_parser = ["attest", "enforce", "exec", "server", "spire", "workload-api"])]
         name: String,
         /// Passed to the benchmark (e.g. --rounds 11 --connects 10000).
         #[arg(last = true)]
@@ -61,6 +62,10 @@ fn real_main() -> Result<()> {
         Cmd::Test => test(),
         Cmd::Bench { name, args } => {
             setup::run()?;
+            if name == "spire" {
+                // Only this benchmark runs SPIRE, so only it builds SPIRE (once).
+                peers::ensure(&peers::SPIRE)?;
+            }
             cargo(&["build", "--release", "-p", "tether-bench", "-p", "tether-agent", "-p", "tether-server"])?;
             run(Command::new(workspace().join("target/release/tether-bench")).arg(&name).args(&args))
         }

@@ -13,6 +13,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("rust-web-clippy", "clippy for the eBPF crate"),
     ("llvm-22-dev", "libLLVM for bpf-linker"),
     ("pkg-config", "native library discovery for -sys crates"),
+    ("gcc", "cgo: SPIRE's SQLite driver in `bench spire` (and the host linker Rust uses)"),
     ("iproute2", "network namespaces and veth pairs in tests"),
     ("bash", "connect probes in tests (/dev/tcp)"),
     ("protobuf-compiler", "protoc, for the gRPC definitions in proto/"),
@@ -141,16 +142,19 @@ fn bpf_linker_ok() -> bool {
 pub fn run() -> Result<()> {
     let missing: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
     let linker = bpf_linker_ok();
-    if missing.is_empty() && linker && guest_kernel_present() && python_client_present() {
+    let go_client = crate::peers::present(&crate::peers::GO_CLIENT);
+    let system = missing.is_empty() && linker && guest_kernel_present();
+    if system && python_client_present() && go_client {
         ensure_bpffs()?;
         programs_resolve()?;
         println!("setup: all build and test dependencies present");
         return Ok(());
     }
-    if !Path::new("/etc/debian_version").exists() {
+    // Packages and the linker need a Debian host and root; the venv and the Go client do not.
+    if !system && !Path::new("/etc/debian_version").exists() {
         bail!("setup: this is not a Debian host; {}", manual_steps());
     }
-    if let Err(e) = sandbox::require_root() {
+    if let (false, Err(e)) = (system, sandbox::require_root()) {
         bail!("setup: {e}; or {}", manual_steps());
     }
     if !missing.is_empty() {
@@ -189,6 +193,9 @@ pub fn run() -> Result<()> {
         fetch_guest_kernel()?;
     }
     ensure_python_client()?;
+    if !go_client {
+        crate::peers::ensure(&crate::peers::GO_CLIENT)?;
+    }
     ensure_bpffs()?;
     programs_resolve()
 }
