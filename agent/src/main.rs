@@ -80,6 +80,20 @@ enum Command {
     /// Enforcement policy files: check one, or explain a flow's verdict.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// In-kernel enforcement outside a running agent.
+    #[command(subcommand)]
+    Enforce(EnforceCmd),
+}
+
+#[derive(Subcommand)]
+enum EnforceCmd {
+    /// End enforcement: detach every program a (dead or stopped) agent pinned under the
+    /// directory and remove its maps. Protected workloads' flows are then unchecked.
+    Stop {
+        /// The agent's `[enforcement] pin_dir`.
+        #[arg(long, default_value = "/sys/fs/bpf/tether/agent")]
+        pin_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -257,6 +271,12 @@ async fn real_main() -> Result<()> {
             if !answer.allowed {
                 std::process::exit(2);
             }
+            Ok(())
+        }
+        Command::Enforce(EnforceCmd::Stop { pin_dir }) => {
+            ebpf::Enforcer::detach_pinned(&pin_dir)
+                .with_context(|| format!("detaching the enforcement pinned under {}", pin_dir.display()))?;
+            println!("enforcement under {} detached", pin_dir.display());
             Ok(())
         }
         Command::Tpm(TpmCmd::Pcrs { tcti, name, bank, pcrs }) => {
