@@ -30,10 +30,18 @@ pub struct AgentConfig {
     /// Executables larger than this are not hashed.
     #[serde(default = "default_max_measure")]
     pub max_measure_bytes: u64,
+    /// Workload API connections one uid may have open at once; more are closed at accept.
+    /// Default 64.
+    #[serde(default = "default_max_connections")]
+    pub max_connections_per_uid: usize,
     /// Attest the node with its TPM (instead of a join token).
     pub tpm: Option<crate::tpm::TpmConfig>,
     /// In-kernel enforcement on protected cgroups.
     pub enforcement: Option<crate::enforcement::EnforcementConfig>,
+    /// Where container runtimes and the kubelet make their cgroups: container and
+    /// Kubernetes selectors come only from there.
+    #[serde(default)]
+    pub selectors: crate::process::selectors::SelectorConfig,
 }
 
 fn default_server_name() -> String {
@@ -41,6 +49,9 @@ fn default_server_name() -> String {
 }
 fn default_sync() -> u64 {
     5
+}
+fn default_max_connections() -> usize {
+    64
 }
 fn default_max_measure() -> u64 {
     crate::process::measure::DEFAULT_MAX_BYTES
@@ -77,6 +88,9 @@ impl AgentConfig {
         if !c.socket_path.is_absolute() {
             return Err(invalid("socket_path", "must be an absolute path".into()));
         }
+        if c.max_connections_per_uid == 0 {
+            return Err(invalid("max_connections_per_uid", "must be at least 1".into()));
+        }
         if c.sync_interval_seconds == 0 {
             return Err(invalid("sync_interval_seconds", "must be at least 1".into()));
         }
@@ -97,6 +111,7 @@ impl AgentConfig {
                 return Err(invalid("enforcement.protected_cgroups", "never the root cgroup".into()));
             }
         }
+        c.selectors.validate().map_err(|m| invalid("selectors", m))?;
         if c.server_address.parse::<std::net::SocketAddr>().is_err() && !c.server_address.contains(':') {
             return Err(invalid("server_address", format!("{:?} is not host:port", c.server_address)));
         }

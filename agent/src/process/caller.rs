@@ -21,7 +21,7 @@ use thiserror::Error;
 use super::{
     measure::{hex, Measurer, Outcome},
     pidfd::PidFd,
-    selectors::{cgroup_selectors, Selector},
+    selectors::{cgroup_selectors, provenance, Selector, SelectorConfig},
     FileId, Record,
 };
 use crate::ebpf::{EbpfError, Monitor};
@@ -64,6 +64,7 @@ pub struct Resolver {
     monitor: Mutex<Monitor>,
     measurer: Measurer,
     cgroup_root: PathBuf,
+    selector_config: SelectorConfig,
     /// Identities derived in the last [`REUSE_FOR`], keyed by PID and the exact kernel
     /// record they were derived from: a later call that finds the very same record (same
     /// exec, cgroup, ids) reuses the derived selectors instead of re-reading /proc and NSS.
@@ -78,11 +79,26 @@ const REUSE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Resolver {
     pub fn new(monitor: Monitor, measurer: Measurer, cgroup_root: PathBuf) -> Self {
-        Resolver { monitor: Mutex::new(monitor), measurer, cgroup_root, recent: Mutex::default() }
+        Self::with_selectors(monitor, measurer, cgroup_root, SelectorConfig::default())
+    }
+
+    /// As [`Resolver::new`], with the runtimes' cgroup roots from the agent config.
+    pub fn with_selectors(
+        monitor: Monitor,
+        measurer: Measurer,
+        cgroup_root: PathBuf,
+        selector_config: SelectorConfig,
+    ) -> Self {
+        Resolver { monitor: Mutex::new(monitor), measurer, cgroup_root, selector_config, recent: Mutex::default() }
     }
 
     pub fn measurer(&self) -> &Measurer {
         &self.measurer
+    }
+
+    /// The kernel's record of the process behind `pidfd` now (one map lookup).
+    pub fn record(&self, pidfd: &PidFd) -> Result<Option<Record>, IdentityError> {
+        self.lookup(pidfd)
     }
 
     fn lookup(&self, pidfd: &PidFd) -> Result<Option<Record>, IdentityError> {
@@ -163,7 +179,14 @@ impl Resolver {
             if self.lookup(pidfd)?.as_ref() != Some(&record) {
                 continue;
             }
-            let selectors = selectors(&record, measurement.as_ref(), path.as_deref(), cgroup.as_deref());
+            // Who made each directory of the cgroup path decides what its names vouch for.
+            let cgroup_facts = cgroup.as_deref().map(|cg| (cg, provenance(&self.cgroup_root, cg)));
+            let selectors = selectors(
+                &record,
+                measurement.as_ref(),
+                path.as_deref(),
+                cgroup_facts.map(|(cg, prov)| (cg, prov, &self.selector_config)),
+            );
             let identity = ProcessIdentity { pid, record, measurement, path, cgroup, selectors };
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             recent.retain(|_, (at, _)| at.elapsed() < REUSE_FOR);
@@ -224,7 +247,7 @@ pub fn selectors(
     record: &Record,
     measurement: Option<&Outcome>,
     path: Option<&Path>,
-    cgroup: Option<&str>,
+    cgroup: Option<(&str, super::selectors::Provenance, &SelectorConfig)>,
 ) -> Vec<Selector> {
     let mut out = vec![
         Selector::new("unix", format!("uid:{}", record.euid)),
@@ -242,8 +265,8 @@ pub fn selectors(
     if let Some(sha) = measurement.and_then(Outcome::sha256) {
         out.push(Selector::new("unix", format!("sha256:{}", hex(&sha))));
     }
-    if let Some(cg) = cgroup {
-        out.extend(cgroup_selectors(cg));
+    if let Some((cg, prov, cfg)) = cgroup {
+        out.extend(cgroup_selectors(cg, &prov, cfg));
     }
     out.sort();
     out.dedup();
