@@ -277,6 +277,9 @@ fn conn_peer<T>(req: &Request<T>) -> Result<Arc<ConnPeer>, Status> {
 /// process (cheap when its identity was derived moments ago; else blocking work on a
 /// blocking thread).
 async fn peer_selectors<S: SelectorSource>(source: &Arc<S>, peer: &Arc<ConnPeer>) -> Result<Vec<Selector>, Status> {
+    // One map lookup first: a peer that is no longer who connected is refused before any
+    // work is done for it (measuring a binary it exec'd since, say).
+    peer.check(source.record(&peer.pidfd).as_ref())?;
     let (record, selectors) = match source.identify_fast(&peer.pidfd) {
         Some(id) => id,
         None => {

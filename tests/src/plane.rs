@@ -31,6 +31,9 @@ pub struct Plane {
     agent: Option<KillOnDrop>,
     /// Extra environment for the next server start (e.g. fault injection).
     pub server_env: Vec<(String, String)>,
+    /// Tables appended to the agent's config by [`Plane::write_agent_config`] (e.g.
+    /// `[selectors]`).
+    pub agent_extra: String,
 }
 
 impl Plane {
@@ -50,6 +53,17 @@ impl Plane {
     /// As [`Plane::start`], with extra lines for the server's TOML config.
     pub fn start_with(sync_seconds: u64, server_extra: &str) -> Plane {
         Self::start_in("example.org", sync_seconds, server_extra)
+    }
+
+    /// As [`Plane::start`], with `agent_extra` tables (e.g. `[selectors]`) in the agent's
+    /// config.
+    pub fn start_with_agent(sync_seconds: u64, agent_extra: &str) -> Plane {
+        let mut plane = Self::server_only_in("example.org", "");
+        plane.agent_extra = agent_extra.to_owned();
+        let token = plane.token(&plane.node_id);
+        plane.write_agent_config(sync_seconds, &format!("join_token = \"{token}\"\n"));
+        plane.start_agent();
+        plane
     }
 
     /// As [`Plane::start_with`], for another trust domain.
@@ -132,6 +146,7 @@ impl Plane {
             server: None,
             agent: None,
             server_env: Vec::new(),
+            agent_extra: String::new(),
         };
         plane.start_server();
         plane
@@ -142,12 +157,13 @@ impl Plane {
         std::fs::write(
             self.dir.path().join("agent.toml"),
             format!(
-                "trust_domain = \"{}\"\nserver_address = \"127.0.0.1:{}\"\ntrust_bundle_path = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = {sync_seconds}\n{credential}",
+                "trust_domain = \"{}\"\nserver_address = \"127.0.0.1:{}\"\ntrust_bundle_path = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = {sync_seconds}\n{credential}\n{}",
                 self.trust_domain,
                 self.port,
                 self.dir.path().join("server/bundle.pem").display(),
                 self.dir.path().join("agent").display(),
-                self.socket().display()
+                self.socket().display(),
+                self.agent_extra
             ),
         )
         .unwrap();
