@@ -30,6 +30,11 @@ pub struct AgentConfig {
     /// Executables larger than this are not hashed.
     #[serde(default = "default_max_measure")]
     pub max_measure_bytes: u64,
+    /// How long a Workload API call waits for its binary's hash (milliseconds). Hashing goes
+    /// on past it; the caller is answered without a `unix:sha256` selector meanwhile.
+    /// Default 3000.
+    #[serde(default = "default_measure_deadline")]
+    pub measure_deadline_ms: u64,
     /// Workload API connections one uid may have open at once; more are closed at accept.
     /// Default 64.
     #[serde(default = "default_max_connections")]
@@ -52,6 +57,9 @@ fn default_sync() -> u64 {
 }
 fn default_max_connections() -> usize {
     64
+}
+fn default_measure_deadline() -> u64 {
+    crate::process::measure::DEFAULT_DEADLINE.as_millis() as u64
 }
 fn default_max_measure() -> u64 {
     crate::process::measure::DEFAULT_MAX_BYTES

@@ -28,7 +28,7 @@ use crate::{
     process::{
         caller::{ProcessIdentity, Resolver},
         manifest::Manifest,
-        measure::Outcome,
+        measure::{Outcome, Wait},
         pidfd::PidFd,
     },
 };
@@ -372,7 +372,9 @@ impl Enforcement {
                         scan.namespaces.entry(ns.inode).or_insert(ns);
                     }
                     let Ok(pidfd) = PidFd::open(pid) else { continue };
-                    let Ok(id) = resolver.identify(&pidfd) else { continue };
+                    // Not waiting for a binary being hashed: this process is picked up on
+                    // the round after its measurement finishes (or its deadline passes).
+                    let Ok(id) = resolver.identify_with(&pidfd, Wait::No) else { continue };
                     let Some(key) = key_of(&id) else { continue };
                     scan.processes.push((pid, pidfd, id.record.clone(), cg.id));
                     let Some(entry) = snapshot.matching(&id.selectors).into_iter().next() else { continue };
@@ -632,10 +634,13 @@ pub async fn run(
         }
     };
     let mut tick = tokio::time::interval(every);
+    let mut measured = resolver.measurer().finished();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             changed = snapshots.changed() => if changed.is_err() { return },
+            // A binary the last scan skipped while it was being hashed.
+            _ = measured.changed() => {}
             batch = async {
                 match &mut drops {
                     Some(d) => d.next_batch().await,

@@ -461,7 +461,7 @@ async fn run_agent(config_path: &Path) -> Result<()> {
     };
     let resolver = std::sync::Arc::new(Resolver::with_selectors(
         monitor,
-        Measurer::new(config.max_measure_bytes),
+        Measurer::with_deadline(config.max_measure_bytes, std::time::Duration::from_millis(config.measure_deadline_ms)),
         cgroup2_root()?,
         config.selectors.clone(),
     ));
