@@ -13,9 +13,14 @@ pub struct AgentConfig {
     pub trust_domain: String,
     /// host:port of the server's node API.
     pub server_address: String,
-    /// Name the server's TLS certificate must carry. Default "localhost".
+    /// The name sent as TLS SNI to the node API. Not what authenticates the server: see
+    /// `server_spiffe_id`. Default "localhost".
     #[serde(default = "default_server_name")]
     pub server_name: String,
+    /// The SPIFFE ID the node API's certificate must carry (and chain to the current bundle).
+    /// Default `spiffe://<trust_domain>/tether/server`; the server refuses to register
+    /// entries under `/tether/`, so no workload SVID can carry it.
+    pub server_spiffe_id: Option<String>,
     /// PEM bundle to trust the server with on first contact.
     pub trust_bundle_path: PathBuf,
     /// One-time join token for the first attestation (later starts reuse the node SVID).
@@ -120,10 +125,25 @@ impl AgentConfig {
             }
         }
         c.selectors.validate().map_err(|m| invalid("selectors", m))?;
+        let server_id = c.server_id().map_err(|e| invalid("server_spiffe_id", e.to_string()))?;
+        if server_id.trust_domain() != c.trust_domain {
+            return Err(invalid(
+                "server_spiffe_id",
+                format!("{server_id} is not in the trust domain {}", c.trust_domain),
+            ));
+        }
         if c.server_address.parse::<std::net::SocketAddr>().is_err() && !c.server_address.contains(':') {
             return Err(invalid("server_address", format!("{:?} is not host:port", c.server_address)));
         }
         Ok(c)
+    }
+
+    /// The SPIFFE ID the node API server must present.
+    pub fn server_id(&self) -> Result<tether_attestors::SpiffeId, tether_attestors::SpiffeIdError> {
+        match &self.server_spiffe_id {
+            Some(id) => id.parse(),
+            None => tether_attestors::SpiffeId::from_parts(&self.trust_domain, &["tether", "server"]),
+        }
     }
 
     /// The value for SPIFFE_ENDPOINT_SOCKET.

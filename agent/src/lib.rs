@@ -14,6 +14,7 @@ pub mod netns;
 pub mod node_client;
 pub mod policy;
 pub mod process;
+pub mod server_tls;
 pub mod svid;
 pub mod telemetry;
 pub mod tpm;
