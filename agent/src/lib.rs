@@ -12,6 +12,7 @@ pub mod h2_authority;
 pub mod manager;
 pub mod netns;
 pub mod node_client;
+pub mod persist;
 pub mod policy;
 pub mod process;
 pub mod server_tls;

@@ -34,6 +34,8 @@ pub enum NodeError {
     Tpm(#[from] crate::tpm::TpmError),
     #[error("the server answered without a bundle")]
     NoBundle,
+    #[error("the server has not been reached since the agent started (JWT-SVIDs are minted there)")]
+    Away,
 }
 
 /// The trust bundle: DER roots, and the JWKS for JWT authorities.
@@ -61,6 +63,9 @@ impl Bundle {
     }
 }
 
+/// How long a TCP connection and TLS handshake to the node API may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// An mTLS channel to the node API: the server must present `spiffe://<td>/tether/server`
 /// (or `server_spiffe_id`) under `roots` ([`crate::server_tls`]).
 async fn channel(config: &AgentConfig, roots: &[Vec<u8>], identity: Option<&X509Svid>) -> Result<Channel, NodeError> {
@@ -79,9 +84,16 @@ async fn channel(config: &AgentConfig, roots: &[Vec<u8>], identity: Option<&X509
     let connect = tower::service_fn(move |_: http::Uri| {
         let (connector, sni, target) = (connector.clone(), sni.clone(), target.clone());
         async move {
-            let tcp = tokio::net::TcpStream::connect(&target).await?;
-            tcp.set_nodelay(true)?;
-            let tls = connector.connect(sni, tcp).await?;
+            // A server that never answers must not hold the agent (its Workload API serves
+            // meanwhile, but start-up and retries wait on this).
+            let handshake = async {
+                let tcp = tokio::net::TcpStream::connect(&target).await?;
+                tcp.set_nodelay(true)?;
+                connector.connect(sni, tcp).await
+            };
+            let tls = tokio::time::timeout(CONNECT_TIMEOUT, handshake).await.map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no TLS session within {CONNECT_TIMEOUT:?}"))
+            })??;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     });
@@ -131,6 +143,18 @@ fn node_client(channel: Channel) -> NodeClient<Channel> {
     NodeClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES)
 }
 
+/// Whether an error means the server could not be reached (retry later), rather than that
+/// it answered and refused.
+pub fn unreachable(e: &NodeError) -> bool {
+    match e {
+        NodeError::Connect { .. } | NodeError::Away => true,
+        NodeError::Status(s) => {
+            matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)
+        }
+        _ => false,
+    }
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, NodeError> {
     std::fs::read(path).map_err(|source| NodeError::Io { path: path.display().to_string(), source })
 }
@@ -162,7 +186,8 @@ fn save_node_svid(dir: &Path, svid: &X509Svid) -> std::io::Result<()> {
     Ok(())
 }
 
-fn load_node_svid(dir: &Path) -> Option<X509Svid> {
+/// The stored node SVID, if it is still valid for 30 s.
+pub fn load_node_svid(dir: &Path) -> Option<X509Svid> {
     let path = dir.join("node-svid.der");
     let chain = std::fs::read(&path).ok()?;
     let key = std::fs::read(dir.join("node-key.der")).ok()?;
@@ -187,8 +212,14 @@ impl NodeSession {
         Self::establish_with(config, tpm).await
     }
 
-    async fn establish_with(config: &AgentConfig, tpm: Option<NodeTpm>) -> Result<Self, NodeError> {
-        let roots = pem_roots(&config.trust_bundle_path)?;
+    /// As [`NodeSession::establish`], with the node's TPM already open. The server is
+    /// trusted with the latest bundle it sent (kept in `data_dir`), else with the bootstrap
+    /// bundle file.
+    pub async fn establish_with(config: &AgentConfig, tpm: Option<NodeTpm>) -> Result<Self, NodeError> {
+        let roots = match crate::persist::load_bundle(&config.data_dir, &config.trust_domain) {
+            Some(b) => b.x509_authorities,
+            None => pem_roots(&config.trust_bundle_path)?,
+        };
         // A TPM node proves its state on every start: a stored node SVID is not enough.
         if let Some(svid) = load_node_svid(&config.data_dir).filter(|_| tpm.is_none()) {
             let mut session = NodeSession {
@@ -243,6 +274,11 @@ impl NodeSession {
         tracing::info!(node = %node_svid.spiffe_id, selectors = ?resp.node_selectors, "node attested");
         let client = node_client(channel(config, &bundle.x509_authorities, Some(&node_svid)).await?);
         Ok(NodeSession { node_svid, bundle, node_selectors: resp.node_selectors, client, tpm })
+    }
+
+    /// The node's TPM, when it attests with one.
+    pub fn tpm(&self) -> Option<&NodeTpm> {
+        self.tpm.as_ref()
     }
 
     /// Attests from scratch with the same TPM (after the server revoked the node).

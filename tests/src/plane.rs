@@ -97,8 +97,22 @@ impl Plane {
         reattest_seconds: u64,
         server_tpm_extra: &str,
     ) -> Plane {
+        Self::start_tpm_server(sync_seconds, tpm, policy_dir, ek, reattest_seconds, "", server_tpm_extra)
+    }
+
+    /// As [`Plane::start_tpm_with`], with top-level lines for the server's config too (e.g.
+    /// `ca_ttl_seconds`).
+    pub fn start_tpm_server(
+        sync_seconds: u64,
+        tpm: &sandbox::swtpm::Swtpm,
+        policy_dir: &Path,
+        ek: &str,
+        reattest_seconds: u64,
+        server_top: &str,
+        server_tpm_extra: &str,
+    ) -> Plane {
         let mut plane = Self::server_only(&format!(
-            "[tpm]\nek_ca_dir = \"{}\"\npolicy_dir = \"{}\"\n{server_tpm_extra}",
+            "{server_top}[tpm]\nek_ca_dir = \"{}\"\npolicy_dir = \"{}\"\n{server_tpm_extra}",
             sandbox::swtpm::Swtpm::ca_dir().display(),
             policy_dir.display()
         ));
@@ -191,6 +205,9 @@ impl Plane {
     }
 
     pub fn start_agent(&mut self) {
+        if self.agent.is_some() {
+            self.stop_agent();
+        }
         let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
         let child = Command::new(crate::agent_bin())
             .arg("run")
@@ -205,6 +222,13 @@ impl Plane {
         self.agent = Some(KillOnDrop(child));
         let socket = self.socket();
         wait_until("the agent's Workload API socket", || socket.exists());
+    }
+
+    /// Ends the agent (by its PID) and removes the socket it leaves, so the next
+    /// [`Plane::start_agent`] waits for a fresh one.
+    pub fn stop_agent(&mut self) {
+        self.agent = None;
+        let _ = std::fs::remove_file(self.socket());
     }
 
     pub fn log(&self, which: &str) -> String {
