@@ -9,6 +9,7 @@ pub mod config;
 pub mod ebpf;
 pub mod enforcement;
 pub mod h2_authority;
+pub mod identity;
 pub mod manager;
 pub mod netns;
 pub mod node_client;

@@ -58,6 +58,8 @@ pub struct Snapshot {
     /// By entry id; only unexpired SVIDs.
     pub svids: HashMap<String, X509Svid>,
     pub bundle: Bundle,
+    /// The bundle's JWT authorities, parsed (once per bundle).
+    pub jwt: Arc<crate::identity::jwt::JwtAuthorities>,
     /// Whether the node holds a valid node SVID (attested).
     pub node_attested: bool,
     /// For each selector, the entries (indices into `entries`) that require it: a workload
@@ -78,7 +80,8 @@ impl Snapshot {
                 by_selector.entry(s.clone()).or_default().push(i);
             }
         }
-        Snapshot { entries, svids, bundle, node_attested, by_selector }
+        let jwt = crate::identity::jwt::JwtAuthorities::for_bundle(&bundle.trust_domain, &bundle.jwks);
+        Snapshot { entries, svids, bundle, jwt, node_attested, by_selector }
     }
 
     /// Entries whose selectors are all among the workload's, in a stable order.

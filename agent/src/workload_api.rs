@@ -25,7 +25,6 @@ use crate::{
     h2_authority::FixAuthority,
     manager::{Manager, Snapshot},
     process::{caller::IdentityError, pidfd::PidFd, Record},
-    svid::now,
 };
 
 /// Resolves a caller from its pidfd. The real one is `process::caller::Resolver`; unit
@@ -472,62 +471,10 @@ fn json_to_prost(v: &serde_json::Value) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
-/// Verifies a JWT-SVID against the bundle's JWT authorities. In order, each with its own
-/// reason: a compact JWS of base64url JSON; a `sub` that is a SPIFFE ID of this trust domain
-/// (the agent holds no other trust domain's bundle); `alg` ES256 (what this trust domain's
-/// authorities sign with; `none` and HMAC never); `typ`, if present, JWT or JOSE; a `kid` of
-/// the bundle; the signature; the audience; the expiry.
+/// Verifies a JWT-SVID against the snapshot's JWT authorities
+/// ([`crate::identity::jwt::JwtAuthorities::validate`]).
 pub fn validate_jwt(snapshot: &Snapshot, token: &str, audience: &str) -> Result<(SpiffeId, serde_json::Value), String> {
-    let parts: Vec<&str> = token.split('.').collect();
-    let [h, p, s] = parts[..] else { return Err("malformed: not a compact JWS (header.claims.signature)".into()) };
-    let json = |what: &str, part: &str| -> Result<serde_json::Value, String> {
-        let bytes = B64URL.decode(part).map_err(|_| format!("malformed: the {what} is not base64url"))?;
-        serde_json::from_slice(&bytes).map_err(|_| format!("malformed: the {what} is not JSON"))
-    };
-    let header = json("header", h)?;
-    let claims = json("claims", p)?;
-    let sub = claims["sub"].as_str().ok_or("malformed: no sub claim")?;
-    let sub = SpiffeId::parse(sub).map_err(|e| format!("sub {sub:?} is not a SPIFFE ID: {e}"))?;
-    if sub.trust_domain() != snapshot.bundle.trust_domain {
-        return Err(format!(
-            "sub {sub} is of trust domain {}; this agent holds the bundle of trust domain {} only",
-            sub.trust_domain(),
-            snapshot.bundle.trust_domain
-        ));
-    }
-    if header["alg"] != "ES256" {
-        return Err(format!("alg {} is not allowed (this trust domain signs JWT-SVIDs with ES256)", header["alg"]));
-    }
-    if !matches!(header.get("typ").map(|t| t.as_str()), None | Some(Some("JWT" | "JOSE"))) {
-        return Err(format!("typ {} is neither JWT nor JOSE", header["typ"]));
-    }
-    let kid = header["kid"].as_str().ok_or("no kid in the header")?;
-    let doc: serde_json::Value = serde_json::from_slice(&snapshot.bundle.jwks).unwrap_or_default();
-    let key = doc["keys"]
-        .as_array()
-        .and_then(|keys| keys.iter().find(|k| k["kid"] == kid && k["use"] == "jwt-svid"))
-        .ok_or_else(|| format!("unknown kid {kid:?}: no JWT authority of the bundle has it"))?;
-    let coord = |c: &str| B64URL.decode(key[c].as_str().unwrap_or_default()).map_err(|_| "bad key".to_string());
-    let mut point = vec![4u8];
-    point.extend(coord("x")?);
-    point.extend(coord("y")?);
-    let sig = B64URL.decode(s).map_err(|_| "malformed: the signature is not base64url")?;
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, &point)
-        .verify(format!("{h}.{p}").as_bytes(), &sig)
-        .map_err(|_| "signature does not verify".to_string())?;
-    let aud_ok = match &claims["aud"] {
-        serde_json::Value::String(a) => a == audience,
-        serde_json::Value::Array(a) => a.iter().any(|x| x == audience),
-        _ => false,
-    };
-    if !aud_ok {
-        return Err(format!("audience {audience:?} is not in the token's aud {}", claims["aud"]));
-    }
-    let exp = claims["exp"].as_i64().ok_or("malformed: no exp claim")?;
-    if exp <= now() {
-        return Err(format!("token expired at {exp} (unix time)"));
-    }
-    Ok((sub, claims))
+    snapshot.jwt.validate(token, audience)
 }
 
 #[tonic::async_trait]
@@ -659,6 +606,7 @@ mod tests {
 
     use super::*;
     use crate::node_client::Bundle;
+    use crate::svid::now;
 
     struct Signer {
         key: EcdsaKeyPair,
