@@ -85,20 +85,40 @@ impl ConnPeer {
     }
 }
 
-/// The peer of one accepted connection (None: it could not be identified at accept).
+/// The peer of one accepted connection, or what every call on it is answered (it could not
+/// be identified at accept, or its uid has too many connections open).
 #[derive(Clone)]
-pub struct Peer(pub Option<Arc<ConnPeer>>);
+pub struct Peer(pub Result<Arc<ConnPeer>, Status>);
 
-/// Open Workload API connections per uid, bounded: a uid past the limit gets its new
-/// connections closed (and a warning in the log) until some close.
+/// Open Workload API connections per uid, bounded: past the limit, a uid's new connections
+/// are answered `ResourceExhausted` (saying which limit) and closed after
+/// [`REFUSED_LINGER`]; at most [`MAX_REFUSED_OPEN`] such connections are open at once, beyond
+/// which they are closed at accept.
 pub struct ConnLimits {
     max_per_uid: usize,
     open: std::sync::Mutex<HashMap<u32, usize>>,
+    refused_open: std::sync::atomic::AtomicUsize,
 }
+
+/// How long a connection refused for its uid's limit stays open to carry the refusal.
+pub const REFUSED_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+/// Refused connections open at once, in all.
+pub const MAX_REFUSED_OPEN: usize = 256;
 
 impl ConnLimits {
     pub fn new(max_per_uid: usize) -> Arc<Self> {
-        Arc::new(ConnLimits { max_per_uid, open: Default::default() })
+        Arc::new(ConnLimits { max_per_uid, open: Default::default(), refused_open: Default::default() })
+    }
+
+    /// A place for one more refused connection (None: too many already).
+    fn refused_slot(self: &Arc<Self>) -> Option<RefusedSlot> {
+        use std::sync::atomic::Ordering;
+        let n = self.refused_open.fetch_add(1, Ordering::Relaxed);
+        if n >= MAX_REFUSED_OPEN {
+            self.refused_open.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(RefusedSlot(self.clone()))
     }
 
     fn take(self: &Arc<Self>, uid: u32) -> Option<UidSlot> {
@@ -116,6 +136,15 @@ impl ConnLimits {
 struct UidSlot {
     limits: Arc<ConnLimits>,
     uid: u32,
+}
+
+/// One refused connection still open.
+struct RefusedSlot(Arc<ConnLimits>);
+
+impl Drop for RefusedSlot {
+    fn drop(&mut self) {
+        self.0.refused_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Drop for UidSlot {
@@ -156,53 +185,70 @@ fn peer_cred(socket: std::os::fd::BorrowedFd<'_>) -> std::io::Result<(u32, u32)>
 pub struct Conn {
     stream: FixAuthority<tokio::net::UnixStream>,
     peer: Peer,
+    /// For a connection refused for its uid's limit: reads end (the connection closes) when
+    /// this fires, and its place among refused connections is given back with it.
+    close_at: Option<(Pin<Box<tokio::time::Sleep>>, RefusedSlot)>,
 }
 
 impl Conn {
     /// Fixes the connection's identity: the peer's pidfd and its kernel record now, which
     /// must still show the credentials it connected with (a setuid exec between its connect
-    /// and this accept is caught). None when the peer's uid has too many connections open.
+    /// and this accept is caught). None when it is closed at once (too many refused
+    /// connections open).
     pub fn accept<S: SelectorSource>(
         stream: tokio::net::UnixStream,
         source: &S,
         limits: &Arc<ConnLimits>,
     ) -> Option<Self> {
         use std::os::fd::AsFd;
+        let mut close_at = None;
         let peer = match (PidFd::from_peer(stream.as_fd()), peer_cred(stream.as_fd())) {
             (Ok(pidfd), Ok((uid, gid))) => {
                 tracing::debug!(pid = ?pidfd.pid(), uid, "workload API connection accepted");
-                let Some(slot) = limits.take(uid) else {
-                    tracing::warn!(
-                        uid,
-                        limit = limits.max_per_uid,
-                        "workload API connection closed: this uid has too many open"
-                    );
-                    return None;
-                };
-                match source.record(&pidfd) {
-                    Some(accepted) if accepted.euid == uid && accepted.egid == gid => {
-                        Some(Arc::new(ConnPeer { pidfd, accepted, _slot: slot }))
-                    }
-                    Some(r) => {
-                        tracing::warn!(
-                            pid = r.tgid,
-                            "caller not identified: its credentials changed between its connect and the accept"
-                        );
-                        None
-                    }
+                match limits.take(uid) {
                     None => {
-                        tracing::warn!("caller not identified: the kernel has no record of it");
-                        None
+                        tracing::warn!(
+                            uid,
+                            limit = limits.max_per_uid,
+                            "workload API connection refused: this uid has too many open"
+                        );
+                        close_at = Some((Box::pin(tokio::time::sleep(REFUSED_LINGER)), limits.refused_slot()?));
+                        Err(Status::resource_exhausted(format!(
+                            "uid {uid} already has {} Workload API connections open, the most allowed \
+                             (max_connections_per_uid): close some",
+                            limits.max_per_uid
+                        )))
                     }
+                    Some(slot) => match source.record(&pidfd) {
+                        Some(accepted) if accepted.euid == uid && accepted.egid == gid => {
+                            Ok(Arc::new(ConnPeer { pidfd, accepted, _slot: slot }))
+                        }
+                        Some(r) => {
+                            tracing::warn!(
+                                pid = r.tgid,
+                                "caller not identified: its credentials changed between its connect and the accept"
+                            );
+                            Err(Status::permission_denied(
+                                "caller could not be identified when it connected: its credentials changed \
+                                 between its connect and the accept",
+                            ))
+                        }
+                        None => {
+                            tracing::warn!("caller not identified: the kernel has no record of it");
+                            Err(Status::permission_denied(
+                                "caller could not be identified when it connected: the kernel has no record of it",
+                            ))
+                        }
+                    },
                 }
             }
             (Err(e), _) | (_, Err(e)) => {
                 tracing::debug!("workload API connection accepted");
                 tracing::warn!("caller not identifiable: SO_PEERPIDFD/SO_PEERCRED failed: {e}");
-                None
+                Err(Status::permission_denied(format!("caller could not be identified when it connected: {e}")))
             }
         };
-        Some(Conn { stream: FixAuthority::new(stream), peer: Peer(peer) })
+        Some(Conn { stream: FixAuthority::new(stream), peer: Peer(peer), close_at })
     }
 }
 
@@ -215,6 +261,11 @@ impl Connected for Conn {
 
 impl AsyncRead for Conn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if let Some((deadline, _)) = &mut self.close_at {
+            if std::future::Future::poll(deadline.as_mut(), cx).is_ready() {
+                return Poll::Ready(Ok(())); // end of stream: the server closes the connection
+            }
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -266,10 +317,10 @@ fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
 
 /// The connection's peer, as fixed at accept.
 fn conn_peer<T>(req: &Request<T>) -> Result<Arc<ConnPeer>, Status> {
-    req.extensions()
-        .get::<Peer>()
-        .and_then(|p| p.0.clone())
-        .ok_or_else(|| Status::permission_denied("caller could not be identified when it connected"))
+    match req.extensions().get::<Peer>() {
+        Some(Peer(peer)) => peer.clone(),
+        None => Err(Status::permission_denied("caller could not be identified when it connected")),
+    }
 }
 
 /// The selectors of the process that opened the connection, provided it still is that

@@ -265,3 +265,41 @@ fn a_stream_ends_when_the_process_that_opened_it_execs() {
     );
     println!("stream ended {:?} after the exec", started.elapsed());
 }
+
+#[test]
+fn one_uid_cannot_take_every_workload_api_connection() {
+    require_root().unwrap();
+    let plane = Plane::start_with_agent(1, "max_connections_per_uid = 8\n");
+    open_to_all(&plane);
+    let (idle, served) = (CgroupGuard::new("flooder").unwrap(), CgroupGuard::new("served").unwrap());
+    plane.entry("spiffe://example.org/served", &[&format!("cgroup:path:{}", rel(served.path()))], &[]);
+    plane.wait_issued("spiffe://example.org/served");
+    let socket = plane.socket();
+    let socket = socket.to_str().unwrap();
+
+    // uid 65534 holds its 8 connections and asks on a ninth: told which limit, by name.
+    let out = output(&mut as_nobody(idle.path(), &[CLIENT, "flood", socket, "8"]));
+    assert_eq!(
+        out.trim(),
+        "refused ResourceExhausted uid 65534 already has 8 Workload API connections open, the most allowed \
+         (max_connections_per_uid): close some",
+        "{}",
+        plane.log("agent")
+    );
+    // While it floods, another workload is served.
+    let mut flood = as_nobody(idle.path(), &[CLIENT, "flood", socket, "8"]);
+    flood.stdout(Stdio::piped());
+    let flooding = Workload::start(flood.spawn().unwrap());
+    let mut cmd = Command::new(CLIENT);
+    cmd.args(["fetch", socket]);
+    place(&mut cmd, served.path());
+    assert_eq!(output(&mut cmd).trim(), "ok spiffe://example.org/served");
+    flooding.wait_line("refused ResourceExhausted");
+    drop(flooding);
+    // Its connections closed, the uid connects again (and is told it has no identity).
+    let out = wait_for("uid 65534's connections to be counted out", || {
+        let out = output(&mut as_nobody(idle.path(), &[CLIENT, "fetch", socket]));
+        out.starts_with("refused PermissionDenied").then_some(out)
+    });
+    assert!(out.contains("no identity issued"), "{out}");
+}

@@ -68,11 +68,19 @@ fn main() {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move { println!("{}", fetch_once(&mut client_over(conn).await).await) });
         }
+        // open args[3] connections and keep them, then fetch on one more
+        Some("flood") => {
+            let n: usize = args[3].parse().expect("count");
+            let _held: Vec<UnixStream> = (0..n).map(|_| UnixStream::connect(&args[2]).expect("connect")).collect();
+            let conn = UnixStream::connect(&args[2]).expect("connect");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move { println!("{}", fetch_once(&mut client_over(conn).await).await) });
+        }
         // sleep args[2] seconds (a victim's binary kept running)
         Some("hold") => std::thread::sleep(Duration::from_secs(args[2].parse().expect("seconds"))),
         _ => {
             eprintln!(
-                "usage: tether-test-client connect-exit|connect-hold|connect-exec|fork-hold|fetch SOCKET [PROGRAM ARGS]\n       tether-test-client fork-exec SOCKET fetch|stream PROGRAM [ARGS]\n       tether-test-client hold SECONDS"
+                "usage: tether-test-client connect-exit|connect-hold|connect-exec|fork-hold|fetch SOCKET [PROGRAM ARGS]\n       tether-test-client fork-exec SOCKET fetch|stream PROGRAM [ARGS]\n       tether-test-client flood SOCKET N\n       tether-test-client hold SECONDS"
             );
             std::process::exit(2);
         }
