@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use tether_attestors::{is_subset, join_token, Selector, SpiffeId};
+use tether_attestors::{is_subset, join_token, tpm::binding::BoundKey, Selector, SpiffeId};
 use tether_proto::{admin, node};
 use tokio::sync::RwLock;
 use tonic::{Request, Response, Status};
@@ -34,7 +34,7 @@ pub struct State {
 impl From<TpmError> for Status {
     fn from(e: TpmError) -> Self {
         match e {
-            TpmError::Malformed { .. } => Status::invalid_argument(e.to_string()),
+            TpmError::Malformed { .. } | TpmError::Binding(_) => Status::invalid_argument(e.to_string()),
             TpmError::Busy => Status::resource_exhausted(e.to_string()),
             TpmError::Policy(_) | TpmError::CaStore(_) | TpmError::Credential(_) => Status::internal(e.to_string()),
             _ => Status::permission_denied(e.to_string()),
@@ -134,15 +134,19 @@ fn not_after(der: &[u8]) -> i64 {
 
 pub struct NodeService(pub Arc<State>);
 
+/// The caller's TLS client certificate (its node SVID), DER.
+fn client_leaf<T>(req: &Request<T>) -> Result<Vec<u8>, Status> {
+    let certs =
+        req.peer_certs().ok_or_else(|| Status::unauthenticated("a node SVID (TLS client certificate) is required"))?;
+    certs.first().map(|c| c.to_vec()).ok_or_else(|| Status::unauthenticated("no client certificate"))
+}
+
 impl NodeService {
     /// The calling node, from its TLS client certificate (verified against the bundle during
     /// the handshake); it must still be a registered agent.
     fn caller<T>(&self, req: &Request<T>) -> Result<Agent, Status> {
-        let certs = req
-            .peer_certs()
-            .ok_or_else(|| Status::unauthenticated("a node SVID (TLS client certificate) is required"))?;
-        let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let id = cert_spiffe_id(leaf).ok_or_else(|| Status::unauthenticated("client certificate has no SPIFFE ID"))?;
+        let leaf = client_leaf(req)?;
+        let id = cert_spiffe_id(&leaf).ok_or_else(|| Status::unauthenticated("client certificate has no SPIFFE ID"))?;
         let agent =
             self.0.store.get_agent(&id).map_err(|_| {
                 Status::permission_denied(format!("{id} is not an attested agent (evicted or revoked?)"))
@@ -210,7 +214,7 @@ impl NodeService {
         let store = &s.store;
         let attested = self
             .tpm()?
-            .finish(&s.config.trust_domain, &req.challenge_id, &req.payload, |ek_hash| {
+            .finish(&s.config.trust_domain, &req.challenge_id, &req.payload, &req.csr, |ek_hash| {
                 store.tpm_by_ek(ek_hash).ok().flatten().map(|n| n.clock)
             })
             .inspect_err(|e| tracing::warn!(reason = %e, "TPM attestation refused"))?;
@@ -255,21 +259,29 @@ impl NodeService {
         self.0.tpm.as_ref().ok_or_else(|| Status::failed_precondition("this server has no [tpm] configuration"))
     }
 
-    /// Verifies a re-attestation; failing evidence revokes the node (logged with the reason).
-    fn reattest_node(&self, agent: &Agent, challenge_id: &str, evidence: &[u8]) -> Result<Vec<String>, Status> {
+    /// Verifies a re-attestation whose quote covers `bound`; failing evidence revokes the
+    /// node (logged with the reason).
+    fn reattest_node(
+        &self,
+        agent: &Agent,
+        challenge_id: &str,
+        evidence: &[u8],
+        bound: BoundKey<'_>,
+    ) -> Result<Vec<String>, Status> {
         let s = &self.0;
         let id = &agent.spiffe_id;
         let node = s.store.tpm_node(id)?.ok_or_else(|| Status::permission_denied(format!("{id} has no TPM record")))?;
-        let outcome =
-            self.tpm()?.finish_again(id, challenge_id, evidence, &node.ak, node.clock).map_err(Status::from).and_then(
-                |(matched, quote)| {
-                    let mut selectors: Vec<String> =
-                        agent.selectors.iter().filter(|sel| !sel.starts_with("tpm:policy:")).cloned().collect();
-                    selectors.extend(matched.iter().map(|m| format!("tpm:policy:{m}")));
-                    s.store.record_quote(id, &quote, &selectors, now())?;
-                    Ok(selectors)
-                },
-            );
+        let outcome = self
+            .tpm()?
+            .finish_again(id, challenge_id, evidence, bound, &node.ak, node.clock)
+            .map_err(Status::from)
+            .and_then(|(matched, quote)| {
+                let mut selectors: Vec<String> =
+                    agent.selectors.iter().filter(|sel| !sel.starts_with("tpm:policy:")).cloned().collect();
+                selectors.extend(matched.iter().map(|m| format!("tpm:policy:{m}")));
+                s.store.record_quote(id, &quote, &selectors, now())?;
+                Ok(selectors)
+            });
         match outcome {
             Ok(selectors) => {
                 tracing::info!(node = %id, "TPM re-attestation passed");
@@ -318,8 +330,11 @@ impl node::node_server::Node for NodeService {
 
     async fn reattest(&self, req: Request<node::ReattestRequest>) -> Result<Response<node::ReattestResponse>, Status> {
         let agent = self.caller(&req)?;
+        // Nothing is issued: the quote covers the node SVID this channel authenticated with.
+        let leaf = client_leaf(&req)?;
         let req = req.into_inner();
-        let node_selectors = self.reattest_node(&agent, &req.challenge_id, &req.evidence)?;
+        let node_selectors =
+            self.reattest_node(&agent, &req.challenge_id, &req.evidence, BoundKey::Certificate(&leaf))?;
         Ok(Response::new(node::ReattestResponse { node_selectors }))
     }
 
@@ -366,7 +381,7 @@ impl node::node_server::Node for NodeService {
             if req.challenge_id.is_empty() {
                 return Err(Status::failed_precondition("TPM nodes renew with fresh evidence (BeginReattestation)"));
             }
-            self.reattest_node(&agent, &req.challenge_id, &req.evidence)?;
+            self.reattest_node(&agent, &req.challenge_id, &req.evidence, BoundKey::Csr(&req.csr))?;
         }
         let id = agent.spiffe_id;
         let s = &self.0;

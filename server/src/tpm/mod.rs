@@ -10,6 +10,9 @@
 //!    signed by that AK over the nonce, proves the PCR values; they must satisfy a golden set.
 //!
 //! Re-attestation (renewal, interval) is the same without the credential: the AK is known.
+//!
+//! Every quote's qualifying data binds the nonce to the key the request certifies (the CSR's,
+//! or on a bare re-attestation the caller's node SVID's): `tether_attestors::tpm::binding`.
 
 pub mod policy;
 
@@ -25,8 +28,9 @@ use serde::Deserialize;
 use tether_attestors::{
     hex,
     tpm::{
+        binding::BoundKey,
         credential,
-        verify::{self, AkVerifier, ClockState, QuoteInfo},
+        verify::{self, AkVerifier, ClockState, QuoteInfo, VerifyError},
         wire,
     },
     Selector, SpiffeId,
@@ -80,6 +84,13 @@ pub enum TpmError {
     Busy,
     #[error("quote: {0}")]
     Quote(String),
+    /// The quote answers this challenge for another key than the one the request certifies.
+    #[error("quote does not cover {key}: it answers this challenge for another key (relayed evidence?)")]
+    KeyNotCovered { key: &'static str },
+    #[error("quote does not cover {key}: its qualifying data is the bare nonce (an agent from before key binding?)")]
+    KeyNotBound { key: &'static str },
+    #[error("{0}")]
+    Binding(#[from] tether_attestors::tpm::binding::BindingError),
     #[error("TPM clock: {0}")]
     Clock(String),
     #[error("{0}")]
@@ -241,13 +252,15 @@ impl TpmAttestor {
         Ok((id, challenge.encode_to_vec()))
     }
 
-    /// Step 2 of a first attestation. `previous` looks up the clock state last recorded for
-    /// an EK hash (a node seen before).
+    /// Step 2 of a first attestation, for the node SVID the CSR `csr` asks for (the quote
+    /// must cover its key). `previous` looks up the clock state last recorded for an EK hash
+    /// (a node seen before).
     pub fn finish(
         &self,
         trust_domain: &str,
         challenge_id: &str,
         evidence: &[u8],
+        csr: &[u8],
         previous: impl FnOnce(&str) -> Option<ClockState>,
     ) -> Result<Attested, TpmError> {
         let pending = self.take(challenge_id)?;
@@ -258,7 +271,8 @@ impl TpmAttestor {
         if !constant_time_eq(&ev.activated_secret, secret) {
             return Err(TpmError::Activation);
         }
-        let (matched, quote) = check_quote(ak, &pending.policy, &pending.nonce, &ev, previous(ek_hash))?;
+        let (matched, quote) =
+            check_quote(ak, &pending.policy, &pending.nonce, BoundKey::Csr(csr), &ev, previous(ek_hash))?;
         let node_id =
             node_id(trust_domain, ek_hash).ok_or_else(|| TpmError::EkCertificate("cannot form a node ID".into()))?;
         let mut selectors = vec![
@@ -270,12 +284,15 @@ impl TpmAttestor {
         Ok(Attested { node_id, ek_hash: ek_hash.clone(), ak: ak.clone(), selectors, quote })
     }
 
-    /// Step 2 of a re-attestation: the node that asked, its stored AK and clock state.
+    /// Step 2 of a re-attestation: the node that asked, the key the quote must cover (the
+    /// renewal's CSR, or the node SVID the caller authenticated with), its stored AK and clock
+    /// state.
     pub fn finish_again(
         &self,
         caller: &SpiffeId,
         challenge_id: &str,
         evidence: &[u8],
+        bound: BoundKey<'_>,
         ak: &AkRecord,
         previous: ClockState,
     ) -> Result<(Vec<String>, QuoteInfo), TpmError> {
@@ -285,19 +302,22 @@ impl TpmAttestor {
             _ => return Err(TpmError::UnknownChallenge),
         }
         let ev = pb::Evidence::decode(evidence).map_err(|e| malformed("evidence")(e.to_string()))?;
-        check_quote(ak, &pending.policy, &pending.nonce, &ev, Some(previous))
+        check_quote(ak, &pending.policy, &pending.nonce, bound, &ev, Some(previous))
     }
 }
 
-/// A quote by `ak` over `nonce`, its PCR values exactly the policy's selection, against the
-/// golden sets; the clock after `previous`. Returns the names of the sets matched.
+/// A quote by `ak` over `nonce` bound to the key `bound`, its PCR values exactly the policy's
+/// selection, against the golden sets; the clock after `previous`. Returns the names of the
+/// sets matched.
 fn check_quote(
     ak: &AkRecord,
     policy: &Policy,
     nonce: &[u8],
+    bound: BoundKey<'_>,
     ev: &pb::Evidence,
     previous: Option<ClockState>,
 ) -> Result<(Vec<String>, QuoteInfo), TpmError> {
+    let key = bound.key_hash()?;
     let public = wire::Public::parse(&ak.public).map_err(|e| malformed("AK public (TPMT_PUBLIC)")(e.to_string()))?;
     let verifier = AkVerifier::with_qualified_name(&public, ak.qualified_name.clone())
         .map_err(|e| TpmError::AkAttributes(e.to_string()))?;
@@ -315,8 +335,13 @@ fn check_quote(
     if want != got {
         return Err(TpmError::Quote(format!("PCRs {got:?} sent, {want:?} asked for")));
     }
-    let info =
-        verifier.verify_quote(&ev.quote, &ev.signature, nonce, &values).map_err(|e| TpmError::Quote(e.to_string()))?;
+    let info = verifier
+        .verify_bound_quote(&ev.quote, &ev.signature, nonce, &key, &ev.bound_key_sha256, &values)
+        .map_err(|e| match e {
+            VerifyError::KeyNotCovered => TpmError::KeyNotCovered { key: bound.describe() },
+            VerifyError::KeyNotBound => TpmError::KeyNotBound { key: bound.describe() },
+            e => TpmError::Quote(e.to_string()),
+        })?;
     if let Some(prev) = previous {
         verify::check_clock(&prev, &info).map_err(|e| TpmError::Clock(e.to_string()))?;
     }
@@ -325,12 +350,19 @@ fn check_quote(
 }
 
 /// `tether-server tpm check-quote`: a node's evidence checked offline, as an attestation
-/// checks it (AK attributes and name under the EK, quote signature, nonce, PCR digest, golden
-/// policy), except what needs the live exchange (EK certificate chain, credential
-/// activation, the clock against earlier quotes). `hello` and `evidence` are the node API's
-/// encoded `tpm.Hello` and `tpm.Evidence` (`tether-agent tpm quote` writes them). Returns
-/// the golden sets matched.
-pub fn check_offline(hello: &[u8], evidence: &[u8], nonce: &[u8], policy_dir: &Path) -> Result<Vec<String>, TpmError> {
+/// checks it (AK attributes and name under the EK, quote signature, nonce bound to the CSR's
+/// key, PCR digest, golden policy), except what needs the live exchange (EK certificate
+/// chain, credential activation, the clock against earlier quotes). `hello` and `evidence`
+/// are the node API's encoded `tpm.Hello` and `tpm.Evidence` (`tether-agent tpm quote`
+/// writes them), `csr` the PKCS#10 DER the quote was made for. Returns the golden sets
+/// matched.
+pub fn check_offline(
+    hello: &[u8],
+    evidence: &[u8],
+    nonce: &[u8],
+    csr: &[u8],
+    policy_dir: &Path,
+) -> Result<Vec<String>, TpmError> {
     let hello = pb::Hello::decode(hello).map_err(|e| malformed("hello")(e.to_string()))?;
     let ev = pb::Evidence::decode(evidence).map_err(|e| malformed("evidence")(e.to_string()))?;
     let ek = wire::Public::parse(&hello.ek_public).map_err(|e| malformed("EK public (TPMT_PUBLIC)")(e.to_string()))?;
@@ -339,7 +371,7 @@ pub fn check_offline(hello: &[u8], evidence: &[u8], nonce: &[u8], policy_dir: &P
         AkVerifier::new(&ak, &ek).map_err(|e| TpmError::AkAttributes(e.to_string()))?.qualified_name().to_vec();
     let record = AkRecord { public: hello.ak_public, qualified_name };
     let policy = Policy::load_dir(policy_dir)?;
-    check_quote(&record, &policy, nonce, &ev, None).map(|(matched, _)| matched)
+    check_quote(&record, &policy, nonce, BoundKey::Csr(csr), &ev, None).map(|(matched, _)| matched)
 }
 
 fn curve_name(c: wire::EccCurve) -> &'static str {
