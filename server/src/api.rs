@@ -12,7 +12,7 @@ use crate::{
     ca::{CaError, CaState, SvidRequest},
     config::ServerConfig,
     store::{Agent, Entry, Store, StoreError, TpmRegistration},
-    tpm::{TpmAttestor, TpmError, ATTESTOR as TPM},
+    tpm::{challenges::Source, TpmAttestor, TpmError, ATTESTOR as TPM},
 };
 
 pub fn now() -> i64 {
@@ -35,7 +35,7 @@ impl From<TpmError> for Status {
     fn from(e: TpmError) -> Self {
         match e {
             TpmError::Malformed { .. } | TpmError::Binding(_) => Status::invalid_argument(e.to_string()),
-            TpmError::Busy => Status::resource_exhausted(e.to_string()),
+            TpmError::TooManyChallenges { .. } => Status::resource_exhausted(e.to_string()),
             TpmError::Policy(_) | TpmError::CaStore(_) | TpmError::Credential(_) => Status::internal(e.to_string()),
             _ => Status::permission_denied(e.to_string()),
         }
@@ -303,6 +303,8 @@ impl node::node_server::Node for NodeService {
         &self,
         req: Request<node::BeginAttestationRequest>,
     ) -> Result<Response<node::Challenge>, Status> {
+        // Challenges are limited per source address (see tpm::challenges).
+        let source = Source::from(req.remote_addr());
         let req = req.into_inner();
         if req.attestor != TPM {
             return Err(Status::invalid_argument(format!("attestor {:?} takes no challenge", req.attestor)));
@@ -310,8 +312,8 @@ impl node::node_server::Node for NodeService {
         let store = &self.0.store;
         let td = &self.0.config.trust_domain;
         let (challenge_id, payload) =
-            self.tpm()?.begin(td, &req.payload, now(), |id| store.is_banned(id)).inspect_err(|e| {
-                tracing::warn!(reason = %e, "TPM attestation refused");
+            self.tpm()?.begin(td, &req.payload, source, now(), |id| store.is_banned(id)).inspect_err(|e| {
+                tracing::warn!(source = %source, reason = %e, "TPM attestation refused");
             })?;
         Ok(Response::new(node::Challenge { challenge_id, payload }))
     }
@@ -324,7 +326,7 @@ impl node::node_server::Node for NodeService {
         if agent.attestor != TPM {
             return Err(Status::failed_precondition(format!("{} was not attested with evidence", agent.spiffe_id)));
         }
-        let (challenge_id, payload) = self.tpm()?.begin_again(agent.spiffe_id)?;
+        let (challenge_id, payload) = self.tpm()?.begin_again(&agent.spiffe_id)?;
         Ok(Response::new(node::Challenge { challenge_id, payload }))
     }
 

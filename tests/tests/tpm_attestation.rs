@@ -293,7 +293,7 @@ async fn forged_identities_are_refused_and_nothing_is_issued() {
     refused(
         f.attest(&id, &ev, &a.csr).await,
         PermissionDenied,
-        "unknown, expired or already used challenge (replayed attestation?)",
+        "unknown, expired, evicted or already used challenge (replayed attestation?)",
     );
     let (id2, _) = f.begin(&a.hello()).await.unwrap();
     refused(
