@@ -11,7 +11,7 @@ use x509_parser::prelude::*;
 use crate::{
     ca::{CaError, CaState, SvidRequest},
     config::ServerConfig,
-    store::{Agent, Entry, Store, StoreError, TpmRegistration},
+    store::{self, Agent, Entry, Store, StoreError, TpmRegistration},
     tpm::{challenges::Source, TpmAttestor, TpmError, ATTESTOR as TPM},
 };
 
@@ -49,7 +49,9 @@ impl From<StoreError> for Status {
             StoreError::Duplicate(_) => Status::already_exists(e.to_string()),
             StoreError::NoEntry(_) | StoreError::NoAgent(_) => Status::not_found(e.to_string()),
             StoreError::BadToken => Status::permission_denied(e.to_string()),
-            StoreError::Banned(_) | StoreError::Refused(_) => Status::permission_denied(e.to_string()),
+            StoreError::Banned(_) | StoreError::Refused(_) | StoreError::Reserved(_) => {
+                Status::permission_denied(e.to_string())
+            }
             StoreError::Db(_) | StoreError::Corrupt(_) => Status::internal(e.to_string()),
         }
     }
@@ -453,16 +455,30 @@ impl node::node_server::Node for NodeService {
 
 pub struct AdminService(pub Arc<State>);
 
+/// `spiffe://<td>/tether/...` is the server's and its agents' (see `store::reserved`): the
+/// admin API refuses it before the store does, and says so in the audit log.
+fn refuse_reserved(id: &SpiffeId, what: &'static str) -> Result<(), Status> {
+    if store::reserved(id) {
+        tracing::warn!(spiffe_id = %id, what, "refused: reserved SPIFFE ID");
+        return Err(StoreError::Reserved(id.to_string()).into());
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl admin::admin_server::Admin for AdminService {
     async fn create_entry(&self, req: Request<node::Entry>) -> Result<Response<node::Entry>, Status> {
-        let e = self.0.store.create_entry(entry_from_proto(req.into_inner())?, &self.0.config.trust_domain)?;
+        let e = entry_from_proto(req.into_inner())?;
+        refuse_reserved(&e.spiffe_id, "entry")?;
+        let e = self.0.store.create_entry(e, &self.0.config.trust_domain)?;
         tracing::info!(entry = %e.id, spiffe_id = %e.spiffe_id, "entry created");
         Ok(Response::new(entry_to_proto(&e)))
     }
 
     async fn update_entry(&self, req: Request<node::Entry>) -> Result<Response<node::Entry>, Status> {
-        let e = self.0.store.update_entry(entry_from_proto(req.into_inner())?, &self.0.config.trust_domain)?;
+        let e = entry_from_proto(req.into_inner())?;
+        refuse_reserved(&e.spiffe_id, "entry")?;
+        let e = self.0.store.update_entry(e, &self.0.config.trust_domain)?;
         Ok(Response::new(entry_to_proto(&e)))
     }
 
@@ -499,6 +515,8 @@ impl admin::admin_server::Admin for AdminService {
                     self.0.config.trust_domain
                 )));
             }
+            // A node named /tether/server could pose as the server to other agents.
+            refuse_reserved(&id, "join token")?;
             Some(id)
         };
         let token = join_token::generate().map_err(|e| Status::internal(e.to_string()))?;
