@@ -120,8 +120,13 @@ impl<T> Challenges<T> {
         self.limits
     }
 
-    fn purge(&mut self, now: Instant) {
+    /// Drops expired first-attestation challenges. (Each table is purged by its own inserts:
+    /// a flood of first attestations never walks the attested nodes' rows.)
+    fn purge_first(&mut self, now: Instant) {
         self.first.retain(|_, c| c.expires > now);
+    }
+
+    fn purge_again(&mut self, now: Instant) {
         self.again.retain(|_, row| {
             row.retain(|c| c.expires > now);
             !row.is_empty()
@@ -138,7 +143,7 @@ impl<T> Challenges<T> {
         source: Source,
         value: T,
     ) -> Result<Option<Evicted>, Refused> {
-        self.purge(now);
+        self.purge_first(now);
         // The EK's oldest, preferring one asked from this address.
         let victim = {
             let of_ek: Vec<(&String, &First<T>)> = self.first.iter().filter(|(_, c)| c.ek == ek).collect();
@@ -172,7 +177,7 @@ impl<T> Challenges<T> {
     /// Parks a re-attestation challenge `id` for the attested node `node`; returns the id of
     /// that node's oldest if it made room.
     pub fn insert_again(&mut self, now: Instant, id: String, node: &str, value: T) -> Option<String> {
-        self.purge(now);
+        self.purge_again(now);
         let row = self.again.entry(node.to_owned()).or_default();
         let evicted = if row.len() >= self.limits.per_node { row.pop_front().map(|c| c.id) } else { None };
         row.push_back(Again { id, expires: now + self.limits.ttl, value });
@@ -322,7 +327,7 @@ mod tests {
         assert_eq!(t.take_first(later, "s0"), None, "expired");
         assert_eq!(t.take_again(later, "node", "r0"), None, "expired");
         first(&mut t, later, "n", "ek-n", "10.0.0.1").unwrap();
-        assert_eq!(t.len(), (1, 0));
+        assert_eq!(t.len(), (1, 0), "s1..s4 purged, r0 taken");
     }
 
     #[test]
