@@ -529,6 +529,10 @@ impl Store {
                 Some(s) => SpiffeId::parse(&s).map_err(|e| StoreError::Corrupt(e.to_string()))?,
                 None => default_id,
             };
+            // A node ID chosen before /tether/ was reserved (the derived default lives there).
+            if row[0].opt_text().is_some() && reserved(&id) {
+                return Err(StoreError::Reserved(id.to_string()));
+            }
             if !tx.rows("SELECT spiffe_id FROM bans WHERE spiffe_id = $1", &[id.to_string().into()])?.is_empty() {
                 return Err(StoreError::Banned(id.to_string()));
             }
@@ -904,6 +908,22 @@ mod tests {
         // It can still be deleted by its ID.
         s.delete_entry("old").unwrap();
         assert!(s.reserved_entries().unwrap().is_empty());
+        // A join token naming such a node ID, stored before the reservation, attests nothing
+        // (and stays unused); the server's own derived IDs there are fine.
+        let server = SpiffeId::parse("spiffe://td/tether/server").unwrap();
+        s.with_tx(|tx| {
+            tx.exec(
+                "INSERT INTO join_tokens (digest, expires_at, node_id) VALUES ($1, $2, $3)",
+                &["old-token".into(), 1000.into(), server.to_string().into()],
+            )
+        })
+        .unwrap();
+        let derived = SpiffeId::parse("spiffe://td/tether/agent/join_token/ab").unwrap();
+        let r = s.attest_with_token("old-token", 1, derived.clone(), |_| Ok(((), 9)));
+        assert!(matches!(r, Err(StoreError::Reserved(_))), "{r:?}");
+        assert!(s.list_agents().unwrap().is_empty());
+        s.create_join_token("new-token", 1000, None).unwrap();
+        assert_eq!(s.attest_with_token("new-token", 1, derived.clone(), |_| Ok(((), 9))).unwrap().0, derived);
     }
 
     fn join_tokens_are_one_time_and_expire_and_failures_burn_nothing(s: &Store) {
