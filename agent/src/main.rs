@@ -151,9 +151,9 @@ enum TpmCmd {
         #[arg(long, value_delimiter = ',', default_values_t = [0u32, 1, 2, 3, 4, 5, 6, 7])]
         pcrs: Vec<u32>,
     },
-    /// Quote the PCRs with a nonce, as the agent does for the server, and write the hello (EK
-    /// and AK public areas) and the evidence as the node API's messages, for `tether-server
-    /// tpm check-quote`.
+    /// Quote the PCRs with a nonce bound to a CSR's key, as the agent does for the server, and
+    /// write the hello (EK and AK public areas) and the evidence as the node API's messages,
+    /// for `tether-server tpm check-quote`.
     Quote {
         #[arg(long, default_value = "device:/dev/tpmrm0")]
         tcti: String,
@@ -166,6 +166,10 @@ enum TpmCmd {
         /// Hex.
         #[arg(long)]
         nonce: String,
+        /// The CSR (PKCS#10 DER, e.g. `openssl req -outform der`) whose key the quote covers:
+        /// its qualifying data is SHA-256(nonce ‖ SHA-256(the CSR's SubjectPublicKeyInfo)).
+        #[arg(long)]
+        csr: PathBuf,
         #[arg(long, default_value = "sha256", value_parser = ["sha1", "sha256"])]
         bank: String,
         #[arg(long, value_delimiter = ',', default_values_t = [0u32, 1, 2, 3, 4, 5, 6, 7])]
@@ -291,11 +295,12 @@ async fn real_main() -> Result<()> {
             print!("{}", tether_agent::tpm::policy_snippet(&tcti, &name, &bank, &pcrs)?);
             Ok(())
         }
-        Command::Tpm(TpmCmd::Quote { tcti, ek, ak_dir, nonce, bank, pcrs, hello, evidence }) => {
+        Command::Tpm(TpmCmd::Quote { tcti, ek, ak_dir, nonce, csr, bank, pcrs, hello, evidence }) => {
             use tether_attestors::tpm::device::EkAlgorithm;
             let ek = if ek == "ecc" { EkAlgorithm::Ecc } else { EkAlgorithm::Rsa };
             let nonce = tether_attestors::hex::decode(&nonce).context("--nonce is not hex")?;
-            let (h, e) = tether_agent::tpm::quote(&tcti, ek, &ak_dir, &nonce, &bank, &pcrs)?;
+            let csr = std::fs::read(&csr).with_context(|| format!("reading {}", csr.display()))?;
+            let (h, e) = tether_agent::tpm::quote(&tcti, ek, &ak_dir, &nonce, &csr, &bank, &pcrs)?;
             std::fs::write(&hello, h).with_context(|| format!("writing {}", hello.display()))?;
             std::fs::write(&evidence, e).with_context(|| format!("writing {}", evidence.display()))?;
             Ok(())

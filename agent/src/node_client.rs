@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use tether_attestors::{join_token, pem};
+use tether_attestors::{join_token, pem, tpm::binding::BoundKey};
 use tether_proto::node::{self, node_client::NodeClient};
 use tonic::transport::{Channel, Endpoint};
 
@@ -250,7 +250,7 @@ impl NodeSession {
                     .into_inner();
                 node::AttestRequest {
                     attestor: "tpm".into(),
-                    payload: t.answer(&challenge.payload).await?,
+                    payload: t.answer(&challenge.payload, BoundKey::Csr(&pending.csr_der)).await?,
                     csr: pending.csr_der,
                     challenge_id: challenge.challenge_id,
                 }
@@ -291,16 +291,21 @@ impl NodeSession {
         self.tpm.is_some()
     }
 
-    /// A fresh challenge answered with fresh evidence: (challenge id, evidence).
-    async fn evidence(&mut self) -> Result<Option<(String, Vec<u8>)>, NodeError> {
+    /// A fresh challenge answered with fresh evidence covering the CSR `csr`, or without one
+    /// the node SVID this channel authenticates with: (challenge id, evidence).
+    async fn evidence(&mut self, csr: Option<&[u8]>) -> Result<Option<(String, Vec<u8>)>, NodeError> {
         let Some(t) = &self.tpm else { return Ok(None) };
         let c = self.client.begin_reattestation(node::BeginReattestationRequest {}).await?.into_inner();
-        Ok(Some((c.challenge_id, t.answer(&c.payload).await?)))
+        let bound = match csr {
+            Some(csr) => BoundKey::Csr(csr),
+            None => BoundKey::Certificate(self.node_svid.chain.first().map_or(&[][..], Vec::as_slice)),
+        };
+        Ok(Some((c.challenge_id, t.answer(&c.payload, bound).await?)))
     }
 
     /// Re-attests (a fresh quote) without renewing; the server revokes the node if it fails.
     pub async fn reattest(&mut self) -> Result<(), NodeError> {
-        let Some((challenge_id, evidence)) = self.evidence().await? else { return Ok(()) };
+        let Some((challenge_id, evidence)) = self.evidence(None).await? else { return Ok(()) };
         let resp = self.client.reattest(node::ReattestRequest { challenge_id, evidence }).await?.into_inner();
         self.node_selectors = resp.node_selectors;
         Ok(())
@@ -310,7 +315,7 @@ impl NodeSession {
     /// evidence with the request.
     pub async fn renew(&mut self, config: &AgentConfig) -> Result<(), NodeError> {
         let pending = new_key()?;
-        let (challenge_id, evidence) = self.evidence().await?.unwrap_or_default();
+        let (challenge_id, evidence) = self.evidence(Some(&pending.csr_der)).await?.unwrap_or_default();
         let resp = self
             .client
             .renew_node_svid(node::RenewRequest { csr: pending.csr_der, challenge_id, evidence })

@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 use serde::Deserialize;
-use tether_attestors::tpm::device::{AttestationKey, Device, DeviceError, EkAlgorithm, Endorsement, Quote};
+use tether_attestors::tpm::{
+    binding::{self, BindingError, BoundKey, KeyHash},
+    device::{AttestationKey, Device, DeviceError, EkAlgorithm, Endorsement, Quote},
+};
 use tether_proto::tpm as pb;
 
 /// `[tpm]` in the agent config.
@@ -48,6 +51,8 @@ pub enum TpmError {
     Gone,
     #[error("malformed challenge from the server: {0}")]
     Challenge(String),
+    #[error("the key the quote must cover: {0}")]
+    Binding(#[from] BindingError),
 }
 
 struct Loaded {
@@ -118,9 +123,11 @@ impl NodeTpm {
 
     /// Answers a challenge (encoded `tpm.Challenge`) with evidence (encoded `tpm.Evidence`):
     /// the activated credential when the challenge carries one, and a quote over the PCRs it
-    /// selects with its nonce.
-    pub async fn answer(&self, challenge: &[u8]) -> Result<Vec<u8>, TpmError> {
+    /// selects whose qualifying data binds its nonce to `bound` (the CSR the request sends,
+    /// or the node SVID a re-attestation authenticates with).
+    pub async fn answer(&self, challenge: &[u8], bound: BoundKey<'_>) -> Result<Vec<u8>, TpmError> {
         let c = pb::Challenge::decode(challenge).map_err(|e| TpmError::Challenge(e.to_string()))?;
+        let key = bound.key_hash()?;
         let sel = c.pcrs.clone().unwrap_or_default();
         let event_log = std::fs::read(&self.event_log).unwrap_or_default();
         self.call(move |l| {
@@ -129,8 +136,8 @@ impl NodeTpm {
             } else {
                 l.dev.activate_credential(&l.ek, &l.ak, &c.credential_blob, &c.encrypted_secret)?
             };
-            let q = l.dev.quote(&l.ak, &c.nonce, &sel.bank, &sel.pcrs)?;
-            Ok(evidence(q, activated_secret, event_log).encode_to_vec())
+            let q = l.dev.quote(&l.ak, &binding::qualifying_data(&c.nonce, &key), &sel.bank, &sel.pcrs)?;
+            Ok(evidence(q, activated_secret, event_log, key).encode_to_vec())
         })
         .await
     }
@@ -152,21 +159,24 @@ pub fn policy_snippet(tcti: &str, name: &str, bank: &str, pcrs: &[u32]) -> Resul
     Ok(out)
 }
 
-/// `tether-agent tpm quote`: (encoded `tpm.Hello`, encoded `tpm.Evidence`) for `nonce`, as
-/// an attestation makes them (the AK is loaded from, or created in, `ak_dir`).
+/// `tether-agent tpm quote`: (encoded `tpm.Hello`, encoded `tpm.Evidence`) for `nonce` and
+/// the CSR `csr` (DER), as an attestation makes them (the AK is loaded from, or created in,
+/// `ak_dir`).
 pub fn quote(
     tcti: &str,
     ek: EkAlgorithm,
     ak_dir: &Path,
     nonce: &[u8],
+    csr: &[u8],
     bank: &str,
     pcrs: &[u32],
-) -> Result<(Vec<u8>, Vec<u8>), DeviceError> {
+) -> Result<(Vec<u8>, Vec<u8>), TpmError> {
+    let key = BoundKey::Csr(csr).key_hash()?;
     let mut dev = Device::open(tcti)?;
     let ek = dev.endorsement(ek)?;
     let ak = dev.attestation_key(&ek, ak_dir)?;
-    let q = dev.quote(&ak, nonce, bank, pcrs)?;
-    Ok((hello(&ek, &ak).encode_to_vec(), evidence(q, vec![], vec![]).encode_to_vec()))
+    let q = dev.quote(&ak, &binding::qualifying_data(nonce, &key), bank, pcrs)?;
+    Ok((hello(&ek, &ak).encode_to_vec(), evidence(q, vec![], vec![], key).encode_to_vec()))
 }
 
 fn hello(ek: &Endorsement, ak: &AttestationKey) -> pb::Hello {
@@ -178,13 +188,14 @@ fn hello(ek: &Endorsement, ak: &AttestationKey) -> pb::Hello {
     }
 }
 
-fn evidence(q: Quote, activated_secret: Vec<u8>, event_log: Vec<u8>) -> pb::Evidence {
+fn evidence(q: Quote, activated_secret: Vec<u8>, event_log: Vec<u8>, key: KeyHash) -> pb::Evidence {
     pb::Evidence {
         activated_secret,
         quote: q.attest,
         signature: q.signature,
         pcr_values: q.pcrs.into_iter().map(|(bank, index, value)| pb::PcrValue { bank, index, value }).collect(),
         event_log,
+        bound_key_sha256: key.to_vec(),
     }
 }
 

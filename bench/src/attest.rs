@@ -3,8 +3,9 @@
 //! - TPM time: `tether-agent tpm quote` (open the TPM, load the EK and the persistent AK,
 //!   quote, read the PCRs, write the evidence) against `tpm2_quote` (persistent AK, quote,
 //!   write the evidence);
-//! - verification time: `tether-server tpm check-quote` (AK under the EK, signature, nonce,
-//!   PCR digest, golden policy) against `tpm2_checkquote` (signature, nonce, PCR digest);
+//! - verification time: `tether-server tpm check-quote` (AK under the EK, signature, nonce
+//!   bound to a CSR's key, PCR digest, golden policy) against `tpm2_checkquote` (signature,
+//!   nonce, PCR digest);
 //! - verifications per second on one core, in process (what the server spends per node and
 //!   interval), as an absolute figure, beside an estimate of `tpm2_checkquote`'s own
 //!   verification cost: its process time minus that of a `tpm2_print` of the same quote (the
@@ -105,6 +106,8 @@ fn tether_round(tpm: &Swtpm, dir: &Path, policies: &Path, n: usize, salt: usize)
             "tether-ak",
             "--nonce",
             &nonce,
+            "--csr",
+            "t.csr",
             "--hello",
             "t.hello",
             "--evidence",
@@ -119,6 +122,8 @@ fn tether_round(tpm: &Swtpm, dir: &Path, policies: &Path, n: usize, salt: usize)
             "t.evidence",
             "--nonce",
             &nonce,
+            "--csr",
+            "t.csr",
             "--policy-dir",
             policies.to_str().context("policy dir is not UTF-8")?,
         ]))?;
@@ -157,6 +162,9 @@ pub fn run(args: &Args) -> Result<()> {
         policies.join("bench.toml"),
         tether_agent::tpm::policy_snippet(&tpm.tcti(), "bench", "sha256", PCRS)?,
     )?;
+    // The CSR Tether's quotes cover, as a node SVID request's (tpm2-tools' quote the bare nonce).
+    let key = rcgen::KeyPair::generate()?;
+    std::fs::write(dir.join("t.csr"), rcgen::CertificateParams::default().serialize_request(&key)?.der())?;
     // Tether's persistent AK (created by the first quote, as the agent's first start does),
     // and an in-process verifier for the rate.
     let (verifier, sample) = {

@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use tether_attestors::{is_subset, join_token, Selector, SpiffeId};
+use tether_attestors::{is_subset, join_token, tpm::binding::BoundKey, Selector, SpiffeId};
 use tether_proto::{admin, node};
 use tokio::sync::RwLock;
 use tonic::{Request, Response, Status};
@@ -11,8 +11,8 @@ use x509_parser::prelude::*;
 use crate::{
     ca::{CaError, CaState, SvidRequest},
     config::ServerConfig,
-    store::{Agent, Entry, Store, StoreError, TpmRegistration},
-    tpm::{TpmAttestor, TpmError, ATTESTOR as TPM},
+    store::{self, Agent, Entry, Store, StoreError, TpmRegistration},
+    tpm::{challenges::Source, TpmAttestor, TpmError, ATTESTOR as TPM},
 };
 
 pub fn now() -> i64 {
@@ -34,8 +34,8 @@ pub struct State {
 impl From<TpmError> for Status {
     fn from(e: TpmError) -> Self {
         match e {
-            TpmError::Malformed { .. } => Status::invalid_argument(e.to_string()),
-            TpmError::Busy => Status::resource_exhausted(e.to_string()),
+            TpmError::Malformed { .. } | TpmError::Binding(_) => Status::invalid_argument(e.to_string()),
+            TpmError::TooManyChallenges { .. } => Status::resource_exhausted(e.to_string()),
             TpmError::Policy(_) | TpmError::CaStore(_) | TpmError::Credential(_) => Status::internal(e.to_string()),
             _ => Status::permission_denied(e.to_string()),
         }
@@ -49,7 +49,9 @@ impl From<StoreError> for Status {
             StoreError::Duplicate(_) => Status::already_exists(e.to_string()),
             StoreError::NoEntry(_) | StoreError::NoAgent(_) => Status::not_found(e.to_string()),
             StoreError::BadToken => Status::permission_denied(e.to_string()),
-            StoreError::Banned(_) | StoreError::Refused(_) => Status::permission_denied(e.to_string()),
+            StoreError::Banned(_) | StoreError::Refused(_) | StoreError::Reserved(_) => {
+                Status::permission_denied(e.to_string())
+            }
             StoreError::Db(_) | StoreError::Corrupt(_) => Status::internal(e.to_string()),
         }
     }
@@ -134,15 +136,19 @@ fn not_after(der: &[u8]) -> i64 {
 
 pub struct NodeService(pub Arc<State>);
 
+/// The caller's TLS client certificate (its node SVID), DER.
+fn client_leaf<T>(req: &Request<T>) -> Result<Vec<u8>, Status> {
+    let certs =
+        req.peer_certs().ok_or_else(|| Status::unauthenticated("a node SVID (TLS client certificate) is required"))?;
+    certs.first().map(|c| c.to_vec()).ok_or_else(|| Status::unauthenticated("no client certificate"))
+}
+
 impl NodeService {
     /// The calling node, from its TLS client certificate (verified against the bundle during
     /// the handshake); it must still be a registered agent.
     fn caller<T>(&self, req: &Request<T>) -> Result<Agent, Status> {
-        let certs = req
-            .peer_certs()
-            .ok_or_else(|| Status::unauthenticated("a node SVID (TLS client certificate) is required"))?;
-        let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let id = cert_spiffe_id(leaf).ok_or_else(|| Status::unauthenticated("client certificate has no SPIFFE ID"))?;
+        let leaf = client_leaf(req)?;
+        let id = cert_spiffe_id(&leaf).ok_or_else(|| Status::unauthenticated("client certificate has no SPIFFE ID"))?;
         let agent =
             self.0.store.get_agent(&id).map_err(|_| {
                 Status::permission_denied(format!("{id} is not an attested agent (evicted or revoked?)"))
@@ -210,7 +216,7 @@ impl NodeService {
         let store = &s.store;
         let attested = self
             .tpm()?
-            .finish(&s.config.trust_domain, &req.challenge_id, &req.payload, |ek_hash| {
+            .finish(&s.config.trust_domain, &req.challenge_id, &req.payload, &req.csr, |ek_hash| {
                 store.tpm_by_ek(ek_hash).ok().flatten().map(|n| n.clock)
             })
             .inspect_err(|e| tracing::warn!(reason = %e, "TPM attestation refused"))?;
@@ -255,21 +261,29 @@ impl NodeService {
         self.0.tpm.as_ref().ok_or_else(|| Status::failed_precondition("this server has no [tpm] configuration"))
     }
 
-    /// Verifies a re-attestation; failing evidence revokes the node (logged with the reason).
-    fn reattest_node(&self, agent: &Agent, challenge_id: &str, evidence: &[u8]) -> Result<Vec<String>, Status> {
+    /// Verifies a re-attestation whose quote covers `bound`; failing evidence revokes the
+    /// node (logged with the reason).
+    fn reattest_node(
+        &self,
+        agent: &Agent,
+        challenge_id: &str,
+        evidence: &[u8],
+        bound: BoundKey<'_>,
+    ) -> Result<Vec<String>, Status> {
         let s = &self.0;
         let id = &agent.spiffe_id;
         let node = s.store.tpm_node(id)?.ok_or_else(|| Status::permission_denied(format!("{id} has no TPM record")))?;
-        let outcome =
-            self.tpm()?.finish_again(id, challenge_id, evidence, &node.ak, node.clock).map_err(Status::from).and_then(
-                |(matched, quote)| {
-                    let mut selectors: Vec<String> =
-                        agent.selectors.iter().filter(|sel| !sel.starts_with("tpm:policy:")).cloned().collect();
-                    selectors.extend(matched.iter().map(|m| format!("tpm:policy:{m}")));
-                    s.store.record_quote(id, &quote, &selectors, now())?;
-                    Ok(selectors)
-                },
-            );
+        let outcome = self
+            .tpm()?
+            .finish_again(id, challenge_id, evidence, bound, &node.ak, node.clock)
+            .map_err(Status::from)
+            .and_then(|(matched, quote)| {
+                let mut selectors: Vec<String> =
+                    agent.selectors.iter().filter(|sel| !sel.starts_with("tpm:policy:")).cloned().collect();
+                selectors.extend(matched.iter().map(|m| format!("tpm:policy:{m}")));
+                s.store.record_quote(id, &quote, &selectors, now())?;
+                Ok(selectors)
+            });
         match outcome {
             Ok(selectors) => {
                 tracing::info!(node = %id, "TPM re-attestation passed");
@@ -291,6 +305,8 @@ impl node::node_server::Node for NodeService {
         &self,
         req: Request<node::BeginAttestationRequest>,
     ) -> Result<Response<node::Challenge>, Status> {
+        // Challenges are limited per source address (see tpm::challenges).
+        let source = Source::from(req.remote_addr());
         let req = req.into_inner();
         if req.attestor != TPM {
             return Err(Status::invalid_argument(format!("attestor {:?} takes no challenge", req.attestor)));
@@ -298,8 +314,8 @@ impl node::node_server::Node for NodeService {
         let store = &self.0.store;
         let td = &self.0.config.trust_domain;
         let (challenge_id, payload) =
-            self.tpm()?.begin(td, &req.payload, now(), |id| store.is_banned(id)).inspect_err(|e| {
-                tracing::warn!(reason = %e, "TPM attestation refused");
+            self.tpm()?.begin(td, &req.payload, source, now(), |id| store.is_banned(id)).inspect_err(|e| {
+                tracing::warn!(source = %source, reason = %e, "TPM attestation refused");
             })?;
         Ok(Response::new(node::Challenge { challenge_id, payload }))
     }
@@ -312,14 +328,17 @@ impl node::node_server::Node for NodeService {
         if agent.attestor != TPM {
             return Err(Status::failed_precondition(format!("{} was not attested with evidence", agent.spiffe_id)));
         }
-        let (challenge_id, payload) = self.tpm()?.begin_again(agent.spiffe_id)?;
+        let (challenge_id, payload) = self.tpm()?.begin_again(&agent.spiffe_id)?;
         Ok(Response::new(node::Challenge { challenge_id, payload }))
     }
 
     async fn reattest(&self, req: Request<node::ReattestRequest>) -> Result<Response<node::ReattestResponse>, Status> {
         let agent = self.caller(&req)?;
+        // Nothing is issued: the quote covers the node SVID this channel authenticated with.
+        let leaf = client_leaf(&req)?;
         let req = req.into_inner();
-        let node_selectors = self.reattest_node(&agent, &req.challenge_id, &req.evidence)?;
+        let node_selectors =
+            self.reattest_node(&agent, &req.challenge_id, &req.evidence, BoundKey::Certificate(&leaf))?;
         Ok(Response::new(node::ReattestResponse { node_selectors }))
     }
 
@@ -366,7 +385,7 @@ impl node::node_server::Node for NodeService {
             if req.challenge_id.is_empty() {
                 return Err(Status::failed_precondition("TPM nodes renew with fresh evidence (BeginReattestation)"));
             }
-            self.reattest_node(&agent, &req.challenge_id, &req.evidence)?;
+            self.reattest_node(&agent, &req.challenge_id, &req.evidence, BoundKey::Csr(&req.csr))?;
         }
         let id = agent.spiffe_id;
         let s = &self.0;
@@ -436,16 +455,30 @@ impl node::node_server::Node for NodeService {
 
 pub struct AdminService(pub Arc<State>);
 
+/// `spiffe://<td>/tether/...` is the server's and its agents' (see `store::reserved`): the
+/// admin API refuses it before the store does, and says so in the audit log.
+fn refuse_reserved(id: &SpiffeId, what: &'static str) -> Result<(), Status> {
+    if store::reserved(id) {
+        tracing::warn!(spiffe_id = %id, what, "refused: reserved SPIFFE ID");
+        return Err(StoreError::Reserved(id.to_string()).into());
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl admin::admin_server::Admin for AdminService {
     async fn create_entry(&self, req: Request<node::Entry>) -> Result<Response<node::Entry>, Status> {
-        let e = self.0.store.create_entry(entry_from_proto(req.into_inner())?, &self.0.config.trust_domain)?;
+        let e = entry_from_proto(req.into_inner())?;
+        refuse_reserved(&e.spiffe_id, "entry")?;
+        let e = self.0.store.create_entry(e, &self.0.config.trust_domain)?;
         tracing::info!(entry = %e.id, spiffe_id = %e.spiffe_id, "entry created");
         Ok(Response::new(entry_to_proto(&e)))
     }
 
     async fn update_entry(&self, req: Request<node::Entry>) -> Result<Response<node::Entry>, Status> {
-        let e = self.0.store.update_entry(entry_from_proto(req.into_inner())?, &self.0.config.trust_domain)?;
+        let e = entry_from_proto(req.into_inner())?;
+        refuse_reserved(&e.spiffe_id, "entry")?;
+        let e = self.0.store.update_entry(e, &self.0.config.trust_domain)?;
         Ok(Response::new(entry_to_proto(&e)))
     }
 
@@ -482,6 +515,8 @@ impl admin::admin_server::Admin for AdminService {
                     self.0.config.trust_domain
                 )));
             }
+            // A node named /tether/server could pose as the server to other agents.
+            refuse_reserved(&id, "join token")?;
             Some(id)
         };
         let token = join_token::generate().map_err(|e| Status::internal(e.to_string()))?;

@@ -135,6 +135,16 @@ impl ServerConfig {
             if tpm.max_evidence_age_seconds < 0 {
                 return Err(invalid("tpm.max_evidence_age_seconds", "cannot be negative".into()));
             }
+            for (key, value) in [
+                ("tpm.max_pending_challenges", tpm.max_pending_challenges),
+                ("tpm.max_pending_challenges_per_ek", tpm.max_pending_challenges_per_ek),
+                ("tpm.max_pending_challenges_per_source", tpm.max_pending_challenges_per_source),
+                ("tpm.max_pending_reattestations_per_node", tpm.max_pending_reattestations_per_node),
+            ] {
+                if value == 0 {
+                    return Err(invalid(key, "must be at least 1 (0 would refuse every attestation)".into()));
+                }
+            }
         }
         if config.server_names.is_empty() {
             return Err(invalid("server_names", "needs at least one DNS name".into()));
@@ -176,6 +186,17 @@ mod tests {
         let c = parse(base).unwrap();
         let t = c.tpm.unwrap();
         assert_eq!((t.challenge_ttl_seconds, t.max_evidence_age_seconds), (60, 0));
+        assert_eq!(
+            (
+                t.max_pending_challenges,
+                t.max_pending_challenges_per_ek,
+                t.max_pending_challenges_per_source,
+                t.max_pending_reattestations_per_node
+            ),
+            (4096, 4, 64, 2)
+        );
+        let e = parse(&format!("{base}max_pending_challenges_per_source = 0\n")).unwrap_err().to_string();
+        assert!(e.contains("key `tpm.max_pending_challenges_per_source`: must be at least 1"), "{e}");
         let e = parse(&format!("{base}challenge_ttl_seconds = 0\n")).unwrap_err().to_string();
         assert!(e.contains("key `tpm.challenge_ttl_seconds`"), "{e}");
         let e =

@@ -42,9 +42,10 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TpmCmd {
-    /// Check a node's quote as an attestation would (AK under the EK, signature, nonce, PCR
-    /// digest, golden policy), from the files `tether-agent tpm quote` writes. The EK
-    /// certificate chain and credential activation need the live exchange and are not checked.
+    /// Check a node's quote as an attestation would (AK under the EK, signature, nonce bound to
+    /// the CSR's key, PCR digest, golden policy), from the files `tether-agent tpm quote`
+    /// writes. The EK certificate chain and credential activation need the live exchange and
+    /// are not checked.
     CheckQuote {
         /// The encoded tpm.Hello (EK and AK public areas).
         #[arg(long)]
@@ -52,9 +53,13 @@ enum TpmCmd {
         /// The encoded tpm.Evidence (quote, signature, PCR values).
         #[arg(long)]
         evidence: PathBuf,
-        /// The nonce the quote must carry, hex.
+        /// The server's nonce, hex.
         #[arg(long)]
         nonce: String,
+        /// The CSR (PKCS#10 DER, e.g. `openssl req -outform der`) whose key the quote must cover: its qualifying data is
+        /// SHA-256(nonce ‖ SHA-256(the CSR's SubjectPublicKeyInfo)).
+        #[arg(long)]
+        csr: PathBuf,
         /// Golden PCR policies (one TOML file per allowed set).
         #[arg(long)]
         policy_dir: PathBuf,
@@ -212,10 +217,11 @@ async fn real_main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let config = cli.config.as_deref().map(ServerConfig::load).transpose()?;
-    if let Command::Tpm(TpmCmd::CheckQuote { hello, evidence, nonce, policy_dir }) = &cli.command {
+    if let Command::Tpm(TpmCmd::CheckQuote { hello, evidence, nonce, csr, policy_dir }) = &cli.command {
         let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         let nonce = tether_attestors::hex::decode(nonce).context("--nonce is not hex")?;
-        let matched = tether_server::tpm::check_offline(&read(hello)?, &read(evidence)?, &nonce, policy_dir)?;
+        let matched =
+            tether_server::tpm::check_offline(&read(hello)?, &read(evidence)?, &nonce, &read(csr)?, policy_dir)?;
         println!("quote verified; golden sets matched: {}", matched.join(", "));
         return Ok(());
     }

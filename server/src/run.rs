@@ -24,6 +24,17 @@ pub fn open_state(config: ServerConfig) -> anyhow::Result<Arc<State>> {
         Some(conninfo) => Store::connect_postgres(conninfo)?,
         None => Store::open(&config.data_dir.join("tether.db"))?,
     };
+    // Entries under /tether/ are refused on the way in; rows written before that (or behind
+    // the server's back) are ignored, and named here.
+    for e in store.reserved_entries()? {
+        tracing::warn!(
+            entry = %e.id,
+            spiffe_id = %e.spiffe_id,
+            parent_id = %e.parent_id,
+            "entry ignored: its SPIFFE ID is reserved for the server and its agents (delete it: tether-server entry delete --id {})",
+            e.id
+        );
+    }
     let upstream = config.upstream(Path::new("(server config)"))?;
     let mut ca = match store.load_ca()? {
         Some(ca) if ca.trust_domain == config.trust_domain => ca,

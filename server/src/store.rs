@@ -36,6 +36,17 @@ pub enum StoreError {
     /// Evidence refused inside the transaction (e.g. a TPM clock older than recorded).
     #[error("{0}")]
     Refused(String),
+    /// An ID under `/tether/` (see [`reserved`]).
+    #[error("{0} is reserved: IDs under /tether/ name the server and the nodes it attests, and cannot be registered")]
+    Reserved(String),
+}
+
+/// `spiffe://<td>/tether/...` is the server's own namespace: `/tether/server` is its TLS
+/// identity and `/tether/agent/<attestor>/...` the node IDs it derives. An entry or a
+/// chosen node ID there would let a workload or a node pose as the server or as another
+/// node, so neither can be registered, and rows with one are ignored.
+pub fn reserved(id: &SpiffeId) -> bool {
+    id.path() == "/tether" || id.path().starts_with("/tether/")
 }
 
 /// A registration entry.
@@ -65,6 +76,9 @@ impl Entry {
         }
         if self.spiffe_id.is_trust_domain_id() {
             return invalid(format!("{} has no path: workload IDs need one", self.spiffe_id));
+        }
+        if reserved(&self.spiffe_id) {
+            return Err(StoreError::Reserved(self.spiffe_id.to_string()));
         }
         if self.parent_id.trust_domain() != trust_domain {
             return invalid(format!("parent {} is not in trust domain {trust_domain}", self.parent_id));
@@ -441,10 +455,23 @@ impl Store {
         })
     }
 
-    fn parse_entries(rows: Vec<Row>) -> Result<Vec<Entry>, StoreError> {
+    fn parse_all_entries(rows: Vec<Row>) -> Result<Vec<Entry>, StoreError> {
         rows.iter()
             .map(|r| serde_json::from_str(&r[0].text()?).map_err(|x| StoreError::Corrupt(x.to_string())))
             .collect()
+    }
+
+    /// Entries as the APIs see them: a row with a reserved SPIFFE ID (written before the
+    /// reservation, or behind the server's back) is ignored; the server names each at
+    /// start-up ([`Store::reserved_entries`]).
+    fn parse_entries(rows: Vec<Row>) -> Result<Vec<Entry>, StoreError> {
+        Ok(Self::parse_all_entries(rows)?.into_iter().filter(|e| !reserved(&e.spiffe_id)).collect())
+    }
+
+    /// The rows [`Store::parse_entries`] ignores, for the start-up audit.
+    pub fn reserved_entries(&self) -> Result<Vec<Entry>, StoreError> {
+        let rows = self.with_tx(|tx| tx.rows("SELECT body FROM entries ORDER BY spiffe_id, id", &[]))?;
+        Ok(Self::parse_all_entries(rows)?.into_iter().filter(|e| reserved(&e.spiffe_id)).collect())
     }
 
     pub fn get_entry(&self, id: &str) -> Result<Entry, StoreError> {
@@ -470,6 +497,9 @@ impl Store {
         expires_at: i64,
         node_id: Option<&SpiffeId>,
     ) -> Result<(), StoreError> {
+        if let Some(id) = node_id.filter(|id| reserved(id)) {
+            return Err(StoreError::Reserved(id.to_string()));
+        }
         self.with_tx(|tx| {
             tx.exec(
                 "INSERT INTO join_tokens (digest, expires_at, node_id) VALUES ($1, $2, $3)",
@@ -499,6 +529,10 @@ impl Store {
                 Some(s) => SpiffeId::parse(&s).map_err(|e| StoreError::Corrupt(e.to_string()))?,
                 None => default_id,
             };
+            // A node ID chosen before /tether/ was reserved (the derived default lives there).
+            if row[0].opt_text().is_some() && reserved(&id) {
+                return Err(StoreError::Reserved(id.to_string()));
+            }
             if !tx.rows("SELECT spiffe_id FROM bans WHERE spiffe_id = $1", &[id.to_string().into()])?.is_empty() {
                 return Err(StoreError::Banned(id.to_string()));
             }
@@ -847,6 +881,51 @@ mod tests {
         assert!(s.list_entries(None, None).unwrap().is_empty());
     }
 
+    fn reserved_ids_are_refused_and_old_rows_ignored(s: &Store) {
+        for id in ["spiffe://td/tether/server", "spiffe://td/tether/agent/tpm/ab", "spiffe://td/tether"] {
+            let err = s.create_entry(entry(id, "spiffe://td/tether/server", &["unix:uid:0"]), "td").unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("{id} is reserved: IDs under /tether/ name the server and the nodes it attests, and cannot be registered")
+            );
+            let err = s.create_join_token("d", 1000, Some(&SpiffeId::parse(id).unwrap())).unwrap_err();
+            assert!(matches!(err, StoreError::Reserved(_)), "{err}");
+        }
+        // Parents there are fine (node IDs, the server for node aliases); so are look-alikes.
+        let ok = s.create_entry(entry("spiffe://td/tetherx/a", "spiffe://td/tether/server", &["unix:uid:0"]), "td");
+        let ok = ok.unwrap();
+        let mut moved = ok.clone();
+        moved.spiffe_id = SpiffeId::parse("spiffe://td/tether/agent/x").unwrap();
+        assert!(matches!(s.update_entry(moved, "td"), Err(StoreError::Reserved(_))));
+        // A row written before the reservation: not served, but named for the audit.
+        let mut old = entry("spiffe://td/tether/server", "spiffe://td/tether/agent/tpm/ab", &["unix:uid:0"]);
+        old.id = "old".into();
+        s.with_tx(|tx| Store::write_entry(tx, &old, true)).unwrap();
+        assert_eq!(s.list_entries(None, None).unwrap(), vec![ok.clone()]);
+        assert!(s.list_entries(None, Some("spiffe://td/tether/agent/tpm/ab")).unwrap().is_empty());
+        assert!(matches!(s.get_entry("old"), Err(StoreError::NoEntry(_))));
+        assert_eq!(s.reserved_entries().unwrap(), vec![old]);
+        // It can still be deleted by its ID.
+        s.delete_entry("old").unwrap();
+        assert!(s.reserved_entries().unwrap().is_empty());
+        // A join token naming such a node ID, stored before the reservation, attests nothing
+        // (and stays unused); the server's own derived IDs there are fine.
+        let server = SpiffeId::parse("spiffe://td/tether/server").unwrap();
+        s.with_tx(|tx| {
+            tx.exec(
+                "INSERT INTO join_tokens (digest, expires_at, node_id) VALUES ($1, $2, $3)",
+                &["old-token".into(), 1000.into(), server.to_string().into()],
+            )
+        })
+        .unwrap();
+        let derived = SpiffeId::parse("spiffe://td/tether/agent/join_token/ab").unwrap();
+        let r = s.attest_with_token("old-token", 1, derived.clone(), |_| Ok(((), 9)));
+        assert!(matches!(r, Err(StoreError::Reserved(_))), "{r:?}");
+        assert!(s.list_agents().unwrap().is_empty());
+        s.create_join_token("new-token", 1000, None).unwrap();
+        assert_eq!(s.attest_with_token("new-token", 1, derived.clone(), |_| Ok(((), 9))).unwrap().0, derived);
+    }
+
     fn join_tokens_are_one_time_and_expire_and_failures_burn_nothing(s: &Store) {
         let id = SpiffeId::parse("spiffe://td/node/a").unwrap();
         s.create_join_token("d1", 1000, None).unwrap();
@@ -944,6 +1023,7 @@ mod tests {
             entry_crud_and_duplicates,
             batch_creation_is_all_or_nothing,
             invalid_entries_name_the_problem,
+            reserved_ids_are_refused_and_old_rows_ignored,
             join_tokens_are_one_time_and_expire_and_failures_burn_nothing,
             banned_nodes_cannot_attest_again,
             tpm_nodes_keep_their_clock_and_lose_service_on_revocation

@@ -2,15 +2,16 @@
 //! agent. Forged evidence is built from a real TPM's output and then altered, each forgery
 //! refused with its own error and nothing issued.
 
+mod common;
+
 use std::{path::Path, process::Command};
 
-use prost::Message;
+use common::{agents, matches_pattern, refused, zero_policy, Forge, Node};
 use sandbox::swtpm::{Swtpm, Vendor};
 use sandbox::{cgroup2_root, require_root, CgroupGuard};
-use tether_attestors::tpm::device::{AttestationKey, Device, EkAlgorithm, Endorsement};
-use tether_proto::{node, node::node_client::NodeClient, tpm as pb};
+use tether_attestors::tpm::device::EkAlgorithm;
+use tether_proto::node;
 use tether_tests::{plane::Plane, wait_for};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 const SPIFFE_CLIENT: &str = env!("CARGO_BIN_EXE_tether-spiffe-client");
 
@@ -55,10 +56,6 @@ fn fetch(plane: &Plane, cg: &CgroupGuard) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn agents(plane: &Plane) -> String {
-    plane.cli_ok(&["agent", "list"])
 }
 
 #[test]
@@ -171,144 +168,7 @@ fn evidence_older_than_the_limit_is_refused_service() {
     assert!(!fresh.log("agent").contains("NODE NOT ATTESTED"), "{}", fresh.log("agent"));
 }
 
-// ---- forgeries, against the server's node API directly ----
-
-struct Forge {
-    plane: Plane,
-    _policies: tempfile::TempDir,
-    client: NodeClient<Channel>,
-}
-
-impl Forge {
-    async fn new(policies: tempfile::TempDir) -> Forge {
-        let dir = policies.path().to_owned();
-        let plane = tokio::task::spawn_blocking(move || {
-            Plane::server_only(&format!(
-                "[tpm]\nek_ca_dir = \"{}\"\npolicy_dir = \"{}\"\n",
-                Swtpm::ca_dir().display(),
-                dir.display()
-            ))
-        })
-        .await
-        .unwrap();
-        let bundle = std::fs::read_to_string(plane.dir.path().join("server/bundle.pem")).unwrap();
-        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(bundle)).domain_name("localhost");
-        let channel = Endpoint::from_shared(format!("https://127.0.0.1:{}", plane.port))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        Forge { plane, _policies: policies, client: NodeClient::new(channel) }
-    }
-
-    async fn begin(&mut self, hello: &pb::Hello) -> Result<(String, pb::Challenge), tonic::Status> {
-        let c = self
-            .client
-            .begin_attestation(node::BeginAttestationRequest { attestor: "tpm".into(), payload: hello.encode_to_vec() })
-            .await?
-            .into_inner();
-        Ok((c.challenge_id, pb::Challenge::decode(c.payload.as_slice()).unwrap()))
-    }
-
-    async fn attest(&mut self, challenge_id: &str, ev: &pb::Evidence) -> Result<node::AttestResponse, tonic::Status> {
-        let csr = tether_agent::svid::new_key().unwrap().csr_der;
-        Ok(self
-            .client
-            .attest(node::AttestRequest {
-                attestor: "tpm".into(),
-                payload: ev.encode_to_vec(),
-                csr,
-                challenge_id: challenge_id.into(),
-            })
-            .await?
-            .into_inner())
-    }
-
-    fn assert_nothing_issued(&self) {
-        let list = agents(&self.plane);
-        assert!(list.starts_with("Found 0 attested agents"), "{list}");
-    }
-}
-
-/// A TPM as the test drives it: context, EK, AK.
-struct Node {
-    dev: Device,
-    ek: Endorsement,
-    ak: AttestationKey,
-    _ak_dir: tempfile::TempDir,
-}
-
-impl Node {
-    fn open(tpm: &Swtpm, alg: EkAlgorithm) -> Node {
-        let ak_dir = tempfile::tempdir().unwrap();
-        let mut dev = Device::open(&tpm.tcti()).unwrap();
-        let ek = dev.endorsement(alg).unwrap();
-        let ak = dev.attestation_key(&ek, ak_dir.path()).unwrap();
-        Node { dev, ek, ak, _ak_dir: ak_dir }
-    }
-
-    fn hello(&self) -> pb::Hello {
-        pb::Hello {
-            ek_public: self.ek.public.clone(),
-            ek_certificate: self.ek.certificate.clone(),
-            ek_intermediates: vec![],
-            ak_public: self.ak.public.clone(),
-        }
-    }
-
-    fn answer(&mut self, c: &pb::Challenge) -> pb::Evidence {
-        let secret = self.dev.activate_credential(&self.ek, &self.ak, &c.credential_blob, &c.encrypted_secret).unwrap();
-        let mut ev = self.quote(c, &c.nonce.clone());
-        ev.activated_secret = secret;
-        ev
-    }
-
-    fn quote(&mut self, c: &pb::Challenge, nonce: &[u8]) -> pb::Evidence {
-        let sel = c.pcrs.clone().unwrap();
-        let q = self.dev.quote(&self.ak, nonce, &sel.bank, &sel.pcrs).unwrap();
-        pb::Evidence {
-            activated_secret: vec![],
-            quote: q.attest,
-            signature: q.signature,
-            pcr_values: q.pcrs.into_iter().map(|(bank, index, value)| pb::PcrValue { bank, index, value }).collect(),
-            event_log: vec![],
-        }
-    }
-}
-
-/// `text` is `pattern`, where each `*` stands for any text (names and hashes that differ per
-/// run); everything else must match exactly, start to end.
-fn matches_pattern(text: &str, pattern: &str) -> bool {
-    let pieces: Vec<&str> = pattern.split('*').collect();
-    let (first, last) = (pieces[0], pieces[pieces.len() - 1]);
-    if pieces.len() == 1 {
-        return text == pattern;
-    }
-    if !text.starts_with(first) || !text[first.len()..].ends_with(last) {
-        return false;
-    }
-    let mut rest = &text[first.len()..text.len() - last.len()];
-    for piece in &pieces[1..pieces.len() - 1] {
-        match rest.find(piece) {
-            Some(i) => rest = &rest[i + piece.len()..],
-            None => return false,
-        }
-    }
-    true
-}
-
-/// Refused with exactly this code and message (`*`: any text).
-fn refused(r: Result<impl std::fmt::Debug, tonic::Status>, code: tonic::Code, message: &str) {
-    match r {
-        Ok(v) => panic!("accepted, expected the refusal {message:?}: {v:?}"),
-        Err(s) => {
-            assert_eq!(s.code(), code, "{}", s.message());
-            assert!(matches_pattern(s.message(), message), "expected {message:?}, got {:?}", s.message());
-        }
-    }
-}
+// ---- forgeries, against the server's node API directly (helpers in common/) ----
 
 #[test]
 fn patterns_match_whole_messages_only() {
@@ -318,16 +178,6 @@ fn patterns_match_whole_messages_only() {
     assert!(!matches_pattern("node abc is not banned", "node * is banned"));
     assert!(matches_pattern("a x b y c", "a * b * c"));
     assert!(!matches_pattern("a x c", "a * b * c"));
-}
-
-fn zero_policy() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    let mut text = String::from("name = \"zeros\"\nbank = \"sha256\"\n[pcrs]\n");
-    for i in 0..8 {
-        text.push_str(&format!("{i} = \"{}\"\n", "00".repeat(32)));
-    }
-    std::fs::write(d.path().join("zeros.toml"), text).unwrap();
-    d
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -371,10 +221,10 @@ async fn forged_identities_are_refused_and_nothing_is_issued() {
     h.ak_public = b.ak.public.clone();
     let (id, c) = f.begin(&h).await.unwrap();
     assert!(b.dev.activate_credential(&b.ek, &b.ak, &c.credential_blob, &c.encrypted_secret).is_err());
-    let mut ev = b.quote(&c, &c.nonce.clone());
+    let mut ev = b.quote(&c, &b.bound(&c));
     ev.activated_secret = vec![7; 32];
     refused(
-        f.attest(&id, &ev).await,
+        f.attest(&id, &ev, &b.csr).await,
         PermissionDenied,
         "credential activation failed: the AK is not in the same TPM as the EK",
     );
@@ -383,10 +233,10 @@ async fn forged_identities_are_refused_and_nothing_is_issued() {
     // A quote signed by another key (B's AK) for A's attestation.
     let (id, c) = f.begin(&a.hello()).await.unwrap();
     let mut ev = a.answer(&c);
-    let forged = b.quote(&c, &c.nonce.clone());
+    let forged = b.quote(&c, &a.bound(&c));
     ev.quote = forged.quote;
     ev.signature = forged.signature;
-    refused(f.attest(&id, &ev).await, PermissionDenied, "quote: quote signature does not verify with the ak");
+    refused(f.attest(&id, &ev, &a.csr).await, PermissionDenied, "quote: quote signature does not verify with the ak");
     f.assert_nothing_issued();
 
     // A stale nonce: a quote made for another challenge.
@@ -396,7 +246,7 @@ async fn forged_identities_are_refused_and_nothing_is_issued() {
     ev.quote = stale.quote;
     ev.signature = stale.signature;
     refused(
-        f.attest(&id, &ev).await,
+        f.attest(&id, &ev, &a.csr).await,
         PermissionDenied,
         "quote: quote nonce does not match the challenge (stale or replayed quote)",
     );
@@ -407,7 +257,7 @@ async fn forged_identities_are_refused_and_nothing_is_issued() {
     let mut ev = a.answer(&c);
     ev.pcr_values[3].value[0] ^= 1;
     refused(
-        f.attest(&id, &ev).await,
+        f.attest(&id, &ev, &a.csr).await,
         PermissionDenied,
         "quote: reported pcr values do not match the quoted pcr digest",
     );
@@ -428,7 +278,7 @@ async fn forged_identities_are_refused_and_nothing_is_issued() {
     let mut ev = a.answer(&c);
     ev.quote.truncate(ev.quote.len() / 2);
     refused(
-        f.attest(&id, &ev).await,
+        f.attest(&id, &ev, &a.csr).await,
         PermissionDenied,
         "quote: tpms_attest truncated at offset 44: extraData needs 32 bytes, 28 left",
     );
@@ -437,17 +287,17 @@ async fn forged_identities_are_refused_and_nothing_is_issued() {
     // The genuine flow passes; replaying it, whole or with a new challenge, does not.
     let (id, c) = f.begin(&a.hello()).await.unwrap();
     let ev = a.answer(&c);
-    let ok = f.attest(&id, &ev).await.unwrap();
+    let ok = f.attest(&id, &ev, &a.csr).await.unwrap();
     assert!(ok.node_id.starts_with("spiffe://example.org/tether/agent/tpm/"));
     assert!(agents(&f.plane).starts_with("Found 1 attested agents"), "the genuine node is stored");
     refused(
-        f.attest(&id, &ev).await,
+        f.attest(&id, &ev, &a.csr).await,
         PermissionDenied,
-        "unknown, expired or already used challenge (replayed attestation?)",
+        "unknown, expired, evicted or already used challenge (replayed attestation?)",
     );
     let (id2, _) = f.begin(&a.hello()).await.unwrap();
     refused(
-        f.attest(&id2, &ev).await,
+        f.attest(&id2, &ev, &a.csr).await,
         PermissionDenied,
         "credential activation failed: the AK is not in the same TPM as the EK",
     );
@@ -464,7 +314,8 @@ async fn evidence_outside_policy_rolled_back_tpms_and_banned_eks_are_refused() {
     let ok = {
         let mut a = Node::open(&tpm, EkAlgorithm::Rsa);
         let (id, c) = f.begin(&a.hello()).await.unwrap();
-        f.attest(&id, &a.answer(&c)).await.unwrap()
+        let ev = a.answer(&c);
+        f.attest(&id, &ev, &a.csr).await.unwrap()
     };
     tpm.snapshot_and_reboot(snapshot.path());
     // Booting the snapshot would itself be one reboot; a second real one puts it behind.
@@ -472,15 +323,17 @@ async fn evidence_outside_policy_rolled_back_tpms_and_banned_eks_are_refused() {
     {
         let mut a = Node::open(&tpm, EkAlgorithm::Rsa);
         let (id, c) = f.begin(&a.hello()).await.unwrap();
-        f.attest(&id, &a.answer(&c)).await.unwrap();
+        let ev = a.answer(&c);
+        f.attest(&id, &ev, &a.csr).await.unwrap();
     }
     // The TPM rolled back to its state from before that reboot: its counters are behind.
     let old = Swtpm::start_from_state(snapshot.path());
     {
         let mut a = Node::open(&old, EkAlgorithm::Rsa);
         let (id, c) = f.begin(&a.hello()).await.unwrap();
+        let ev = a.answer(&c);
         refused(
-            f.attest(&id, &a.answer(&c)).await,
+            f.attest(&id, &ev, &a.csr).await,
             tonic::Code::PermissionDenied,
             "TPM clock: tpm reset count went back from * to *: quote from before a reboot (replayed)",
         );
@@ -492,8 +345,9 @@ async fn evidence_outside_policy_rolled_back_tpms_and_banned_eks_are_refused() {
         let mut a = Node::open(&tpm, EkAlgorithm::Rsa);
         a.dev.extend("sha256", 4, &[0x42; 32]).unwrap();
         let (id, c) = f.begin(&a.hello()).await.unwrap();
+        let ev = a.answer(&c);
         refused(
-            f.attest(&id, &a.answer(&c)).await,
+            f.attest(&id, &ev, &a.csr).await,
             tonic::Code::PermissionDenied,
             &format!("PCR values match no golden policy (zeros: PCR 4 is * (expected {}))", "00".repeat(32)),
         );

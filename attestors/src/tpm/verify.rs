@@ -3,7 +3,8 @@
 //!   certifies the EK the node presents ([`check_ek_matches_certificate`]);
 //! - the AK is a restricted signing key fixed to its TPM ([`check_ak_attributes`]);
 //! - a quote is signed by that AK, names it as signer, carries our nonce and covers exactly the
-//!   reported PCR values ([`AkVerifier::verify_quote`]);
+//!   reported PCR values ([`AkVerifier::verify_quote`]); in the node API the nonce is bound to
+//!   the key the request certifies ([`AkVerifier::verify_bound_quote`], `super::binding`);
 //! - the TPM clock moved forward since the last accepted quote ([`check_clock`]).
 
 mod ek_cert;
@@ -86,6 +87,15 @@ pub enum VerifyError {
     /// The quote answers another challenge: stale or replayed.
     #[error("quote nonce does not match the challenge (stale or replayed quote)")]
     NonceMismatch,
+    /// It answers this challenge but binds another public key than the request's: the
+    /// evidence was taken from the node it was made for and sent with another CSR (a relay).
+    #[error(
+        "quote does not cover the key to be certified: it answers this challenge for another key (relayed evidence?)"
+    )]
+    KeyNotCovered,
+    /// Its qualifying data is the bare nonce: it binds no key at all.
+    #[error("quote binds no key: its qualifying data is the bare nonce (an agent from before key binding?)")]
+    KeyNotBound,
     #[error("quote selects pcr bank {bank} twice")]
     PcrBankDuplicate { bank: HashAlg },
     #[error("quote covers pcr {bank}:{index} but no value was reported for it")]

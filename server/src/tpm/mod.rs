@@ -10,11 +10,16 @@
 //!    signed by that AK over the nonce, proves the PCR values; they must satisfy a golden set.
 //!
 //! Re-attestation (renewal, interval) is the same without the credential: the AK is known.
+//!
+//! Every quote's qualifying data binds the nonce to the key the request certifies (the CSR's,
+//! or on a bare re-attestation the caller's node SVID's): `tether_attestors::tpm::binding`.
+//! Pending challenges and their limits: `challenges`.
 
+pub mod challenges;
 pub mod policy;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Mutex,
     time::{Duration, Instant},
@@ -25,14 +30,16 @@ use serde::Deserialize;
 use tether_attestors::{
     hex,
     tpm::{
+        binding::BoundKey,
         credential,
-        verify::{self, AkVerifier, ClockState, QuoteInfo},
+        verify::{self, AkVerifier, ClockState, QuoteInfo, VerifyError},
         wire,
     },
     Selector, SpiffeId,
 };
 use tether_proto::tpm as pb;
 
+use challenges::{Challenges, Limits, Refused, Source};
 pub use policy::Policy;
 
 pub const ATTESTOR: &str = "tpm";
@@ -49,6 +56,22 @@ pub struct TpmConfig {
     /// How long a challenge may be answered. Default 60.
     #[serde(default = "default_challenge_ttl")]
     pub challenge_ttl_seconds: u64,
+    /// First-attestation challenges pending on the whole server; more are refused. Default
+    /// 4096.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_challenges: usize,
+    /// First-attestation challenges pending per EK; a new one evicts that EK's oldest (the
+    /// oldest asked from the same address first). Default 4.
+    #[serde(default = "default_per_ek")]
+    pub max_pending_challenges_per_ek: usize,
+    /// First-attestation challenges pending per source address (IPv4 address, IPv6 /64); more
+    /// are refused. Default 64. Behind a proxy every node shares its address: raise it.
+    #[serde(default = "default_per_source")]
+    pub max_pending_challenges_per_source: usize,
+    /// Re-attestation challenges pending per attested node, in their own table; a new one
+    /// evicts that node's oldest. Default 2.
+    #[serde(default = "default_per_node")]
+    pub max_pending_reattestations_per_node: usize,
     /// A TPM node whose last verified quote is older than this is refused service (it has
     /// stopped re-attesting). Default 0: the node SVID lifetime.
     #[serde(default)]
@@ -57,6 +80,31 @@ pub struct TpmConfig {
 
 fn default_challenge_ttl() -> u64 {
     60
+}
+fn default_max_pending() -> usize {
+    4096
+}
+fn default_per_ek() -> usize {
+    4
+}
+fn default_per_source() -> usize {
+    64
+}
+fn default_per_node() -> usize {
+    2
+}
+
+impl TpmConfig {
+    /// The challenge table's bounds.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            ttl: Duration::from_secs(self.challenge_ttl_seconds),
+            max_pending: self.max_pending_challenges,
+            per_ek: self.max_pending_challenges_per_ek,
+            per_source: self.max_pending_challenges_per_source,
+            per_node: self.max_pending_reattestations_per_node,
+        }
+    }
 }
 
 /// Why TPM evidence was refused. Each is its own message: operators read these in logs.
@@ -72,14 +120,24 @@ pub enum TpmError {
     AkAttributes(String),
     #[error("credential activation failed: the AK is not in the same TPM as the EK")]
     Activation,
-    #[error("unknown, expired or already used challenge (replayed attestation?)")]
+    #[error("unknown, expired, evicted or already used challenge (replayed attestation?)")]
     UnknownChallenge,
     #[error("node {0} is banned")]
     Banned(String),
-    #[error("too many attestations in progress; try again")]
-    Busy,
+    /// A first-attestation challenge refused by a limit; `key` is its name in `[tpm]`.
+    #[error(
+        "too many pending TPM challenges {scope} (limit tpm.{key} = {limit}): answer them or let them expire ({ttl} s)"
+    )]
+    TooManyChallenges { scope: String, key: &'static str, limit: usize, ttl: u64 },
     #[error("quote: {0}")]
     Quote(String),
+    /// The quote answers this challenge for another key than the one the request certifies.
+    #[error("quote does not cover {key}: it answers this challenge for another key (relayed evidence?)")]
+    KeyNotCovered { key: &'static str },
+    #[error("quote does not cover {key}: its qualifying data is the bare nonce (an agent from before key binding?)")]
+    KeyNotBound { key: &'static str },
+    #[error("{0}")]
+    Binding(#[from] tether_attestors::tpm::binding::BindingError),
     #[error("TPM clock: {0}")]
     Clock(String),
     #[error("{0}")]
@@ -115,23 +173,27 @@ pub struct AkRecord {
 }
 
 enum PendingKind {
-    First { ek_hash: String, ca_subject: String, ek_kind: String, ak: AkRecord, secret: Vec<u8> },
-    Again { node_id: SpiffeId },
+    First {
+        ek_hash: String,
+        ca_subject: String,
+        ek_kind: String,
+        ak: AkRecord,
+        secret: Vec<u8>,
+    },
+    /// The node it belongs to is its row in the re-attestation table.
+    Again,
 }
 
 struct Pending {
     kind: PendingKind,
     nonce: Vec<u8>,
     policy: Policy,
-    expires: Instant,
 }
-
-const MAX_PENDING: usize = 4096;
 
 pub struct TpmAttestor {
     pub config: TpmConfig,
     cas: verify::EkCaStore,
-    pending: Mutex<HashMap<String, Pending>>,
+    pending: Mutex<Challenges<Pending>>,
 }
 
 fn random(n: usize) -> Result<Vec<u8>, TpmError> {
@@ -151,41 +213,61 @@ impl TpmAttestor {
     pub fn new(config: TpmConfig) -> Result<Self, TpmError> {
         let cas = verify::EkCaStore::load_dir(&config.ek_ca_dir).map_err(|e| TpmError::CaStore(e.to_string()))?;
         Policy::load_dir(&config.policy_dir)?;
-        Ok(TpmAttestor { config, cas, pending: Mutex::new(HashMap::new()) })
+        let pending = Mutex::new(Challenges::new(config.limits()));
+        Ok(TpmAttestor { config, cas, pending })
     }
 
-    fn park(&self, kind: PendingKind, policy: Policy) -> Result<(String, Vec<u8>), TpmError> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Challenges<Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Parks a first-attestation challenge for `ek_hash`, asked from `source`.
+    fn park_first(
+        &self,
+        kind: PendingKind,
+        ek_hash: &str,
+        source: Source,
+        policy: Policy,
+    ) -> Result<(String, Vec<u8>), TpmError> {
         let id = hex::encode(&random(16)?);
         let nonce = random(32)?;
-        let now = Instant::now();
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.retain(|_, p| p.expires > now);
-        if pending.len() >= MAX_PENDING {
-            return Err(TpmError::Busy);
+        let pending = Pending { kind, nonce: nonce.clone(), policy };
+        let limits = self.config.limits();
+        let inserted = self.pending().insert_first(Instant::now(), id.clone(), ek_hash, source, pending);
+        match inserted {
+            Ok(Some(evicted)) => {
+                tracing::info!(
+                    ek_hash,
+                    source = %source,
+                    evicted_from = %evicted.source,
+                    "TPM challenge evicted: its EK asked for a newer one"
+                );
+            }
+            Ok(None) => {}
+            Err(refused) => {
+                let (scope, key, limit) = match refused {
+                    Refused::Source { source, limit } => {
+                        (format!("from {source}"), "max_pending_challenges_per_source", limit)
+                    }
+                    Refused::Server { limit } => ("on this server".to_owned(), "max_pending_challenges", limit),
+                };
+                return Err(TpmError::TooManyChallenges { scope, key, limit, ttl: limits.ttl.as_secs() });
+            }
         }
-        let expires = now + Duration::from_secs(self.config.challenge_ttl_seconds);
-        pending.insert(id.clone(), Pending { kind, nonce: nonce.clone(), policy, expires });
         Ok((id, nonce))
-    }
-
-    fn take(&self, id: &str) -> Result<Pending, TpmError> {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        // Removed whether or not it verifies: a challenge is answered once.
-        match pending.remove(id) {
-            Some(p) if p.expires > Instant::now() => Ok(p),
-            _ => Err(TpmError::UnknownChallenge),
-        }
     }
 
     fn selection(policy: &Policy) -> pb::PcrSelection {
         pb::PcrSelection { bank: policy.bank.clone(), pcrs: policy.selection() }
     }
 
-    /// Step 1 of a first attestation. Returns (challenge id, encoded `tpm.Challenge`).
+    /// Step 1 of a first attestation, asked from `source`. Returns (challenge id, encoded
+    /// `tpm.Challenge`).
     pub fn begin(
         &self,
         trust_domain: &str,
         hello: &[u8],
+        source: Source,
         now_unix: i64,
         banned: impl FnOnce(&SpiffeId) -> bool,
     ) -> Result<(String, Vec<u8>), TpmError> {
@@ -215,14 +297,14 @@ impl TpmAttestor {
             wire::PublicKey::Ecc { curve, .. } => format!("ecc-{}", curve_name(*curve)),
         };
         let kind = PendingKind::First {
-            ek_hash,
+            ek_hash: ek_hash.clone(),
             ca_subject: cert.anchor_subject.clone(),
             ek_kind,
             ak: AkRecord { public: hello.ak_public, qualified_name: ak_verifier.qualified_name().to_vec() },
             secret,
         };
         let selection = Self::selection(&policy);
-        let (id, nonce) = self.park(kind, policy)?;
+        let (id, nonce) = self.park_first(kind, &ek_hash, source, policy)?;
         let challenge = pb::Challenge {
             credential_blob: made.credential_blob,
             encrypted_secret: made.encrypted_secret,
@@ -232,25 +314,39 @@ impl TpmAttestor {
         Ok((id, challenge.encode_to_vec()))
     }
 
-    /// Step 1 of a re-attestation by an already attested node.
-    pub fn begin_again(&self, node_id: SpiffeId) -> Result<(String, Vec<u8>), TpmError> {
+    /// Step 1 of a re-attestation by an already attested node (authenticated by its node
+    /// SVID). Its challenges have their own row: never refused, never evicted by others.
+    pub fn begin_again(&self, node_id: &SpiffeId) -> Result<(String, Vec<u8>), TpmError> {
         let policy = Policy::load_dir(&self.config.policy_dir)?;
         let selection = Self::selection(&policy);
-        let (id, nonce) = self.park(PendingKind::Again { node_id }, policy)?;
+        let id = hex::encode(&random(16)?);
+        let nonce = random(32)?;
+        let pending = Pending { kind: PendingKind::Again, nonce: nonce.clone(), policy };
+        let evicted = self.pending().insert_again(Instant::now(), id.clone(), &node_id.to_string(), pending);
+        if let Some(evicted) = evicted {
+            tracing::info!(
+                node = %node_id,
+                evicted,
+                "TPM re-attestation challenge evicted: the node asked for a newer one"
+            );
+        }
         let challenge = pb::Challenge { nonce, pcrs: Some(selection), ..Default::default() };
         Ok((id, challenge.encode_to_vec()))
     }
 
-    /// Step 2 of a first attestation. `previous` looks up the clock state last recorded for
-    /// an EK hash (a node seen before).
+    /// Step 2 of a first attestation, for the node SVID the CSR `csr` asks for (the quote
+    /// must cover its key). `previous` looks up the clock state last recorded for an EK hash
+    /// (a node seen before).
     pub fn finish(
         &self,
         trust_domain: &str,
         challenge_id: &str,
         evidence: &[u8],
+        csr: &[u8],
         previous: impl FnOnce(&str) -> Option<ClockState>,
     ) -> Result<Attested, TpmError> {
-        let pending = self.take(challenge_id)?;
+        // Taken out whether or not it verifies: a challenge is answered once.
+        let pending = self.pending().take_first(Instant::now(), challenge_id).ok_or(TpmError::UnknownChallenge)?;
         let PendingKind::First { ek_hash, ca_subject, ek_kind, ak, secret } = &pending.kind else {
             return Err(TpmError::UnknownChallenge);
         };
@@ -258,7 +354,8 @@ impl TpmAttestor {
         if !constant_time_eq(&ev.activated_secret, secret) {
             return Err(TpmError::Activation);
         }
-        let (matched, quote) = check_quote(ak, &pending.policy, &pending.nonce, &ev, previous(ek_hash))?;
+        let (matched, quote) =
+            check_quote(ak, &pending.policy, &pending.nonce, BoundKey::Csr(csr), &ev, previous(ek_hash))?;
         let node_id =
             node_id(trust_domain, ek_hash).ok_or_else(|| TpmError::EkCertificate("cannot form a node ID".into()))?;
         let mut selectors = vec![
@@ -270,34 +367,42 @@ impl TpmAttestor {
         Ok(Attested { node_id, ek_hash: ek_hash.clone(), ak: ak.clone(), selectors, quote })
     }
 
-    /// Step 2 of a re-attestation: the node that asked, its stored AK and clock state.
+    /// Step 2 of a re-attestation: the node that asked, the key the quote must cover (the
+    /// renewal's CSR, or the node SVID the caller authenticated with), its stored AK and clock
+    /// state.
     pub fn finish_again(
         &self,
         caller: &SpiffeId,
         challenge_id: &str,
         evidence: &[u8],
+        bound: BoundKey<'_>,
         ak: &AkRecord,
         previous: ClockState,
     ) -> Result<(Vec<String>, QuoteInfo), TpmError> {
-        let pending = self.take(challenge_id)?;
-        match &pending.kind {
-            PendingKind::Again { node_id } if node_id == caller => {}
-            _ => return Err(TpmError::UnknownChallenge),
+        let pending = self
+            .pending()
+            .take_again(Instant::now(), &caller.to_string(), challenge_id)
+            .ok_or(TpmError::UnknownChallenge)?;
+        if !matches!(pending.kind, PendingKind::Again) {
+            return Err(TpmError::UnknownChallenge);
         }
         let ev = pb::Evidence::decode(evidence).map_err(|e| malformed("evidence")(e.to_string()))?;
-        check_quote(ak, &pending.policy, &pending.nonce, &ev, Some(previous))
+        check_quote(ak, &pending.policy, &pending.nonce, bound, &ev, Some(previous))
     }
 }
 
-/// A quote by `ak` over `nonce`, its PCR values exactly the policy's selection, against the
-/// golden sets; the clock after `previous`. Returns the names of the sets matched.
+/// A quote by `ak` over `nonce` bound to the key `bound`, its PCR values exactly the policy's
+/// selection, against the golden sets; the clock after `previous`. Returns the names of the
+/// sets matched.
 fn check_quote(
     ak: &AkRecord,
     policy: &Policy,
     nonce: &[u8],
+    bound: BoundKey<'_>,
     ev: &pb::Evidence,
     previous: Option<ClockState>,
 ) -> Result<(Vec<String>, QuoteInfo), TpmError> {
+    let key = bound.key_hash()?;
     let public = wire::Public::parse(&ak.public).map_err(|e| malformed("AK public (TPMT_PUBLIC)")(e.to_string()))?;
     let verifier = AkVerifier::with_qualified_name(&public, ak.qualified_name.clone())
         .map_err(|e| TpmError::AkAttributes(e.to_string()))?;
@@ -315,8 +420,13 @@ fn check_quote(
     if want != got {
         return Err(TpmError::Quote(format!("PCRs {got:?} sent, {want:?} asked for")));
     }
-    let info =
-        verifier.verify_quote(&ev.quote, &ev.signature, nonce, &values).map_err(|e| TpmError::Quote(e.to_string()))?;
+    let info = verifier
+        .verify_bound_quote(&ev.quote, &ev.signature, nonce, &key, &ev.bound_key_sha256, &values)
+        .map_err(|e| match e {
+            VerifyError::KeyNotCovered => TpmError::KeyNotCovered { key: bound.describe() },
+            VerifyError::KeyNotBound => TpmError::KeyNotBound { key: bound.describe() },
+            e => TpmError::Quote(e.to_string()),
+        })?;
     if let Some(prev) = previous {
         verify::check_clock(&prev, &info).map_err(|e| TpmError::Clock(e.to_string()))?;
     }
@@ -325,12 +435,19 @@ fn check_quote(
 }
 
 /// `tether-server tpm check-quote`: a node's evidence checked offline, as an attestation
-/// checks it (AK attributes and name under the EK, quote signature, nonce, PCR digest, golden
-/// policy), except what needs the live exchange (EK certificate chain, credential
-/// activation, the clock against earlier quotes). `hello` and `evidence` are the node API's
-/// encoded `tpm.Hello` and `tpm.Evidence` (`tether-agent tpm quote` writes them). Returns
-/// the golden sets matched.
-pub fn check_offline(hello: &[u8], evidence: &[u8], nonce: &[u8], policy_dir: &Path) -> Result<Vec<String>, TpmError> {
+/// checks it (AK attributes and name under the EK, quote signature, nonce bound to the CSR's
+/// key, PCR digest, golden policy), except what needs the live exchange (EK certificate
+/// chain, credential activation, the clock against earlier quotes). `hello` and `evidence`
+/// are the node API's encoded `tpm.Hello` and `tpm.Evidence` (`tether-agent tpm quote`
+/// writes them), `csr` the PKCS#10 DER the quote was made for. Returns the golden sets
+/// matched.
+pub fn check_offline(
+    hello: &[u8],
+    evidence: &[u8],
+    nonce: &[u8],
+    csr: &[u8],
+    policy_dir: &Path,
+) -> Result<Vec<String>, TpmError> {
     let hello = pb::Hello::decode(hello).map_err(|e| malformed("hello")(e.to_string()))?;
     let ev = pb::Evidence::decode(evidence).map_err(|e| malformed("evidence")(e.to_string()))?;
     let ek = wire::Public::parse(&hello.ek_public).map_err(|e| malformed("EK public (TPMT_PUBLIC)")(e.to_string()))?;
@@ -339,7 +456,7 @@ pub fn check_offline(hello: &[u8], evidence: &[u8], nonce: &[u8], policy_dir: &P
         AkVerifier::new(&ak, &ek).map_err(|e| TpmError::AkAttributes(e.to_string()))?.qualified_name().to_vec();
     let record = AkRecord { public: hello.ak_public, qualified_name };
     let policy = Policy::load_dir(policy_dir)?;
-    check_quote(&record, &policy, nonce, &ev, None).map(|(matched, _)| matched)
+    check_quote(&record, &policy, nonce, BoundKey::Csr(csr), &ev, None).map(|(matched, _)| matched)
 }
 
 fn curve_name(c: wire::EccCurve) -> &'static str {

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 
 use super::{ek_cert::hex, VerifyError};
+use crate::tpm::binding::{self, KeyHash, Mismatch};
 use crate::tpm::wire::{
     Attest, Attribute, EccCurve, HashAlg, PcrSelection, Public, PublicKey, Scheme, Signature, WireError,
 };
@@ -160,6 +161,33 @@ impl AkVerifier {
             firmware_version: quote.firmware_version,
             selection: quote.pcr_select,
         })
+    }
+
+    /// [`AkVerifier::verify_quote`] for a quote whose qualifying data binds `key` to `nonce`
+    /// (`SHA-256(nonce ‖ key)`, see [`crate::tpm::binding`]). `claimed_key` is the key hash the
+    /// node says it bound: it proves nothing, it only lets a mismatch be named (another key:
+    /// [`VerifyError::KeyNotCovered`]; the bare nonce: [`VerifyError::KeyNotBound`]; else
+    /// [`VerifyError::NonceMismatch`]), and only once the signature has verified.
+    pub fn verify_bound_quote(
+        &self,
+        attest: &[u8],
+        signature: &[u8],
+        nonce: &[u8],
+        key: &KeyHash,
+        claimed_key: &[u8],
+        pcrs: &PcrValues,
+    ) -> Result<QuoteInfo, VerifyError> {
+        match self.verify_quote(attest, signature, &binding::qualifying_data(nonce, key), pcrs) {
+            Err(VerifyError::NonceMismatch) => {
+                let quote = Attest::parse(attest)?;
+                Err(match binding::diagnose(&quote.extra_data, nonce, claimed_key) {
+                    Mismatch::OtherKey => VerifyError::KeyNotCovered,
+                    Mismatch::BareNonce => VerifyError::KeyNotBound,
+                    Mismatch::Stale => VerifyError::NonceMismatch,
+                })
+            }
+            other => other,
+        }
     }
 
     fn verify_signature(&self, message: &[u8], given: &Signature) -> Result<(), VerifyError> {
