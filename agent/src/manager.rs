@@ -17,11 +17,10 @@ use crate::{
 
 /// Whether the server refused the node itself (its evidence failed, it was revoked or
 /// evicted, or its evidence is too old) — not one request, e.g. a CSR for an entry deleted
-/// between sync and signing, which is also PermissionDenied.
+/// between sync and signing, which is also PermissionDenied. Read from the refusal code the
+/// server attaches, never from the message.
 fn node_refused(s: &tonic::Status) -> bool {
-    let m = s.message();
-    s.code() == tonic::Code::PermissionDenied
-        && (m.starts_with("node revoked:") || m.contains("is not an attested agent") || m.contains("last TPM quote"))
+    tether_proto::refusal::NodeRefusal::of(s).is_some()
 }
 
 /// A registration entry as the agent uses it.
@@ -439,11 +438,12 @@ mod tests {
 
     #[test]
     fn only_refusals_of_the_node_withdraw_its_identities() {
-        let denied = |m: &str| tonic::Status::permission_denied(m.to_owned());
-        assert!(node_refused(&denied("node revoked: quote: nonce mismatch")));
-        assert!(node_refused(&denied("spiffe://td/n is not an attested agent (evicted or revoked?)")));
-        assert!(node_refused(&denied("spiffe://td/n: last TPM quote is 4000 s old (limit 3600 s): re-attest")));
-        assert!(!node_refused(&denied("spiffe://td/n may not request spiffe://td/x (entry e1)")));
+        use tether_proto::refusal::NodeRefusal;
+        assert!(node_refused(&NodeRefusal::Revoked.status("node revoked: quote: nonce mismatch")));
+        assert!(node_refused(&NodeRefusal::NotAnAgent.status("spiffe://td/n is not an attested agent")));
+        assert!(node_refused(&NodeRefusal::EvidenceTooOld.status("last TPM quote is 4000 s old")));
+        // The same words without the code are one request refused, not the node.
+        assert!(!node_refused(&tonic::Status::permission_denied("node revoked: spiffe://td/n may not request x")));
         assert!(!node_refused(&tonic::Status::unavailable("node revoked: server down")));
     }
 

@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use tether_attestors::{is_subset, join_token, tpm::binding::BoundKey, Selector, SpiffeId};
-use tether_proto::{admin, node};
+use tether_proto::{admin, node, refusal::NodeRefusal};
 use tokio::sync::RwLock;
 use tonic::{Request, Response, Status};
 use x509_parser::prelude::*;
@@ -149,10 +149,9 @@ impl NodeService {
     fn caller<T>(&self, req: &Request<T>) -> Result<Agent, Status> {
         let leaf = client_leaf(req)?;
         let id = cert_spiffe_id(&leaf).ok_or_else(|| Status::unauthenticated("client certificate has no SPIFFE ID"))?;
-        let agent =
-            self.0.store.get_agent(&id).map_err(|_| {
-                Status::permission_denied(format!("{id} is not an attested agent (evicted or revoked?)"))
-            })?;
+        let agent = self.0.store.get_agent(&id).map_err(|_| {
+            NodeRefusal::NotAnAgent.status(format!("{id} is not an attested agent (evicted or revoked?)"))
+        })?;
         if agent.attestor == TPM {
             self.check_evidence_age(&agent)?;
         }
@@ -169,9 +168,9 @@ impl NodeService {
         let node = s
             .store
             .tpm_node(&agent.spiffe_id)?
-            .ok_or_else(|| Status::permission_denied(format!("{} has no TPM record", agent.spiffe_id)))?;
+            .ok_or_else(|| NodeRefusal::NoTpmRecord.status(format!("{} has no TPM record", agent.spiffe_id)))?;
         if node.quoted_at + max_age < now() {
-            return Err(Status::permission_denied(format!(
+            return Err(NodeRefusal::EvidenceTooOld.status(format!(
                 "{}: last TPM quote is {} s old (limit {max_age} s): re-attest",
                 agent.spiffe_id,
                 now() - node.quoted_at
@@ -292,7 +291,7 @@ impl NodeService {
             Err(status) if status.code() == tonic::Code::PermissionDenied => {
                 tracing::error!(node = %id, reason = status.message(), "TPM re-attestation failed: node revoked");
                 s.store.revoke_tpm(id, status.message())?;
-                Err(Status::permission_denied(format!("node revoked: {}", status.message())))
+                Err(NodeRefusal::Revoked.status(format!("node revoked: {}", status.message())))
             }
             Err(status) => Err(status),
         }
