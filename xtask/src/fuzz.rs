@@ -12,7 +12,26 @@ use anyhow::{bail, Context, Result};
 
 /// Every fuzz target (a `[[bin]]` in fuzz/Cargo.toml, with seeds in fuzz/corpus/<target>; a
 /// test below holds the three lists together).
-pub const TARGETS: [&str; 4] = ["tpms_attest", "tpmt_public", "tpmt_signature", "attestation_messages"];
+pub const TARGETS: [&str; 13] = [
+    // TPM structures and the attestation messages carrying them (server side).
+    "tpms_attest",
+    "tpmt_public",
+    "tpmt_signature",
+    "attestation_messages",
+    // Node API requests and the CSRs in them (server side).
+    "node_api",
+    "csr",
+    // What the agent reads from the server (SVID chains) and from workloads (HTTP/2, JWTs).
+    "x509_svid",
+    "jwt_svid",
+    "h2_authority",
+    // Files: the agent's policy and config, the server's config and golden PCR policies.
+    "agent_policy",
+    "agent_config",
+    "server_config",
+    // SPIFFE IDs, selectors, patterns and hex, which every one of the above speaks.
+    "spiffe_id_selector",
+];
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
