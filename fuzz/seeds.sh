@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Rebuilds the seed corpus from the TPM fixtures (attestors/tests/fixtures/tpm): real TPM
 # structures, and Hello/Evidence messages carrying them (encoded with protoc). Run after
-# regenerating the fixtures. Corpus growth from fuzzing never lands here (see xtask/src/fuzz.rs).
+# regenerating the fixtures; then seeds.py rebuilds the other targets' seeds. Corpus growth from
+# fuzzing never lands here (see xtask/src/fuzz.rs).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 fx="$here/../attestors/tests/fixtures/tpm"
 proto="$here/../proto/proto"
 corpus="$here/corpus"
-rm -rf "$corpus"
+rm -rf "$corpus"/{tpms_attest,tpmt_public,tpmt_signature,attestation_messages}
 mkdir -p "$corpus"/{tpms_attest,tpmt_public,tpmt_signature,attestation_messages}
 
 for q in quote_rsa quote_pss quote_ecc; do
@@ -44,4 +45,6 @@ done
         echo "pcr_values { bank: \"$bank\" index: $index value: $(bytes "$tmp/value") }"
     done <"$fx/quote_rsa.pcrs"
 } | encode Evidence >"$corpus/attestation_messages/evidence_rsa"
+# node_api's seeds carry these messages.
+python3 "$here/seeds.py"
 du -sh "$corpus"

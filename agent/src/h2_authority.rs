@@ -27,10 +27,15 @@ const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 /// The default SETTINGS_MAX_FRAME_SIZE, which tonic does not raise.
-const MAX_FRAME: usize = 16_384;
-/// Refuse header blocks larger than this (a client cannot make the agent buffer without end;
-/// a Workload API call's headers are a few hundred bytes).
-const MAX_BLOCK: usize = 64 << 10;
+pub const MAX_FRAME: usize = 16_384;
+/// Refuse header blocks, and the header lists they decode to, larger than this (a client cannot
+/// make the agent buffer or expand without end; a Workload API call's headers are a few hundred
+/// bytes).
+pub const MAX_BLOCK: usize = 64 << 10;
+/// The client's HPACK table may be no larger: h2's SETTINGS_HEADER_TABLE_SIZE, which tonic
+/// keeps. A larger size update is a compression error; the rewriter strips it, so it must
+/// refuse it itself.
+const HEADER_TABLE_SIZE: usize = 4096;
 
 /// HPACK integer with an `n`-bit prefix whose high bits are `first`.
 fn encode_int(out: &mut Vec<u8>, first: u8, n: u32, mut value: usize) {
@@ -80,11 +85,20 @@ pub struct Rewriter {
 
 impl Default for Rewriter {
     fn default() -> Self {
-        Rewriter { decoder: loona_hpack::Decoder::new(), preface_seen: false, input: Vec::new(), pending: None }
+        let mut decoder = loona_hpack::Decoder::new();
+        decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
+        Rewriter { decoder, preface_seen: false, input: Vec::new(), pending: None }
     }
 }
 
 impl Rewriter {
+    /// Bytes held between calls to [`Rewriter::feed`] (a partial frame, a header block waiting
+    /// for its CONTINUATIONs): what one client makes the agent buffer, bounded by one frame
+    /// plus [`MAX_BLOCK`]. For the fuzz target that checks the bound.
+    pub fn buffered(&self) -> usize {
+        self.input.len() + self.pending.as_ref().map_or(0, |(_, _, priority, block)| priority.len() + block.len())
+    }
+
     /// Consumes what it can of `input` (appended), appending normalised bytes to `out`.
     pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
         self.input.extend_from_slice(data);
@@ -169,7 +183,21 @@ impl Rewriter {
 
     fn flush_headers(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
         let Some((flags, stream, priority, block)) = self.pending.take() else { return Ok(()) };
-        let mut headers = self.decoder.decode(&block).map_err(|e| protocol_error(&format!("HPACK: {e}")))?;
+        // One byte can name a whole table entry: the decoded list is what must be bounded
+        // (RFC 7541 4.1 sizes, as HTTP/2 servers count them; tonic allows 16 KiB).
+        let mut headers = Vec::new();
+        let mut list = 0usize;
+        self.decoder
+            .decode_with_cb(&block, |name, value| {
+                list = list.saturating_add(name.len() + value.len() + 32);
+                if list <= MAX_BLOCK {
+                    headers.push((name.into_owned(), value.into_owned()));
+                }
+            })
+            .map_err(|e| protocol_error(&format!("HPACK: {e}")))?;
+        if list > MAX_BLOCK {
+            return Err(protocol_error(&format!("a header list of more than {MAX_BLOCK} bytes")));
+        }
         for (name, value) in headers.iter_mut() {
             if name.as_slice() == b":authority" && !valid_authority(value) {
                 *value = b"localhost".to_vec();
@@ -349,6 +377,38 @@ mod tests {
         let mut bad = PREFACE.to_vec();
         bad.extend(frame(HEADERS, END_HEADERS, 1, &[0xff, 0xff, 0xff, 0xff]));
         assert!(Rewriter::default().feed(&bad, &mut Vec::new()).is_err());
+    }
+
+    /// HPACK lets one byte name a whole entry of the client's table. The rewriter used to
+    /// expand every reference (16 KB of references to a 4 KB entry made 64 MB) and to let a
+    /// client grow its table without limit, past the 4096 bytes the server allows.
+    #[test]
+    fn a_client_cannot_make_the_agent_expand_or_keep_headers_without_bound() {
+        let literal = |value_len: usize| {
+            let mut b = vec![0x40];
+            encode_int(&mut b, 0, 7, 5);
+            b.extend_from_slice(b"x-big");
+            encode_int(&mut b, 0, 7, value_len);
+            b.extend(std::iter::repeat_n(b'a', value_len));
+            b
+        };
+        // A 4000-byte entry, then a block naming it (index 62) 16,000 times.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &literal(4000)));
+        input.extend(frame(HEADERS, END_HEADERS, 3, &[0xbe; 16_000]));
+        let mut out = Vec::new();
+        let err = Rewriter::default().feed(&input, &mut out).unwrap_err().to_string();
+        assert!(err.contains("header list"), "{err}");
+        assert!(out.len() < 2 * input.len(), "{} bytes out of {}", out.len(), input.len());
+
+        // A table larger than SETTINGS_HEADER_TABLE_SIZE (a size update to 1 MiB first).
+        let mut block = Vec::new();
+        encode_int(&mut block, 0x20, 5, 1 << 20);
+        block.extend(literal(8000));
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &block));
+        let err = Rewriter::default().feed(&input, &mut Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("HPACK"), "{err}");
     }
 
     #[test]

@@ -42,3 +42,24 @@ pub static CA_STORE: LazyLock<EkCaStore> = LazyLock::new(|| {
     let bundle = [fixture!("ca/root.pem"), fixture!("ca/intermediate.pem")].concat();
     EkCaStore::from_pem(&bundle).expect("fixture cas")
 });
+
+/// The server's trust domain in the targets that meet the CA; the seeds use it.
+pub const TRUST_DOMAIN: &str = "example.org";
+
+/// The server's clock in those targets: 2027-01-15, inside the CA's life.
+pub const SERVER_NOW: i64 = 1_800_000_000;
+
+/// A server CA (X.509 and JWT authorities), generated once per process.
+pub static CA: LazyLock<tether_server::ca::CaState> =
+    LazyLock::new(|| tether_server::ca::CaState::new(TRUST_DOMAIN, SERVER_NOW, 10 * 365 * 86_400).expect("ca"));
+
+/// What an agent holds after syncing with that server: its bundle, JWT authorities included.
+pub fn agent_snapshot() -> tether_agent::manager::Snapshot {
+    let bundle = tether_agent::node_client::Bundle {
+        trust_domain: TRUST_DOMAIN.into(),
+        x509_authorities: CA.x509_authorities(),
+        jwks: CA.jwt_jwks().expect("jwks").to_string().into_bytes(),
+        sequence: CA.sequence,
+    };
+    tether_agent::manager::Snapshot::new(Vec::new(), Default::default(), bundle, true)
+}

@@ -8,7 +8,8 @@
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64URL, Engine};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
+    PKCS_ECDSA_P256_SHA256,
 };
 use ring::{
     rand::SystemRandom,
@@ -171,6 +172,16 @@ fn ca_params(trust_domain: &str, now: i64, ttl: i64) -> Result<CertificateParams
     params.serial_number = Some(random_serial());
     params.use_authority_key_identifier_extension = true;
     Ok(params)
+}
+
+/// The public key exactly as the CSR (already verified) holds it. rcgen's own reading names
+/// the key's algorithm after the CSR's signature algorithm, so a P-384 key signed with SHA-256
+/// (what `openssl req` does) would be certified as a P-256 key.
+fn csr_public_key(csr_der: &[u8]) -> Result<SubjectPublicKeyInfo, CaError> {
+    use x509_parser::prelude::FromDer as _;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+        .map_err(|_| CaError::BadCsr(rcgen::Error::CouldNotParseCertificationRequest))?;
+    SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw).map_err(CaError::BadCsr)
 }
 
 /// One JWT signing key (ES256).
@@ -374,7 +385,9 @@ impl CaState {
     /// the key); everything else in the certificate is the server's decision: exactly one URI
     /// SAN, cA=false, digitalSignature, server+client auth, lifetime capped by the CA's.
     pub fn sign_x509_svid(&self, csr_der: &[u8], req: &SvidRequest<'_>, now: i64) -> Result<Vec<Vec<u8>>, CaError> {
-        let csr = CertificateSigningRequestParams::from_der(&csr_der.into()).map_err(CaError::BadCsr)?;
+        // Verifies the CSR's signature with its key; nothing else of rcgen's reading is used.
+        CertificateSigningRequestParams::from_der(&csr_der.into()).map_err(CaError::BadCsr)?;
+        let key = csr_public_key(csr_der)?;
         let ca = &self.x509.active;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -393,7 +406,7 @@ impl CaState {
         params.not_after = unix_time((now + req.ttl).min(ca.not_after))?;
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&csr.public_key, ca.issuer()?)?;
+        let cert = params.signed_by(&key, ca.issuer()?)?;
         let mut chain = vec![cert.der().to_vec()];
         if ca.upstream_root.is_some() {
             // Leaf, then Tether's intermediate, then the upstream's intermediates.
@@ -494,6 +507,40 @@ mod tests {
         let last = der.len() - 1;
         der[last] ^= 0xff; // break the signature
         assert!(matches!(ca.sign_x509_svid(&der, &req, 1_800_000_000), Err(CaError::BadCsr(_))));
+    }
+
+    /// A P-384 key in a CSR signed with ecdsa-with-SHA256, as `openssl req` makes one (its
+    /// default digest): found by the csr fuzz target. The SVID was issued with a public key
+    /// that claimed P-256 and held the P-384 point, a certificate nobody could use.
+    #[test]
+    fn the_svid_certifies_the_key_the_csr_holds() {
+        const P384_SHA256_CSR: &str = "-----BEGIN CERTIFICATE REQUEST-----
+MIIBBzCBjgIBADAPMQ0wCwYDVQQDDARub2RlMHYwEAYHKoZIzj0CAQYFK4EEACID
+YgAEuQB6IF1V/WTDndx04VIlBBfMyYIxFWtG1Q94ceGAFtXOhD0TJQqAbZg4GTvk
+kVPs69THKDbPPyQv+AiNaGE+ptiqYIZXFuhzzuoIDd/VB8y8ds8r4peTQzT2uKzb
+JTzBoAAwCgYIKoZIzj0EAwIDaAAwZQIwcMxSEdyLxQajPW834BkEsrKLVQdZDz29
+OS1fOvVBCeIq7LlwUeNuWSOzUcxgPwGFAjEAjh+JOklLkkOHQVrDfr0eupQpeI6v
+tfSP1mjmSE/tIsz45Gi+XiYuCxlbUaEHC73a
+-----END CERTIFICATE REQUEST-----
+";
+        let now = 1_800_000_000;
+        let ca = CaState::new("example.org", now, 86_400).unwrap();
+        let id = SpiffeId::parse("spiffe://example.org/node").unwrap();
+        let req = SvidRequest { spiffe_id: &id, ttl: 60, dns_names: &[] };
+        let (_, pem) = x509_parser::pem::parse_x509_pem(P384_SHA256_CSR.as_bytes()).unwrap();
+        let (_, csr) = X509CertificationRequest::from_der(&pem.contents).unwrap();
+        let mut csrs = vec![(pem.contents.clone(), csr.certification_request_info.subject_pki.raw.to_vec())];
+        // Each kind of key rcgen can make, signed with its own algorithm.
+        for alg in [&PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let der = CertificateParams::default().serialize_request(&key).unwrap().der().to_vec();
+            csrs.push((der, rcgen::PublicKeyData::subject_public_key_info(&key)));
+        }
+        for (der, spki) in csrs {
+            let chain = ca.sign_x509_svid(&der, &req, now).unwrap();
+            let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
+            assert_eq!(leaf.public_key().raw, spki.as_slice(), "the SVID certifies another key");
+        }
     }
 
     #[test]

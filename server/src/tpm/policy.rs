@@ -113,7 +113,9 @@ impl Policy {
         Ok(Policy { bank, sets })
     }
 
-    fn parse_one(text: &str, path: &Path) -> Result<(String, GoldenSet), PolicyError> {
+    /// One policy file's text: (its bank, its set). `path` is only used in messages and kept
+    /// in the set. Public for the fuzz target; [`Policy::load_dir`] is the way in.
+    pub fn parse_one(text: &str, path: &Path) -> Result<(String, GoldenSet), PolicyError> {
         let f: File = toml::from_str(text).map_err(|source| PolicyError::Parse { path: path.to_owned(), source })?;
         let invalid = |key: String, message: String| PolicyError::Invalid { path: path.to_owned(), key, message };
         if f.name.is_empty() || !f.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
