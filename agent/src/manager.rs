@@ -402,7 +402,8 @@ impl Manager {
         let key = (entry_id.to_owned(), aud);
         let now = now();
         if let Some((token, iat, exp)) = self.jwt_cache.lock().await.get(&key) {
-            if now < iat + (exp - iat) / 2 {
+            // Saturating: the server is trusted, but an extreme exp must not overflow.
+            if now < iat.saturating_add(exp.saturating_sub(*iat) / 2) {
                 return Ok(token.clone());
             }
         }
