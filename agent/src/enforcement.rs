@@ -374,7 +374,17 @@ impl Enforcement {
                     let Ok(pidfd) = PidFd::open(pid) else { continue };
                     // Not waiting for a binary being hashed: this process is picked up on
                     // the round after its measurement finishes (or its deadline passes).
-                    let Ok(id) = resolver.identify_with(&pidfd, Wait::No) else { continue };
+                    let id = match resolver.identify_with(&pidfd, Wait::No) {
+                        Ok(id) => id,
+                        Err(_) => {
+                            // Its sockets are still judged from the kernel's record: stamping
+                            // needs no measurement.
+                            if let Ok(Some(record)) = resolver.record(&pidfd) {
+                                scan.processes.push((pid, pidfd, record, cg.id));
+                            }
+                            continue;
+                        }
+                    };
                     let Some(key) = key_of(&id) else { continue };
                     scan.processes.push((pid, pidfd, id.record.clone(), cg.id));
                     let Some(entry) = snapshot.matching(&id.selectors).into_iter().next() else { continue };

@@ -23,6 +23,13 @@ fn node_refused(s: &tonic::Status) -> bool {
     tether_proto::refusal::NodeRefusal::of(s).is_some()
 }
 
+/// Whether the server answered and refused the node's credentials (its node SVID, join
+/// token or TPM evidence), as opposed to being unreachable or not proving its own identity.
+fn server_refused(e: &NodeError) -> bool {
+    matches!(e, NodeError::Status(s) if node_refused(s)
+        || matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
+}
+
 /// A registration entry as the agent uses it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LocalEntry {
@@ -131,8 +138,9 @@ type CachedJwt = (String, i64, i64);
 impl Manager {
     /// Starts the identity plane of this node. The server is given [`FIRST_CONTACT`]; if it
     /// cannot be reached, the agent serves the SVIDs it held before (until they expire) and
-    /// keeps trying with backoff — it never exits for an absent server. It does fail when the
-    /// server answers and refuses a node that holds nothing (a bad join token, say).
+    /// keeps trying with backoff — it never exits for an absent server. It fails when the server
+    /// answers and refuses the node (a banned node, a used join token): what the node held is
+    /// forgotten, and the caller ends the kernel's lease.
     pub async fn start(config: AgentConfig) -> Result<Arc<Self>, NodeError> {
         let tpm = match &config.tpm {
             Some(t) => Some(crate::tpm::NodeTpm::open(t, &config.data_dir.join("tpm")).await?),
@@ -150,6 +158,14 @@ impl Manager {
                 let (entries, svids) = held.unwrap_or_default();
                 let snapshot = Snapshot::new(entries, svids, session.bundle.clone(), true);
                 (Some(session), snapshot)
+            }
+            // The server answered and refused this node (a banned node, a used token): what
+            // it held before is not served, now or after another restart.
+            Ok(Err(e)) if server_refused(&e) => {
+                if held.is_some() {
+                    crate::persist::forget_identities(&config.data_dir);
+                }
+                return Err(e);
             }
             Ok(Err(e)) if !crate::node_client::unreachable(&e) && held.is_none() => return Err(e),
             other => {
