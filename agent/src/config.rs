@@ -34,6 +34,9 @@ pub struct AgentConfig {
     pub tpm: Option<crate::tpm::TpmConfig>,
     /// In-kernel enforcement on protected cgroups.
     pub enforcement: Option<crate::enforcement::EnforcementConfig>,
+    /// Mutually authenticated tunnels to protected workloads on other nodes (needs
+    /// `[enforcement]`: the kernel captures the connections).
+    pub tunnel: Option<crate::tunnel::TunnelConfig>,
 }
 
 fn default_server_name() -> String {
@@ -96,6 +99,9 @@ impl AgentConfig {
             if e.protected_cgroups.iter().any(|p| p.as_os_str().is_empty() || p == Path::new("/")) {
                 return Err(invalid("enforcement.protected_cgroups", "never the root cgroup".into()));
             }
+        }
+        if c.tunnel.is_some() && c.enforcement.is_none() {
+            return Err(invalid("tunnel", "needs [enforcement]: the kernel captures the connections".into()));
         }
         if c.server_address.parse::<std::net::SocketAddr>().is_err() && !c.server_address.contains(':') {
             return Err(invalid("server_address", format!("{:?} is not host:port", c.server_address)));

@@ -295,6 +295,20 @@ impl Manager {
     }
 }
 
+// ---- For the node tunnel (agent/src/tunnel): the node's credential and its registry call.
+impl Manager {
+    /// The node SVID and key the node holds now: the tunnel proves with it which node a
+    /// workload's tunnel comes from.
+    pub async fn node_svid(&self) -> X509Svid {
+        self.session.lock().await.node_svid.clone()
+    }
+
+    /// Registers the node's tunnel with the server and learns the other nodes' tunnels.
+    pub async fn sync_tunnels(&self, req: node::TunnelSyncRequest) -> Result<node::TunnelSyncResponse, NodeError> {
+        self.session.lock().await.sync_tunnels(req).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
