@@ -69,7 +69,8 @@ pub fn mesh(names: [&'static str; 3]) -> Mesh {
 }
 
 impl Mesh {
-    pub fn register(&self, host: usize, cg: &sandbox::CgroupGuard, spiffe_id: &str, extra: &[&str]) {
+    /// An entry under `host`'s node for the network workload binary in `cg`; its id.
+    pub fn register(&self, host: usize, cg: &sandbox::CgroupGuard, spiffe_id: &str, extra: &[&str]) -> String {
         let h = &self.hosts[host];
         let bin = crate::hosts::flow_bin();
         self.plane.entry_under(
@@ -81,7 +82,7 @@ impl Mesh {
                 &format!("unix:sha256:{}", crate::hosts::sha256(bin.to_str().unwrap())),
             ],
             extra,
-        );
+        )
     }
 
     /// Waits until `host`'s kernel capture table holds at least `n` remote workloads.
