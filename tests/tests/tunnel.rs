@@ -378,3 +378,280 @@ fn revocation_reaches_live_streams_within_the_bound() {
     let t = Instant::now();
     broken_within(&live, t, "the application's stream once a is running again");
 }
+
+// ---- A tunnel client played by the test itself (a compromised or revoked node).
+
+mod rogue {
+    use std::{net::SocketAddrV4, path::Path, sync::Arc};
+
+    use bytes::Bytes;
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
+    use tether_agent::{
+        node_client::Bundle,
+        svid::{split_chain, X509Svid},
+        tunnel::tls,
+    };
+    use tether_proto::hbone::{self, NodeProof};
+
+    pub fn trust(plane: &tether_tests::plane::Plane) -> Arc<tls::Trust> {
+        let roots = CertificateDer::pem_file_iter(plane.dir.path().join("server/bundle.pem"))
+            .unwrap()
+            .map(|c| c.unwrap().to_vec())
+            .collect();
+        let t = tls::Trust::new("example.org");
+        t.set_bundle(&Bundle { x509_authorities: roots, ..Bundle::default() });
+        Arc::new(t)
+    }
+
+    fn svid(chain: Vec<Vec<u8>>, key: Vec<u8>) -> X509Svid {
+        let spiffe_id = tls::spiffe_id_of(&chain[0], "example.org").unwrap();
+        let not_after = tls::not_after(&chain[0]).unwrap();
+        X509Svid { spiffe_id, chain, key_pkcs8: key, not_before: 0, not_after, renew_after: not_after }
+    }
+
+    /// A workload SVID written by `tether-agent api fetch x509 --write DIR`.
+    pub fn workload(dir: &Path) -> X509Svid {
+        let chain =
+            CertificateDer::pem_file_iter(dir.join("svid.0.pem")).unwrap().map(|c| c.unwrap().to_vec()).collect();
+        let key = PrivateKeyDer::from_pem_file(dir.join("svid.0.key")).unwrap().secret_der().to_vec();
+        svid(chain, key)
+    }
+
+    /// The node SVID an agent keeps in its data directory.
+    pub fn node(data: &Path) -> X509Svid {
+        let chain = split_chain(&std::fs::read(data.join("node-svid.der")).unwrap()).unwrap();
+        svid(chain, std::fs::read(data.join("node-key.der")).unwrap())
+    }
+
+    pub struct Conn {
+        send: h2::client::SendRequest<Bytes>,
+        pub exporter: [u8; hbone::EXPORTER_LEN],
+    }
+
+    /// Mutual TLS and HTTP/2 with the tunnel at `endpoint`, from namespace `ns`, presenting
+    /// `client` and expecting `expect`.
+    pub async fn dial(
+        ns: &sandbox::NetnsGuard,
+        endpoint: SocketAddrV4,
+        trust: Arc<tls::Trust>,
+        client: &X509Svid,
+        expect: &str,
+    ) -> Result<Conn, String> {
+        let tcp = ns.run_in(|| std::net::TcpStream::connect(endpoint)).unwrap().map_err(|e| e.to_string())?;
+        tcp.set_nonblocking(true).unwrap();
+        let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+        let config = tls::client_config(trust, client, expect).map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(hbone::server_name(expect)).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| e.to_string())?;
+        let mut exporter = [0u8; hbone::EXPORTER_LEN];
+        tls.get_ref().1.export_keying_material(&mut exporter, hbone::EXPORTER_LABEL, None).unwrap();
+        let (send, conn) = h2::client::handshake(tls).await.map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        // A refused client certificate shows at the first exchange (TLS 1.3).
+        let mut probe = send.clone().ready().await.map_err(|e| e.to_string())?;
+        let _ = &mut probe;
+        Ok(Conn { send, exporter })
+    }
+
+    impl Conn {
+        /// One CONNECT: (status, refusal reason).
+        pub async fn connect(&self, authority: &str, proof: Option<&NodeProof>) -> Result<(u16, String), String> {
+            let mut req = http::Request::builder().method("CONNECT").uri(authority);
+            if let Some(p) = proof {
+                let (a, b) = p.encode();
+                req = req.header(hbone::NODE_SVID_HEADER, a).header(hbone::NODE_PROOF_HEADER, b);
+            }
+            let mut send = self.send.clone().ready().await.map_err(|e| e.to_string())?;
+            let (resp, _body) = send.send_request(req.body(()).unwrap(), false).map_err(|e| e.to_string())?;
+            let resp = resp.await.map_err(|e| e.to_string())?;
+            let why =
+                resp.headers().get(hbone::REFUSAL_HEADER).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+            Ok((resp.status().as_u16(), why))
+        }
+    }
+}
+
+#[test]
+fn tunnel_clients_the_receiver_must_refuse() {
+    let mut m = mesh(["a", "b", "c"]);
+    let api = m.hosts[1].root.child("api").unwrap();
+    m.register(1, &api, API, &[]);
+    // `rogue` is a workload of c, with a valid SVID (10 s), that b's policy does not allow.
+    let rogue_cg = sandbox::CgroupGuard::new("tun-rogue").unwrap();
+    m.plane.entry_under(
+        &m.hosts[2].node_id,
+        "spiffe://example.org/rogue",
+        &[&format!("cgroup:path:{}", tether_tests::hosts::rel(&rogue_cg)), "unix:uid:0"],
+        &["--x509-ttl", "10"],
+    );
+    for h in &m.hosts {
+        h.policy(POLICY);
+    }
+    for h in &mut m.hosts {
+        h.start_agent();
+    }
+    let echo = m.hosts[1].spawn(&api, &["echo-serve", "8443"]);
+    echo.wait_line("listening");
+    m.hosts[1].wait_identity(API);
+    m.wait_capture(2, 1); // b registered api, and b knows c (the server lists both)
+    let dir = m.hosts[2].dir.join("rogue-svid");
+    let mut fetch = std::process::Command::new(tether_tests::agent_bin());
+    fetch.args(["api", "fetch", "x509", "--socket"]).arg(m.hosts[2].dir.join("agent.sock")).arg("--write").arg(&dir);
+    wait_for("the rogue SVID", || rogue_cg.run(&mut fetch).unwrap().status.success().then_some(()));
+    let rogue = rogue::workload(&dir);
+    let node_c = rogue::node(&m.hosts[2].dir.join("data"));
+    let trust = rogue::trust(&m.plane);
+    let b: std::net::SocketAddrV4 = format!("{}:15008", ADDRS[1]).parse().unwrap();
+    let target = format!("{}:8443", ADDRS[1]);
+    let ns_c = &m.hosts[2].ns;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        // A valid workload SVID, a valid node proof: refused by b's policy.
+        let c1 = rogue::dial(ns_c, b, trust.clone(), &rogue, API).await.unwrap();
+        let proof = tether_agent::tunnel::tls::node_proof(&node_c, &c1.exporter).unwrap();
+        let (status, why) = c1.connect(&target, Some(&proof)).await.unwrap();
+        assert_eq!(status, 403, "{why}");
+        assert!(why.contains("policy: no rule allows spiffe://example.org/rogue"), "{why}");
+        // Not an open proxy: only this node's protected workloads.
+        let (status, why) = c1.connect(&format!("{}:8443", ADDRS[0]), Some(&proof)).await.unwrap();
+        assert!(status == 403 && why.contains("is not an address of this node"), "{status} {why}");
+        let (status, why) = c1.connect(&format!("{}:22", ADDRS[1]), Some(&proof)).await.unwrap();
+        assert!(status == 403 && why.contains("no protected workload listens"), "{status} {why}");
+        // No node proof: a workload certificate alone is not enough.
+        let c2 = rogue::dial(ns_c, b, trust.clone(), &rogue, API).await.unwrap();
+        let (status, why) = c2.connect(&target, None).await.unwrap();
+        assert!(status == 403 && why.contains("node proof"), "{status} {why}");
+        // A node proof signed by another key than the node certificate's (the workload's).
+        let c3 = rogue::dial(ns_c, b, trust.clone(), &rogue, API).await.unwrap();
+        let forged = tether_proto::hbone::NodeProof {
+            chain: node_c.chain.clone(),
+            signature: tether_agent::tunnel::tls::node_proof(&rogue, &c3.exporter).unwrap().signature,
+        };
+        let (status, why) = c3.connect(&target, Some(&forged)).await.unwrap();
+        assert!(status == 403 && why.contains("signature"), "{status} {why}");
+        // A node proof replayed from another connection.
+        let c4 = rogue::dial(ns_c, b, trust.clone(), &rogue, API).await.unwrap();
+        let (status, why) = c4.connect(&target, Some(&proof)).await.unwrap();
+        assert!(status == 403 && why.contains("signature"), "{status} {why}");
+        // Asking for a workload b does not serve: no certificate, no handshake.
+        let e = rogue::dial(ns_c, b, trust.clone(), &rogue, "spiffe://example.org/nobody").await;
+        assert!(e.is_err(), "b presented a certificate for a workload it does not serve");
+
+        // A node that is no longer attested: c is evicted; once b knows, a valid workload
+        // SVID with a (cryptographically) valid node proof is refused.
+        let c_node = m.hosts[2].node_id.clone();
+        tokio::task::block_in_place(|| {
+            m.plane.cli_ok(&["agent", "evict", "--spiffe-id", &c_node]);
+            wait_for("b to drop c", || {
+                let log = m.hosts[1].log();
+                log.lines().rfind(|l| l.contains("tunnel peers")).filter(|l| l.contains("peers=1 ")).map(|_| ())
+            });
+        });
+        let c5 = rogue::dial(ns_c, b, trust.clone(), &rogue, API).await.unwrap();
+        let proof5 = tether_agent::tunnel::tls::node_proof(&node_c, &c5.exporter).unwrap();
+        let (status, why) = c5.connect(&target, Some(&proof5)).await.unwrap();
+        assert!(status == 403 && why.contains("is not an attested Tether node"), "{status} {why}");
+
+        // An expired certificate: no new stream on a connection made while it was valid,
+        // and no new connection.
+        let wait = (rogue.not_after + 1 - tether_agent::svid::now()).max(0) as u64;
+        tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+        let (status, why) = c1.connect(&target, Some(&proof)).await.unwrap();
+        assert!(status == 403 && why.contains("has expired"), "{status} {why}");
+        // (TLS 1.3: the server's refusal of a client certificate arrives after the client
+        // thinks the handshake is done, so it shows at the first request.)
+        if let Ok(c6) = rogue::dial(ns_c, b, trust.clone(), &rogue, API).await {
+            let r = c6.connect(&target, Some(&proof)).await;
+            assert!(r.is_err(), "an expired client certificate was accepted: {r:?}");
+        }
+    });
+    // None of it reached the workload; every refusal is in b's stream log.
+    assert!(!echo.lines().iter().any(|l| l.starts_with("accept")), "{:?}", echo.lines());
+    let log = m.stream_log(1);
+    assert!(log.matches("\"event\":\"tunnel_refused\"").count() >= 7, "{log}");
+}
+
+/// `connect-time` output: (what happened, milliseconds).
+fn timed(out: &str) -> (String, u64) {
+    let line = out.lines().find(|l| l.starts_with("connect-error") || l.starts_with("read-end")).unwrap_or_default();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    (f.get(..2).map(|x| x.join(" ")).unwrap_or_default(), f.get(2).and_then(|n| n.parse().ok()).unwrap_or(u64::MAX))
+}
+
+#[test]
+fn failures_are_prompt_and_recover_without_an_operator() {
+    let Pair { mut m, web, api: _api, echo, _warm } = pair(&[], &[]);
+    let works = |m: &Mesh| {
+        wait_for("the flow to work", || {
+            m.hosts[0].run(&web, &["hold", ADDRS[1], "8443", "10", "100"]).contains("held").then_some(())
+        })
+    };
+    let hold = |m: &Mesh| {
+        let w = m.hosts[0].spawn(&web, &["hold", ADDRS[1], "8443", "50", "60000"]);
+        w.wait_line("echo 3");
+        w
+    };
+    works(&m);
+
+    // 1. The destination node's agent dies (kill -9) mid-stream: established streams end
+    //    (their TLS connection dies with it); new connects fail at once, never hang; a new
+    //    agent serves them again with no operator action.
+    let live = hold(&m);
+    let t = Instant::now();
+    m.hosts[1].kill_agent();
+    let took = broken_within(&live, t, "the stream when b's agent died");
+    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+    for _ in 0..3 {
+        let (what, ms) = timed(&m.hosts[0].run(&web, &["connect-time", ADDRS[1], "8443"]));
+        assert!(
+            ["connect-error 111", "connect-error 104", "read-end reset", "read-end eof"].contains(&what.as_str())
+                && ms < 2500,
+            "{what} after {ms} ms"
+        );
+    }
+    m.hosts[1].start_agent();
+    works(&m);
+    echo.wait_line("accept");
+
+    // 2. The destination node is unreachable (its link is down): the first connect is reset
+    //    after the tunnel's connect timeout (1 s here); the node is then marked down and
+    //    connects are refused at once (ECONNREFUSED, in the kernel) until it answers again.
+    let link = m.links[1].clone();
+    m.hosts[1].ns.exec(&["ip", "link", "set", &link, "down"]).unwrap();
+    let (what, ms) = timed(&m.hosts[0].run(&web, &["connect-time", ADDRS[1], "8443"]));
+    assert!(
+        (what == "read-end reset" || what == "connect-error 104") && ms < 2500,
+        "{what} after {ms} ms\n{}",
+        m.stream_log(0)
+    );
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (what, ms) = timed(&m.hosts[0].run(&web, &["connect-time", ADDRS[1], "8443"]));
+        if what == "connect-error 111" && ms < 100 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b never marked down: {what} after {ms} ms\n{}\n{}",
+            m.hosts[0].log(),
+            m.stream_log(0)
+        );
+    }
+    m.hosts[1].ns.exec(&["ip", "link", "set", &link, "up"]).unwrap();
+    works(&m);
+
+    // 3. The source node's agent dies mid-stream: the application's stream ends; new
+    //    connects are refused at once (the kernel still captures, nothing listens); a new
+    //    agent picks them up.
+    let live = hold(&m);
+    let t = Instant::now();
+    m.hosts[0].kill_agent();
+    broken_within(&live, t, "the stream when a's agent died");
+    let (what, ms) = timed(&m.hosts[0].run(&web, &["connect-time", ADDRS[1], "8443"]));
+    assert!(what == "connect-error 111" && ms < 100, "{what} after {ms} ms");
+    m.hosts[0].start_agent();
+    works(&m);
+}

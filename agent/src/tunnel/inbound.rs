@@ -172,9 +172,10 @@ async fn stream(
         Err(e) => return refuse(&shared, &conn, respond, 403, &e),
     };
     // The socket to the workload carries the source's identity in the kernel: stamped
-    // before it connects, so the workload's ingress hook finds it on the SYN.
-    let connected = async {
-        let socket = TcpSocket::new_v4()?;
+    // before it connects, so the workload's ingress hook finds it on the SYN. It is bound
+    // first, so the stream is known by its tuple (to peer queries) before the workload can
+    // accept it.
+    let socket = TcpSocket::new_v4().and_then(|socket| {
         shared
             .maps
             .lock()
@@ -182,23 +183,33 @@ async fn stream(
             .stamp_peer(&socket, parties.src_number)
             .map_err(std::io::Error::other)?;
         socket.set_nodelay(true)?;
-        socket.connect(SocketAddr::V4(orig)).await
-    };
-    let tcp = match tokio::time::timeout(shared.config.connect_timeout(), connected).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => return refuse(&shared, &conn, respond, 502, &format!("workload unreachable: {e}")),
-        Err(_) => return refuse(&shared, &conn, respond, 504, "workload unreachable: timed out"),
+        socket.bind(SocketAddr::V4(SocketAddrV4::new(*orig.ip(), 0)))?;
+        Ok(socket)
+    });
+    let (socket, mine) = match socket.and_then(|s| s.local_addr().map(|a| (s, a))) {
+        Ok((s, SocketAddr::V4(a))) => (s, a),
+        Ok(_) => return refuse(&shared, &conn, respond, 500, "socket: not IPv4"),
+        Err(e) => return refuse(&shared, &conn, respond, 500, &format!("socket: {e}")),
     };
     let mut parties = parties;
-    if let (Ok(SocketAddr::V4(mine)), Ok(SocketAddr::V4(theirs))) = (tcp.local_addr(), tcp.peer_addr()) {
-        parties.local_tuple = Some((mine, theirs));
-    }
+    parties.local_tuple = Some((mine, orig));
+    let (s, close) = shared.streams.open(parties);
+    let tcp = match tokio::time::timeout(shared.config.connect_timeout(), socket.connect(SocketAddr::V4(orig))).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            shared.streams.discard(&s);
+            return refuse(&shared, &conn, respond, 502, &format!("workload unreachable: {e}"));
+        }
+        Err(_) => {
+            shared.streams.discard(&s);
+            return refuse(&shared, &conn, respond, 504, "workload unreachable: timed out");
+        }
+    };
     let mut respond = respond;
     let send = match http::Response::builder().status(200).body(()).map(|r| respond.send_response(r, false)) {
-        Ok(Ok(s)) => s,
-        _ => return,
+        Ok(Ok(send)) => send,
+        _ => return shared.streams.finish(&s, "reset by peer: the stream ended before it was answered"),
     };
-    let (s, close) = shared.streams.open(parties);
     let reason = super::splice::splice(tcp, send, request.into_body(), &s, close, false).await;
     shared.streams.finish(&s, &reason);
 }

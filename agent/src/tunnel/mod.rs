@@ -194,10 +194,9 @@ impl Shared {
             return Some("this node is not attested".into());
         }
         let served = |id: &str| snapshot.entries.iter().any(|e| e.spiffe_id.to_string() == id);
-        if !local.allows(p.src_number, p.dst_number, p.orig_dst.port()) {
-            return Some(format!("policy no longer allows {} to {} on port {}", p.src_id, p.dst_id, p.orig_dst.port()));
-        }
-        match p.direction {
+        // Who the parties are first (a withdrawn identity also changes the policy rows: the
+        // reason given is the cause), then what the policy allows.
+        let who = match p.direction {
             Direction::Outbound => {
                 if !served(&p.src_id) {
                     return Some(format!("source identity {} withdrawn", p.src_id));
@@ -222,7 +221,14 @@ impl Shared {
                 }
                 None
             }
+        };
+        if who.is_some() {
+            return who;
         }
+        if !local.allows(p.src_number, p.dst_number, p.orig_dst.port()) {
+            return Some(format!("policy no longer allows {} to {} on port {}", p.src_id, p.dst_id, p.orig_dst.port()));
+        }
+        None
     }
 }
 

@@ -167,7 +167,12 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddrV4) {
         let response = match tokio::time::timeout(timeout, response).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return refuse(&format!("refused by the peer: {e}"), tcp),
-            Err(_) => return refuse("refused by the peer: no answer in time", tcp),
+            Err(_) => {
+                // A connection that does not answer is not used again: the next stream dials
+                // afresh (and finds out whether the node is reachable at all).
+                pooled.mark_dead();
+                return refuse("tunnel lost: the peer did not answer in time", tcp);
+            }
         };
         if response.status() != http::StatusCode::OK {
             let why = response

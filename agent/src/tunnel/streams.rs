@@ -186,6 +186,12 @@ impl Streams {
         }));
     }
 
+    /// A stream opened but never carried (its request was refused after all): forgotten
+    /// without a stream line (the refusal is logged).
+    pub fn discard(&self, s: &Stream) {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&s.id);
+    }
+
     /// A stream request refused before it carried anything.
     pub fn refuse(&self, direction: Direction, reason: &str, details: serde_json::Value) {
         let key = reason.split(':').next().unwrap_or_default().to_owned();
