@@ -966,7 +966,9 @@ fn try_capture(
     if !flow_allowed(cfg.generation, src, svc.identity, u16::from_be(dport_be), IPPROTO_TCP) {
         return Capture::Refused(drop_reason::POLICY, svc.identity);
     }
-    if svc.flags & service_flags::NODE_DOWN != 0 {
+    // Nobody answers for a node marked down, nor when the capture port is not the agent's
+    // listener (the agent is away, and someone else may hold the port).
+    if svc.flags & service_flags::NODE_DOWN != 0 || !agent_listens(ctx.sock_addr as *mut c_void, &tc) {
         return Capture::NodeDown;
     }
     let mut orig = TunnelSock { daddr, dport: dport_be, _pad: 0, dst_identity: svc.identity, _pad2: 0 };
@@ -985,6 +987,29 @@ fn try_capture(
     }
     remember(state, cfg, 0, src, svc.identity);
     Capture::Captured
+}
+
+/// The capture listener is the agent's own (stamped by it), found by the kernel's lookup.
+#[inline(always)]
+fn agent_listens(ctx: *mut c_void, tc: &TunnelConfig) -> bool {
+    // SAFETY: all-zero is a valid tuple; the IPv4 member is written below.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.daddr = tc.listener_addr;
+    tuple.__bindgen_anon_1.ipv4.dport = tc.listener_port;
+    let size = size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    // SAFETY: the program's context and a valid tuple; the reference is released below.
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx, &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0) };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a referenced socket from the lookup, released right after.
+    let ok = unsafe {
+        accept_server(&*sk, tc.listener_port)
+            && SOCK_STATE.get(sk as *mut c_void).is_some_and(|s| (*s).key_valid == key_kind::TUNNEL_LISTENER)
+    };
+    // SAFETY: releases the lookup's reference.
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    ok
 }
 
 /// The verdict of a captured connection judged again: against its original destination,

@@ -341,6 +341,10 @@ pub mod key_kind {
     /// agent's tunnel opens to a local workload on behalf of a remote peer whose X.509-SVID
     /// it verified. `id` is that peer's identity number; no kernel program ever writes this.
     pub const TUNNEL_PEER: u32 = 2;
+    /// Stamped by the agent on its capture listener: connect() captures a socket only into
+    /// a listener carrying this (a process that took the port while no agent ran gets
+    /// nothing). No identity.
+    pub const TUNNEL_LISTENER: u32 = 3;
 }
 
 /// [`SockState::tunnel`].

@@ -652,6 +652,16 @@ fn failures_are_prompt_and_recover_without_an_operator() {
     broken_within(&live, t, "the stream when a's agent died");
     let (what, ms) = timed(&m.hosts[0].run(&web, &["connect-time", ADDRS[1], "8443"]));
     assert!(what == "connect-error 111" && ms < 100, "{what} after {ms} ms");
+    //    Meanwhile an unprivileged process takes the capture port: the kernel captures only
+    //    into the agent's own (stamped) listener, so it receives nothing.
+    let squatter_cg = sandbox::CgroupGuard::new("tun-squatter").unwrap();
+    let squatter = m.hosts[0].spawn(&squatter_cg, &["serve", "15001"]);
+    squatter.wait_line("listening");
+    let (what, ms) = timed(&m.hosts[0].run(&web, &["connect-time", ADDRS[1], "8443"]));
+    assert!(what == "connect-error 111" && ms < 100, "{what} after {ms} ms");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert!(!squatter.lines().iter().any(|l| l.starts_with("accept")), "{:?}", squatter.lines());
+    drop(squatter);
     m.hosts[0].start_agent();
     works(&m);
 }

@@ -11,7 +11,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 /// Every fuzz target (a `[[bin]]` in fuzz/Cargo.toml).
-pub const TARGETS: [&str; 4] = ["tpms_attest", "tpmt_public", "tpmt_signature", "attestation_messages"];
+pub const TARGETS: [&str; 5] =
+    ["tpms_attest", "tpmt_public", "tpmt_signature", "attestation_messages", "hbone_request"];
 
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 

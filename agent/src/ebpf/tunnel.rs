@@ -57,6 +57,18 @@ impl TunnelMaps {
         Ok(keys.len())
     }
 
+    /// Stamps the capture listener as the agent's: the kernel captures connections only into
+    /// a listener so stamped.
+    pub fn stamp_listener(&mut self, socket: &impl AsRawFd) -> Result<(), EbpfError> {
+        let state = SockState {
+            key_valid: key_kind::TUNNEL_LISTENER,
+            tgid: std::process::id(),
+            role: sock_role::INBOUND,
+            ..SockState::default()
+        };
+        self.sock_state.insert(socket, state, 0).map_err(map_err(maps::SOCK_STATE, "insert"))
+    }
+
     /// Stamps a socket the tunnel made (not yet connected) as carrying the remote peer
     /// `identity`: a protected workload receiving its connection judges it by that identity.
     /// Only a process that can write the map (root, holding the pin) can make such a state.

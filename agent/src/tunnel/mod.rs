@@ -349,6 +349,8 @@ pub async fn start(
         .map_err(|e| TunnelError::Runtime(e.to_string()))?;
     let (capture_listener, inbound_listener, cookie) =
         bound.map_err(|source| TunnelError::Io { op: "binding the tunnel listeners", source })?;
+    // The kernel captures into this listener only once it carries the agent's stamp.
+    maps.stamp_listener(&capture_listener)?;
 
     let snapshot = manager.subscribe();
     let trust = Arc::new(tls::Trust::new(&agent.trust_domain));
