@@ -13,9 +13,14 @@ pub struct AgentConfig {
     pub trust_domain: String,
     /// host:port of the server's node API.
     pub server_address: String,
-    /// Name the server's TLS certificate must carry. Default "localhost".
+    /// The name sent as TLS SNI to the node API. Not what authenticates the server: see
+    /// `server_spiffe_id`. Default "localhost".
     #[serde(default = "default_server_name")]
     pub server_name: String,
+    /// The SPIFFE ID the node API's certificate must carry (and chain to the current bundle).
+    /// Default `spiffe://<trust_domain>/tether/server`; the server refuses to register
+    /// entries under `/tether/`, so no workload SVID can carry it.
+    pub server_spiffe_id: Option<String>,
     /// PEM bundle to trust the server with on first contact.
     pub trust_bundle_path: PathBuf,
     /// One-time join token for the first attestation (later starts reuse the node SVID).
@@ -30,10 +35,23 @@ pub struct AgentConfig {
     /// Executables larger than this are not hashed.
     #[serde(default = "default_max_measure")]
     pub max_measure_bytes: u64,
+    /// How long a Workload API call waits for its binary's hash (milliseconds). Hashing goes
+    /// on past it; the caller is answered without a `unix:sha256` selector meanwhile.
+    /// Default 3000.
+    #[serde(default = "default_measure_deadline")]
+    pub measure_deadline_ms: u64,
+    /// Workload API connections one uid may have open at once; more are closed at accept.
+    /// Default 64.
+    #[serde(default = "default_max_connections")]
+    pub max_connections_per_uid: usize,
     /// Attest the node with its TPM (instead of a join token).
     pub tpm: Option<crate::tpm::TpmConfig>,
     /// In-kernel enforcement on protected cgroups.
     pub enforcement: Option<crate::enforcement::EnforcementConfig>,
+    /// Where container runtimes and the kubelet make their cgroups: container and
+    /// Kubernetes selectors come only from there.
+    #[serde(default)]
+    pub selectors: crate::process::selectors::SelectorConfig,
     /// Mutually authenticated tunnels to protected workloads on other nodes (needs
     /// `[enforcement]`: the kernel captures the connections).
     pub tunnel: Option<crate::tunnel::TunnelConfig>,
@@ -44,6 +62,12 @@ fn default_server_name() -> String {
 }
 fn default_sync() -> u64 {
     5
+}
+fn default_max_connections() -> usize {
+    64
+}
+fn default_measure_deadline() -> u64 {
+    crate::process::measure::DEFAULT_DEADLINE.as_millis() as u64
 }
 fn default_max_measure() -> u64 {
     crate::process::measure::DEFAULT_MAX_BYTES
@@ -80,6 +104,9 @@ impl AgentConfig {
         if !c.socket_path.is_absolute() {
             return Err(invalid("socket_path", "must be an absolute path".into()));
         }
+        if c.max_connections_per_uid == 0 {
+            return Err(invalid("max_connections_per_uid", "must be at least 1".into()));
+        }
         if c.sync_interval_seconds == 0 {
             return Err(invalid("sync_interval_seconds", "must be at least 1".into()));
         }
@@ -100,6 +127,14 @@ impl AgentConfig {
                 return Err(invalid("enforcement.protected_cgroups", "never the root cgroup".into()));
             }
         }
+        c.selectors.validate().map_err(|m| invalid("selectors", m))?;
+        let server_id = c.server_id().map_err(|e| invalid("server_spiffe_id", e.to_string()))?;
+        if server_id.trust_domain() != c.trust_domain {
+            return Err(invalid(
+                "server_spiffe_id",
+                format!("{server_id} is not in the trust domain {}", c.trust_domain),
+            ));
+        }
         if c.tunnel.is_some() && c.enforcement.is_none() {
             return Err(invalid("tunnel", "needs [enforcement]: the kernel captures the connections".into()));
         }
@@ -107,6 +142,14 @@ impl AgentConfig {
             return Err(invalid("server_address", format!("{:?} is not host:port", c.server_address)));
         }
         Ok(c)
+    }
+
+    /// The SPIFFE ID the node API server must present.
+    pub fn server_id(&self) -> Result<tether_attestors::SpiffeId, tether_attestors::SpiffeIdError> {
+        match &self.server_spiffe_id {
+            Some(id) => id.parse(),
+            None => tether_attestors::SpiffeId::from_parts(&self.trust_domain, &["tether", "server"]),
+        }
     }
 
     /// The value for SPIFFE_ENDPOINT_SOCKET.

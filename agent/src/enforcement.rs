@@ -32,7 +32,7 @@ use crate::{
     process::{
         caller::{ProcessIdentity, Resolver},
         manifest::Manifest,
-        measure::Outcome,
+        measure::{Outcome, Wait},
         pidfd::PidFd,
     },
 };
@@ -236,7 +236,6 @@ struct Pushed {
 pub struct Enforcement {
     config: EnforcementConfig,
     enforcer: Enforcer,
-    resolver: Arc<Resolver>,
     golden: Option<Manifest>,
     cgroups: Vec<Cgroup>,
     policy: Option<(Policy, Option<SystemTime>)>,
@@ -296,12 +295,7 @@ impl Enforcement {
     /// Takes over (or creates) the pinned enforcement and opens the audit log. Until the
     /// first [`Enforcement::sync`], the kernel keeps what a previous agent left (or, on a
     /// first start, denies every flow of the protected cgroups).
-    pub fn start(
-        config: EnforcementConfig,
-        data_dir: &Path,
-        cgroup_root: &Path,
-        max_measure_bytes: u64,
-    ) -> Result<Self, EnforcementError> {
+    pub fn start(config: EnforcementConfig, data_dir: &Path, cgroup_root: &Path) -> Result<Self, EnforcementError> {
         let cgroups = config
             .protected_cgroups
             .iter()
@@ -320,13 +314,6 @@ impl Enforcement {
              cgroup_skb ingress/egress) and tp_btf process records; BPF LSM hooks are not used{}",
             if support.bpf_lsm { " (this kernel would allow them)" } else { " (this kernel refuses them)" }
         );
-        // The records the enforcement hooks read are the ones identities are derived from.
-        let monitor = crate::ebpf::Monitor::open_pinned(&config.pin_dir)?;
-        let resolver = Arc::new(Resolver::new(
-            monitor,
-            crate::process::measure::Measurer::new(max_measure_bytes),
-            cgroup_root.to_owned(),
-        ));
         let mut enforcer = enforcer;
         enforcer.set_audit_interval(Duration::from_millis(config.audit_interval_ms))?;
         let golden = match &config.golden_manifest {
@@ -354,7 +341,6 @@ impl Enforcement {
         Ok(Enforcement {
             config,
             enforcer,
-            resolver,
             golden,
             cgroups,
             policy: None,
@@ -373,9 +359,10 @@ impl Enforcement {
         self.mesh = Some(link);
     }
 
-    /// The resolver over the pinned records, for the Workload API to share.
-    pub fn resolver(&self) -> Arc<Resolver> {
-        self.resolver.clone()
+    /// A reader of the process records the pinned programs keep: the resolver identities
+    /// are derived with must read the same records the enforcement hooks read.
+    pub fn monitor(&self) -> Result<crate::ebpf::Monitor, EnforcementError> {
+        Ok(crate::ebpf::Monitor::open_pinned(&self.config.pin_dir)?)
     }
 
     /// The policy, re-read when the file changed. A file that does not parse keeps the
@@ -413,7 +400,7 @@ impl Enforcement {
     }
 
     /// Every process in the protected cgroups, identified from its kernel record.
-    fn scan(&self, snapshot: &Snapshot) -> Scan {
+    fn scan(&self, snapshot: &Snapshot, resolver: &Resolver) -> Scan {
         let mut out: HashMap<IdentityKey, u32> = HashMap::new();
         let mut scan = Scan::default();
         // Per namespace, its TCP listeners (read once per pass).
@@ -430,7 +417,9 @@ impl Enforcement {
                         scan.namespaces.entry(ns.inode).or_insert(ns);
                     }
                     let Ok(pidfd) = PidFd::open(pid) else { continue };
-                    let Ok(id) = self.resolver.identify(&pidfd) else { continue };
+                    // Not waiting for a binary being hashed: this process is picked up on
+                    // the round after its measurement finishes (or its deadline passes).
+                    let Ok(id) = resolver.identify_with(&pidfd, Wait::No) else { continue };
                     let Some(key) = key_of(&id) else { continue };
                     scan.processes.push((pid, pidfd, id.record.clone(), cg.id));
                     let Some(entry) = snapshot.matching(&id.selectors).into_iter().next() else { continue };
@@ -564,7 +553,7 @@ impl Enforcement {
 
     /// One round: identities, policy, local addresses and the node's lease into the kernel
     /// (only what changed; the lease every round while the node is attested).
-    pub fn sync(&mut self, snapshot: &Snapshot) -> Result<(), EnforcementError> {
+    pub fn sync(&mut self, snapshot: &Snapshot, resolver: &Resolver) -> Result<(), EnforcementError> {
         let attested = snapshot.node_attested;
         if attested {
             self.enforcer.set_lease(Duration::from_secs(self.config.node_lease_seconds))?;
@@ -609,7 +598,7 @@ impl Enforcement {
             }
             self.pushed.compiled_from = Some(inputs);
         }
-        let scan = self.scan(snapshot);
+        let scan = self.scan(snapshot, resolver);
         if self.pushed.addrs_at.is_none_or(|at| at.elapsed() >= ADDRS_EVERY) {
             let addrs = self.node_addresses(&scan.namespaces);
             if self.enforcer.set_local_addrs(&addrs)? {
@@ -777,7 +766,12 @@ impl Enforcement {
 
 /// Runs enforcement next to the identity plane: syncs every `every` and whenever the
 /// snapshot changes, and writes the audit log as drops arrive.
-pub async fn run(mut enforcement: Enforcement, mut snapshots: watch::Receiver<Arc<Snapshot>>, every: Duration) {
+pub async fn run(
+    mut enforcement: Enforcement,
+    resolver: Arc<Resolver>,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    every: Duration,
+) {
     let mut drops = match enforcement.enforcer.take_drop_events() {
         Ok(d) => Some(d),
         Err(e) => {
@@ -787,6 +781,7 @@ pub async fn run(mut enforcement: Enforcement, mut snapshots: watch::Receiver<Ar
     };
     let mut tick = tokio::time::interval(every);
     let mut remote = enforcement.mesh.as_ref().map(|m| m.remote.clone());
+    let mut measured = resolver.measurer().finished();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -797,6 +792,8 @@ pub async fn run(mut enforcement: Enforcement, mut snapshots: watch::Receiver<Ar
                     None => std::future::pending().await,
                 }
             } => if changed.is_err() { remote = None },
+            // A binary the last scan skipped while it was being hashed.
+            _ = measured.changed() => {}
             batch = async {
                 match &mut drops {
                     Some(d) => d.next_batch().await,
@@ -812,7 +809,7 @@ pub async fn run(mut enforcement: Enforcement, mut snapshots: watch::Receiver<Ar
         }
         let snapshot = snapshots.borrow_and_update().clone();
         // Identification reads /proc and hashes binaries: not on the async workers.
-        let result = tokio::task::block_in_place(|| enforcement.sync(&snapshot));
+        let result = tokio::task::block_in_place(|| enforcement.sync(&snapshot, &resolver));
         if let Err(e) = result {
             tracing::error!("enforcement sync failed (the kernel keeps the previous tables): {e}");
         }

@@ -28,8 +28,9 @@ const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 /// The default SETTINGS_MAX_FRAME_SIZE, which tonic does not raise.
 const MAX_FRAME: usize = 16_384;
-/// Refuse header blocks larger than this (a client cannot make the agent buffer without end).
-const MAX_BLOCK: usize = 1 << 20;
+/// Refuse header blocks larger than this (a client cannot make the agent buffer without end;
+/// a Workload API call's headers are a few hundred bytes).
+const MAX_BLOCK: usize = 64 << 10;
 
 /// HPACK integer with an `n`-bit prefix whose high bits are `first`.
 fn encode_int(out: &mut Vec<u8>, first: u8, n: u32, mut value: usize) {
@@ -105,6 +106,14 @@ impl Rewriter {
             }
             let len =
                 (usize::from(self.input[0]) << 16) | (usize::from(self.input[1]) << 8) | usize::from(self.input[2]);
+            // The server never raises SETTINGS_MAX_FRAME_SIZE: a larger frame is a protocol
+            // error (RFC 9113 4.2), and refusing it bounds what one connection makes the agent
+            // buffer to one frame.
+            if len > MAX_FRAME {
+                return Err(protocol_error(&format!(
+                    "a frame of {len} bytes exceeds SETTINGS_MAX_FRAME_SIZE {MAX_FRAME}"
+                )));
+            }
             if self.input.len() < FRAME_HEADER + len {
                 return Ok(());
             }
@@ -340,5 +349,27 @@ mod tests {
         let mut bad = PREFACE.to_vec();
         bad.extend(frame(HEADERS, END_HEADERS, 1, &[0xff, 0xff, 0xff, 0xff]));
         assert!(Rewriter::default().feed(&bad, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn a_client_cannot_make_the_agent_buffer_more_than_a_frame() {
+        // A frame header announcing 16 MiB is refused at once, before its payload arrives.
+        let mut big = PREFACE.to_vec();
+        big.extend_from_slice(&[0xff, 0xff, 0xff, 0x0, 0x0, 0, 0, 0, 1]);
+        let err = Rewriter::default().feed(&big, &mut Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("exceeds SETTINGS_MAX_FRAME_SIZE 16384"), "{err}");
+        // A header block continued past 64 KiB is refused.
+        let mut r = Rewriter::default();
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, &[0u8; 16_000]));
+        r.feed(&input, &mut Vec::new()).unwrap();
+        let mut failed = false;
+        for _ in 0..8 {
+            if r.feed(&frame(CONTINUATION, 0, 1, &[0u8; 16_000]), &mut Vec::new()).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "a 64 KiB+ header block was buffered");
     }
 }

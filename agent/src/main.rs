@@ -52,6 +52,10 @@ enum Command {
         /// Golden manifest (`path sha256` lines) to pre-measure and compare against.
         #[arg(long)]
         manifest: Option<PathBuf>,
+        /// The agent's config: its `[selectors]` (the container runtimes' cgroup roots) are
+        /// used, so `ps` shows the selectors the agent derives.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Write a golden manifest (`path sha256` lines) of the executables under a root file
     /// system, as an image builder would.
@@ -80,6 +84,9 @@ enum Command {
     /// Enforcement policy files: check one, or explain a flow's verdict.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// In-kernel enforcement outside a running agent.
+    #[command(subcommand)]
+    Enforce(EnforceCmd),
     /// Node tunnels: who is on the other end of a tunnelled connection.
     #[command(subcommand)]
     Tunnel(TunnelCmd),
@@ -97,6 +104,17 @@ enum TunnelCmd {
         peer: String,
         /// The connection's local address, IPv4:port (getsockname()).
         local: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum EnforceCmd {
+    /// End enforcement: detach every program a (dead or stopped) agent pinned under the
+    /// directory and remove its maps. Protected workloads' flows are then unchecked.
+    Stop {
+        /// The agent's `[enforcement] pin_dir`.
+        #[arg(long, default_value = "/sys/fs/bpf/tether/agent")]
+        pin_dir: PathBuf,
     },
 }
 
@@ -223,8 +241,12 @@ async fn real_main() -> Result<()> {
             Ok(())
         }
         Command::TraceExec { cgroup, json } => trace_exec(cgroup, json).await,
-        Command::Ps { cgroup, json, max_measure_bytes, manifest } => {
-            ps_command(&cgroup, json, max_measure_bytes, manifest.as_deref())
+        Command::Ps { cgroup, json, max_measure_bytes, manifest, config } => {
+            let selectors = match config {
+                Some(path) => tether_agent::config::AgentConfig::load(&path)?.selectors,
+                None => Default::default(),
+            };
+            ps_command(&cgroup, json, max_measure_bytes, manifest.as_deref(), selectors)
         }
         Command::Measure { dir, output, max_measure_bytes } => {
             measure_command(&dir, output.as_deref(), max_measure_bytes)
@@ -290,6 +312,12 @@ async fn real_main() -> Result<()> {
             if !answer.allowed {
                 std::process::exit(2);
             }
+            Ok(())
+        }
+        Command::Enforce(EnforceCmd::Stop { pin_dir }) => {
+            ebpf::Enforcer::detach_pinned(&pin_dir)
+                .with_context(|| format!("detaching the enforcement pinned under {}", pin_dir.display()))?;
+            println!("enforcement under {} detached", pin_dir.display());
             Ok(())
         }
         Command::Tpm(TpmCmd::Pcrs { tcti, name, bank, pcrs }) => {
@@ -360,7 +388,13 @@ async fn trace_exec(cgroup: Option<PathBuf>, json: bool) -> Result<()> {
     }
 }
 
-fn ps_command(cgroup: &Path, json: bool, max_bytes: u64, manifest_path: Option<&Path>) -> Result<()> {
+fn ps_command(
+    cgroup: &Path,
+    json: bool,
+    max_bytes: u64,
+    manifest_path: Option<&Path>,
+    selectors: tether_agent::process::selectors::SelectorConfig,
+) -> Result<()> {
     let cg = open_cgroup(cgroup)?;
     let monitor = ebpf::Monitor::start(ebpf::load()?, ebpf::TraceScope::Off)?;
     let measurer = Measurer::new(max_bytes);
@@ -375,7 +409,7 @@ fn ps_command(cgroup: &Path, json: bool, max_bytes: u64, manifest_path: Option<&
             "golden manifest pre-measured"
         );
     }
-    let resolver = Resolver::new(monitor, measurer, cgroup2_root()?);
+    let resolver = Resolver::with_selectors(monitor, measurer, cgroup2_root()?, selectors);
     let rows = ps(&resolver, &cg.path);
     let mut out = std::io::stdout().lock();
     for row in &rows {
@@ -447,13 +481,8 @@ async fn run_agent(config_path: &Path) -> Result<()> {
     // Enforcement first: it fails closed (pinned, re-adopted) before anything else runs.
     let enforcement = match &config.enforcement {
         Some(e) => Some(
-            tether_agent::enforcement::Enforcement::start(
-                e.clone(),
-                &config.data_dir,
-                &cgroup2_root()?,
-                config.max_measure_bytes,
-            )
-            .context("starting enforcement")?,
+            tether_agent::enforcement::Enforcement::start(e.clone(), &config.data_dir, &cgroup2_root()?)
+                .context("starting enforcement")?,
         ),
         None => None,
     };
@@ -464,13 +493,18 @@ async fn run_agent(config_path: &Path) -> Result<()> {
     if let (Some(e), Some(_)) = (&mut enforcement, &config.tunnel) {
         e.with_mesh(mesh_enforcement);
     }
-    let resolver = match &enforcement {
-        Some(e) => e.resolver(),
-        None => {
-            let monitor = ebpf::Monitor::start(ebpf::load()?, ebpf::TraceScope::Off)?;
-            std::sync::Arc::new(Resolver::new(monitor, Measurer::new(config.max_measure_bytes), cgroup2_root()?))
-        }
+    // One resolver for the Workload API and enforcement, over the records the enforcement
+    // hooks read when enforcement runs.
+    let monitor = match &enforcement {
+        Some(e) => e.monitor().context("opening the pinned process records")?,
+        None => ebpf::Monitor::start(ebpf::load()?, ebpf::TraceScope::Off)?,
     };
+    let resolver = std::sync::Arc::new(Resolver::with_selectors(
+        monitor,
+        Measurer::with_deadline(config.max_measure_bytes, std::time::Duration::from_millis(config.measure_deadline_ms)),
+        cgroup2_root()?,
+        config.selectors.clone(),
+    ));
     let manager = match Manager::start(config.clone()).await {
         Ok(m) => m,
         Err(e) => {
@@ -486,7 +520,7 @@ async fn run_agent(config_path: &Path) -> Result<()> {
     };
     if let Some(e) = enforcement {
         let every = std::time::Duration::from_millis(500);
-        tokio::spawn(tether_agent::enforcement::run(e, manager.subscribe(), every));
+        tokio::spawn(tether_agent::enforcement::run(e, resolver.clone(), manager.subscribe(), every));
     }
     let _tunnel = match (&config.tunnel, &config.enforcement) {
         (Some(t), Some(e)) => Some(
@@ -500,9 +534,17 @@ async fn run_agent(config_path: &Path) -> Result<()> {
         workload_api::bind(&config.socket_path).with_context(|| format!("binding {}", config.socket_path.display()))?;
     tracing::info!(SPIFFE_ENDPOINT_SOCKET = %config.endpoint(), "Workload API listening");
     println!("SPIFFE_ENDPOINT_SOCKET={}", config.endpoint());
+    let incoming = workload_api::incoming(
+        listener,
+        resolver.clone(),
+        workload_api::ConnLimits::new(config.max_connections_per_uid),
+    );
     tonic::transport::Server::builder()
+        // Bounds per connection: concurrent calls and streams.
+        .concurrency_limit_per_connection(workload_api::MAX_CALLS_PER_CONNECTION)
+        .max_concurrent_streams(Some(workload_api::MAX_CALLS_PER_CONNECTION as u32))
         .add_service(SpiffeWorkloadApiServer::new(workload_api::WorkloadApi::new(resolver, manager)))
-        .serve_with_incoming_shutdown(workload_api::incoming(listener), async {
+        .serve_with_incoming_shutdown(incoming, async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;

@@ -58,6 +58,8 @@ pub struct Snapshot {
     /// By entry id; only unexpired SVIDs.
     pub svids: HashMap<String, X509Svid>,
     pub bundle: Bundle,
+    /// The bundle's JWT authorities, parsed (once per bundle).
+    pub jwt: Arc<crate::identity::jwt::JwtAuthorities>,
     /// Whether the node holds a valid node SVID (attested).
     pub node_attested: bool,
     /// For each selector, the entries (indices into `entries`) that require it: a workload
@@ -78,7 +80,8 @@ impl Snapshot {
                 by_selector.entry(s.clone()).or_default().push(i);
             }
         }
-        Snapshot { entries, svids, bundle, node_attested, by_selector }
+        let jwt = crate::identity::jwt::JwtAuthorities::for_bundle(&bundle.trust_domain, &bundle.jwks);
+        Snapshot { entries, svids, bundle, jwt, node_attested, by_selector }
     }
 
     /// Entries whose selectors are all among the workload's, in a stable order.
@@ -99,12 +102,26 @@ impl Snapshot {
 
 pub struct Manager {
     config: AgentConfig,
-    session: Mutex<NodeSession>,
+    /// None until the server has been reached (a start while it was away).
+    session: Mutex<Option<NodeSession>>,
+    /// The node's TPM, opened once (the session is made again with it).
+    tpm: Option<crate::tpm::NodeTpm>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     jwt_cache: Mutex<HashMap<JwtKey, CachedJwt>>,
     /// Unix time of the next re-attestation (TPM nodes).
     next_reattest: Mutex<i64>,
+    /// Until the server is reached: when the node SVID held from before runs out (unix time;
+    /// 0 when none is held), and how long to wait before the next attempt.
+    held_node_until: std::sync::atomic::AtomicI64,
+    retry_in: std::sync::Mutex<Duration>,
+    /// The bundle last written to the data directory.
+    saved_bundle: std::sync::Mutex<Option<Bundle>>,
 }
+
+/// How long start-up waits for the server before serving what the node held.
+const FIRST_CONTACT: Duration = Duration::from_secs(5);
+/// The longest wait between attempts to reach an absent server.
+const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// (entry id, sorted audience)
 type JwtKey = (String, Vec<String>);
@@ -113,26 +130,77 @@ type JwtKey = (String, Vec<String>);
 type CachedJwt = (String, i64, i64);
 
 impl Manager {
+    /// Starts the identity plane of this node. The server is given [`FIRST_CONTACT`]; if it
+    /// cannot be reached, the agent serves the SVIDs it held before (until they expire) and
+    /// keeps trying with backoff — it never exits for an absent server. It does fail when the
+    /// server answers and refuses a node that holds nothing (a bad join token, say).
     pub async fn start(config: AgentConfig) -> Result<Arc<Self>, NodeError> {
-        let session = NodeSession::establish(&config).await?;
-        let snapshot = Snapshot::new(Vec::new(), HashMap::new(), session.bundle.clone(), true);
+        let tpm = match &config.tpm {
+            Some(t) => Some(crate::tpm::NodeTpm::open(t, &config.data_dir.join("tpm")).await?),
+            None => None,
+        };
+        // What this node held before: its node SVID, and (within the same boot, for a TPM
+        // node, whose state must be proved again after a reboot) its workload identities.
+        let held_node = crate::node_client::load_node_svid(&config.data_dir);
+        let held = held_node.as_ref().and_then(|_| crate::persist::load_identities(&config.data_dir, tpm.is_some()));
+        let saved_bundle = crate::persist::load_bundle(&config.data_dir, &config.trust_domain);
+        let bundle = saved_bundle.clone().unwrap_or_default();
+        let attempt = tokio::time::timeout(FIRST_CONTACT, NodeSession::establish_with(&config, tpm.clone())).await;
+        let (session, snapshot) = match attempt {
+            Ok(Ok(session)) => {
+                let (entries, svids) = held.unwrap_or_default();
+                let snapshot = Snapshot::new(entries, svids, session.bundle.clone(), true);
+                (Some(session), snapshot)
+            }
+            Ok(Err(e)) if !crate::node_client::unreachable(&e) && held.is_none() => return Err(e),
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {FIRST_CONTACT:?}"),
+                };
+                let attested = held.is_some();
+                let (entries, svids) = held.unwrap_or_default();
+                if attested {
+                    tracing::warn!(
+                        svids = svids.len(),
+                        "server unreachable at start ({why}): serving the SVIDs held before until they expire; \
+                         retrying"
+                    );
+                } else {
+                    tracing::warn!("server unreachable at start ({why}): nothing held to serve; retrying");
+                }
+                (None, Snapshot::new(entries, svids, bundle, attested))
+            }
+        };
+        let connected = session.is_some();
         let (tx, _) = watch::channel(Arc::new(snapshot));
         let manager = Arc::new(Manager {
             config,
             session: Mutex::new(session),
+            tpm,
             snapshot: tx,
             jwt_cache: Mutex::default(),
             next_reattest: Mutex::new(0),
+            held_node_until: std::sync::atomic::AtomicI64::new(held_node.map_or(0, |s| s.not_after)),
+            retry_in: std::sync::Mutex::new(Duration::from_secs(1)),
+            saved_bundle: std::sync::Mutex::new(saved_bundle),
         });
         manager.schedule_reattest().await;
-        manager.set_node_status(true, "");
-        if let Err(e) = manager.tick().await {
-            tracing::warn!("first sync failed: {e}");
+        manager.set_node_status(manager.current().node_attested, if connected { "" } else { "server unreachable" });
+        if connected {
+            if let Err(e) = manager.tick().await {
+                tracing::warn!("first sync failed: {e}");
+            }
         }
         let m = manager.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(m.config.sync_interval_seconds)).await;
+                let wait = if m.session.lock().await.is_some() {
+                    Duration::from_secs(m.config.sync_interval_seconds)
+                } else {
+                    *m.retry_in.lock().unwrap_or_else(|p| p.into_inner())
+                };
+                tokio::time::sleep(wait).await;
                 if let Err(e) = m.tick().await {
                     tracing::warn!("sync with the server failed (serving cached SVIDs until they expire): {e}");
                     m.drop_expired();
@@ -166,7 +234,39 @@ impl Manager {
     /// the server accepts it again (a TPM node whose evidence passes again; a join-token node
     /// only with a new token).
     pub async fn tick(&self) -> Result<(), NodeError> {
-        let mut session = self.session.lock().await;
+        let mut guard = self.session.lock().await;
+        if guard.is_none() {
+            match NodeSession::establish_with(&self.config, self.tpm.clone()).await {
+                Ok(session) => {
+                    tracing::info!(node = %session.node_svid.spiffe_id, "server reached: node attested");
+                    *guard = Some(session);
+                    *self.retry_in.lock().unwrap_or_else(|p| p.into_inner()) = Duration::from_secs(1);
+                    self.held_node_until.store(0, std::sync::atomic::Ordering::Relaxed);
+                    self.mark_attested();
+                }
+                Err(e) if crate::node_client::unreachable(&e) => {
+                    let retry = {
+                        let mut r = self.retry_in.lock().unwrap_or_else(|p| p.into_inner());
+                        *r = (*r * 2).min(MAX_RETRY);
+                        *r
+                    };
+                    let held = self.held_node_until.load(std::sync::atomic::Ordering::Relaxed);
+                    if self.current().node_attested && held <= now() {
+                        self.withdraw(&format!("node SVID expired while the server was unreachable ({e})")).await;
+                    }
+                    tracing::warn!(
+                        svids = self.current().svids.len(),
+                        "server still unreachable; next attempt in {retry:?}"
+                    );
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.withdraw(&e.to_string()).await;
+                    return Err(e);
+                }
+            }
+        }
+        let Some(session) = guard.as_mut() else { return Ok(()) };
         if !self.current().node_attested {
             if now() < *self.next_reattest.lock().await {
                 return Ok(());
@@ -174,9 +274,9 @@ impl Manager {
             self.schedule_reattest().await;
             session.reestablish(&self.config).await?;
             tracing::info!(node = %session.node_svid.spiffe_id, "node attested again");
-            self.set_node_status(true, "");
+            self.mark_attested();
         }
-        match self.tick_attested(&mut session).await {
+        match self.tick_attested(session).await {
             Err(NodeError::Status(s)) if node_refused(&s) => {
                 self.withdraw(s.message()).await;
                 Err(NodeError::Status(s))
@@ -191,6 +291,15 @@ impl Manager {
         }
     }
 
+    fn mark_attested(&self) {
+        self.set_node_status(true, "");
+        if !self.current().node_attested {
+            let mut next = (*self.current()).clone();
+            next.node_attested = true;
+            self.snapshot.send_replace(Arc::new(next));
+        }
+    }
+
     /// The node is not attested: workload SVIDs are withdrawn at once (and, through the
     /// snapshot, the kernel's lease ends).
     async fn withdraw(&self, reason: &str) {
@@ -202,6 +311,8 @@ impl Manager {
         next.node_attested = false;
         self.snapshot.send_replace(Arc::new(next));
         self.jwt_cache.lock().await.clear();
+        // A restart must not serve them again.
+        crate::persist::forget_identities(&self.config.data_dir);
     }
 
     async fn schedule_reattest(&self) {
@@ -266,7 +377,19 @@ impl Manager {
             || next.entries != cur.entries
             || next.svids.len() != cur.svids.len()
             || next.svids.iter().any(|(k, v)| cur.svids.get(k).is_none_or(|c| c.chain != v.chain));
+        {
+            let mut saved = self.saved_bundle.lock().unwrap_or_else(|p| p.into_inner());
+            if saved.as_ref() != Some(&next.bundle) && !next.bundle.x509_authorities.is_empty() {
+                match crate::persist::save_bundle(&self.config.data_dir, &next.bundle) {
+                    Ok(()) => *saved = Some(next.bundle.clone()),
+                    Err(e) => tracing::warn!("the new bundle was not persisted (a restart trusts an older one): {e}"),
+                }
+            }
+        }
         if changed {
+            if let Err(e) = crate::persist::save_identities(&self.config.data_dir, &next.entries, &next.svids) {
+                tracing::warn!("identities not persisted (a restart while the server is away serves older ones): {e}");
+            }
             self.snapshot.send_replace(Arc::new(next));
         }
         Ok(())
@@ -284,7 +407,10 @@ impl Manager {
                 return Ok(token.clone());
             }
         }
-        let token = self.session.lock().await.mint_jwt(entry_id, audience).await?;
+        let token = match self.session.lock().await.as_mut() {
+            Some(session) => session.mint_jwt(entry_id, audience).await?,
+            None => return Err(NodeError::Away),
+        };
         let exp = crate::workload_api::jwt_claims(&token).and_then(|c| c["exp"].as_i64()).unwrap_or(now);
         let mut cache = self.jwt_cache.lock().await;
         // Audiences are chosen by workloads: drop expired tokens so the cache cannot grow
@@ -297,15 +423,18 @@ impl Manager {
 
 // ---- For the node tunnel (agent/src/tunnel): the node's credential and its registry call.
 impl Manager {
-    /// The node SVID and key the node holds now: the tunnel proves with it which node a
-    /// workload's tunnel comes from.
-    pub async fn node_svid(&self) -> X509Svid {
-        self.session.lock().await.node_svid.clone()
+    /// The node SVID and key the node holds now (None before the server was first
+    /// reached): the tunnel proves with it which node a workload's tunnel comes from.
+    pub async fn node_svid(&self) -> Option<X509Svid> {
+        self.session.lock().await.as_ref().map(|s| s.node_svid.clone())
     }
 
     /// Registers the node's tunnel with the server and learns the other nodes' tunnels.
     pub async fn sync_tunnels(&self, req: node::TunnelSyncRequest) -> Result<node::TunnelSyncResponse, NodeError> {
-        self.session.lock().await.sync_tunnels(req).await
+        match self.session.lock().await.as_mut() {
+            Some(session) => session.sync_tunnels(req).await,
+            None => Err(NodeError::Away),
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use tether_attestors::{join_token, pem};
 use tether_proto::node::{self, node_client::NodeClient};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::{
     config::AgentConfig,
@@ -14,12 +14,10 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
-    #[error("connecting to the server at {addr}: {source}")]
-    Connect {
-        addr: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+    #[error("connecting to the server at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("node API TLS: {0}")]
+    Tls(String),
     #[error("server refused: {0}")]
     Status(#[from] tonic::Status),
     #[error("{0}")]
@@ -36,6 +34,8 @@ pub enum NodeError {
     Tpm(#[from] crate::tpm::TpmError),
     #[error("the server answered without a bundle")]
     NoBundle,
+    #[error("the server has not been reached since the agent started (JWT-SVIDs are minted there)")]
+    Away,
 }
 
 /// The trust bundle: DER roots, and the JWKS for JWT authorities.
@@ -63,15 +63,59 @@ impl Bundle {
     }
 }
 
-async fn channel(config: &AgentConfig, roots_pem: &str, identity: Option<&X509Svid>) -> Result<Channel, NodeError> {
-    let mut tls =
-        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(roots_pem)).domain_name(config.server_name.clone());
-    if let Some(svid) = identity {
-        tls = tls.identity(Identity::from_pem(svid.chain_pem(), svid.key_pem()));
+/// How long a TCP connection and TLS handshake to the node API may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An mTLS channel to the node API: the server must present `spiffe://<td>/tether/server`
+/// (or `server_spiffe_id`) under `roots` ([`crate::server_tls`]).
+async fn channel(config: &AgentConfig, roots: &[Vec<u8>], identity: Option<&X509Svid>) -> Result<Channel, NodeError> {
+    let addr = config.server_address.clone();
+    let expected = config.server_id().map_err(|e| NodeError::Tls(e.to_string()))?;
+    let tls = crate::server_tls::client_config(
+        roots,
+        &expected,
+        identity.map(|svid| (svid.chain.as_slice(), svid.key_pkcs8.as_slice())),
+    )
+    .map_err(|e| NodeError::Tls(e.to_string()))?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let sni = rustls::pki_types::ServerName::try_from(config.server_name.clone())
+        .map_err(|e| NodeError::Tls(format!("server_name {:?}: {e}", config.server_name)))?;
+    let target = addr.clone();
+    let connect = tower::service_fn(move |_: http::Uri| {
+        let (connector, sni, target) = (connector.clone(), sni.clone(), target.clone());
+        async move {
+            // A server that never answers must not hold the agent (its Workload API serves
+            // meanwhile, but start-up and retries wait on this).
+            let handshake = async {
+                let tcp = tokio::net::TcpStream::connect(&target).await?;
+                tcp.set_nodelay(true)?;
+                connector.connect(sni, tcp).await
+            };
+            let tls = tokio::time::timeout(CONNECT_TIMEOUT, handshake).await.map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no TLS session within {CONNECT_TIMEOUT:?}"))
+            })??;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    // The scheme is http: TLS is the connector's, with the verifier above.
+    let uri = format!("http://{addr}");
+    let err = |source: tonic::transport::Error| NodeError::Connect { addr: addr.clone(), reason: chain(&source) };
+    Endpoint::from_shared(uri).map_err(err)?.connect_with_connector(connect).await.map_err(err)
+}
+
+/// An error and its sources, one line (a refused server certificate sits three deep).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        next = cause.source();
     }
-    let addr = format!("https://{}", config.server_address);
-    let err = |source| NodeError::Connect { addr: addr.clone(), source };
-    Endpoint::from_shared(addr.clone()).map_err(err)?.tls_config(tls).map_err(err)?.connect().await.map_err(err)
+    s
 }
 
 /// A node attested to the server, holding its node SVID.
@@ -99,8 +143,34 @@ fn node_client(channel: Channel) -> NodeClient<Channel> {
     NodeClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES)
 }
 
+/// Whether an error means the server could not be reached (retry later), rather than that
+/// it answered and refused.
+pub fn unreachable(e: &NodeError) -> bool {
+    match e {
+        NodeError::Connect { .. } | NodeError::Away => true,
+        NodeError::Status(s) => {
+            matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)
+        }
+        _ => false,
+    }
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, NodeError> {
     std::fs::read(path).map_err(|source| NodeError::Io { path: path.display().to_string(), source })
+}
+
+/// The DER certificates of a PEM bundle file.
+fn pem_roots(path: &Path) -> Result<Vec<Vec<u8>>, NodeError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let text = read(path)?;
+    let roots = CertificateDer::pem_slice_iter(&text)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| NodeError::Tls(format!("{}: {e}", path.display())))?;
+    if roots.is_empty() {
+        return Err(NodeError::Tls(format!("{}: no CERTIFICATE in it", path.display())));
+    }
+    Ok(roots)
 }
 
 fn save_node_svid(dir: &Path, svid: &X509Svid) -> std::io::Result<()> {
@@ -116,7 +186,8 @@ fn save_node_svid(dir: &Path, svid: &X509Svid) -> std::io::Result<()> {
     Ok(())
 }
 
-fn load_node_svid(dir: &Path) -> Option<X509Svid> {
+/// The stored node SVID, if it is still valid for 30 s.
+pub fn load_node_svid(dir: &Path) -> Option<X509Svid> {
     let path = dir.join("node-svid.der");
     let chain = std::fs::read(&path).ok()?;
     let key = std::fs::read(dir.join("node-key.der")).ok()?;
@@ -141,8 +212,14 @@ impl NodeSession {
         Self::establish_with(config, tpm).await
     }
 
-    async fn establish_with(config: &AgentConfig, tpm: Option<NodeTpm>) -> Result<Self, NodeError> {
-        let roots = String::from_utf8_lossy(&read(&config.trust_bundle_path)?).into_owned();
+    /// As [`NodeSession::establish`], with the node's TPM already open. The server is
+    /// trusted with the latest bundle it sent (kept in `data_dir`), else with the bootstrap
+    /// bundle file.
+    pub async fn establish_with(config: &AgentConfig, tpm: Option<NodeTpm>) -> Result<Self, NodeError> {
+        let roots = match crate::persist::load_bundle(&config.data_dir, &config.trust_domain) {
+            Some(b) => b.x509_authorities,
+            None => pem_roots(&config.trust_bundle_path)?,
+        };
         // A TPM node proves its state on every start: a stored node SVID is not enough.
         if let Some(svid) = load_node_svid(&config.data_dir).filter(|_| tpm.is_none()) {
             let mut session = NodeSession {
@@ -195,8 +272,13 @@ impl NodeSession {
             tracing::warn!("node SVID not persisted: {e}");
         }
         tracing::info!(node = %node_svid.spiffe_id, selectors = ?resp.node_selectors, "node attested");
-        let client = node_client(channel(config, &bundle.pem(), Some(&node_svid)).await?);
+        let client = node_client(channel(config, &bundle.x509_authorities, Some(&node_svid)).await?);
         Ok(NodeSession { node_svid, bundle, node_selectors: resp.node_selectors, client, tpm })
+    }
+
+    /// The node's TPM, when it attests with one.
+    pub fn tpm(&self) -> Option<&NodeTpm> {
+        self.tpm.as_ref()
     }
 
     /// Attests from scratch with the same TPM (after the server revoked the node).
@@ -239,7 +321,7 @@ impl NodeSession {
         if let Err(e) = save_node_svid(&config.data_dir, &self.node_svid) {
             tracing::warn!("node SVID not persisted: {e}");
         }
-        self.client = node_client(channel(config, &self.bundle.pem(), Some(&self.node_svid)).await?);
+        self.client = node_client(channel(config, &self.bundle.x509_authorities, Some(&self.node_svid)).await?);
         tracing::info!(not_after = self.node_svid.not_after, "node SVID renewed");
         Ok(())
     }

@@ -1,7 +1,10 @@
 //! The SPIFFE Workload API on a Unix socket. The caller is identified out of band: the
-//! pidfd of the process that connected (SO_PEERPIDFD, taken at accept) is resolved against
-//! the kernel's record at every call, so an exec after connect is seen, and a PID reused
-//! after the caller exits is never mistaken for it.
+//! connection's identity is fixed when it is accepted — the pidfd of the process that
+//! connected (SO_PEERPIDFD) and the kernel's record of that process then. Every call checks
+//! that the process is still the one that connected (same exec, executable, ids and cgroup):
+//! one that has since exec'd, changed credentials, moved or exited is refused
+//! (PermissionDenied), and its open streams end. A fresh connection is identified afresh.
+//! A PID reused after the caller exits is never mistaken for it (the pidfd cannot be).
 
 use std::{
     collections::HashMap,
@@ -21,35 +24,134 @@ use tonic::{transport::server::Connected, Request, Response, Status};
 use crate::{
     h2_authority::FixAuthority,
     manager::{Manager, Snapshot},
-    process::{caller::IdentityError, pidfd::PidFd},
-    svid::now,
+    process::{caller::IdentityError, pidfd::PidFd, Record},
 };
 
-/// Resolves a caller's selectors from its pidfd. The real one is `process::caller::Resolver`;
-/// unit tests use a fake.
+/// Resolves a caller from its pidfd. The real one is `process::caller::Resolver`; unit
+/// tests use a fake.
 pub trait SelectorSource: Send + Sync + 'static {
-    fn selectors(&self, pidfd: &PidFd) -> Result<Vec<Selector>, IdentityError>;
+    /// The kernel's record of the process now (cheap: one map lookup).
+    fn record(&self, pidfd: &PidFd) -> Option<Record>;
+    /// The process's identity: its record and its selectors (blocking work: /proc, maybe a
+    /// hash).
+    fn identify(&self, pidfd: &PidFd) -> Result<(Record, Vec<Selector>), IdentityError>;
     /// A cheap answer when one is at hand (no blocking work); None sends the caller to
-    /// [`SelectorSource::selectors`] on a blocking thread.
-    fn selectors_fast(&self, _pidfd: &PidFd) -> Option<Vec<Selector>> {
+    /// [`SelectorSource::identify`] on a blocking thread.
+    fn identify_fast(&self, _pidfd: &PidFd) -> Option<(Record, Vec<Selector>)> {
         None
     }
 }
 
 impl SelectorSource for crate::process::caller::Resolver {
-    fn selectors(&self, pidfd: &PidFd) -> Result<Vec<Selector>, IdentityError> {
-        self.identify(pidfd).map(|id| id.selectors)
+    fn record(&self, pidfd: &PidFd) -> Option<Record> {
+        self.record(pidfd).ok().flatten()
     }
-    fn selectors_fast(&self, pidfd: &PidFd) -> Option<Vec<Selector>> {
-        self.identify_cached(pidfd).map(|id| id.selectors)
+    fn identify(&self, pidfd: &PidFd) -> Result<(Record, Vec<Selector>), IdentityError> {
+        self.identify(pidfd).map(|id| (id.record, id.selectors))
+    }
+    fn identify_fast(&self, pidfd: &PidFd) -> Option<(Record, Vec<Selector>)> {
+        self.identify_cached(pidfd).map(|id| (id.record, id.selectors))
     }
 }
 
-/// The peer of one accepted connection.
-#[derive(Clone)]
-pub struct Peer(pub Option<Arc<PidFd>>);
+/// The facts of a record that make an identity: a process whose record differs in any of
+/// them is not the one that connected.
+fn same_process(a: &Record, b: &Record) -> bool {
+    (a.tgid, a.exec_ktime_ns, a.exe, a.uid, a.euid, a.gid, a.egid, a.cgroup_id)
+        == (b.tgid, b.exec_ktime_ns, b.exe, b.uid, b.euid, b.gid, b.egid, b.cgroup_id)
+}
 
-/// An accepted Workload API connection, carrying its peer's pidfd. Reads go through
+/// What the agent fixed about a connection's peer when it accepted it.
+pub struct ConnPeer {
+    pub pidfd: PidFd,
+    /// The kernel's record of the peer at accept.
+    pub accepted: Record,
+    /// The connection's slot in its uid's connection count, given back when it closes.
+    _slot: UidSlot,
+}
+
+impl ConnPeer {
+    /// The peer is still the process that connected: same exec, executable, ids and
+    /// cgroup, and alive.
+    fn check(&self, now: Option<&Record>) -> Result<(), Status> {
+        match now {
+            Some(r) if same_process(r, &self.accepted) => Ok(()),
+            Some(_) => Err(Status::permission_denied(
+                "the process that opened this connection has since exec'd, changed its credentials or moved \
+                 cgroup: it is not who connected; reconnect to be identified afresh",
+            )),
+            None => Err(Status::permission_denied("the process that opened this connection has exited")),
+        }
+    }
+}
+
+/// The peer of one accepted connection (None: it could not be identified at accept).
+#[derive(Clone)]
+pub struct Peer(pub Option<Arc<ConnPeer>>);
+
+/// Open Workload API connections per uid, bounded: a uid past the limit gets its new
+/// connections closed (and a warning in the log) until some close.
+pub struct ConnLimits {
+    max_per_uid: usize,
+    open: std::sync::Mutex<HashMap<u32, usize>>,
+}
+
+impl ConnLimits {
+    pub fn new(max_per_uid: usize) -> Arc<Self> {
+        Arc::new(ConnLimits { max_per_uid, open: Default::default() })
+    }
+
+    fn take(self: &Arc<Self>, uid: u32) -> Option<UidSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(uid).or_default();
+        if *n >= self.max_per_uid {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot { limits: self.clone(), uid })
+    }
+}
+
+/// One counted connection of a uid.
+struct UidSlot {
+    limits: Arc<ConnLimits>,
+    uid: u32,
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// The effective uid and gid of the peer when it connected (SO_PEERCRED).
+fn peer_cred(socket: std::os::fd::BorrowedFd<'_>) -> std::io::Result<(u32, u32)> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len point to valid storage of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((cred.uid, cred.gid))
+}
+
+/// An accepted Workload API connection, carrying its peer. Reads go through
 /// [`FixAuthority`] so grpc-core clients (Python, Java) are understood.
 pub struct Conn {
     stream: FixAuthority<tokio::net::UnixStream>,
@@ -57,20 +159,50 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(stream: tokio::net::UnixStream) -> Self {
+    /// Fixes the connection's identity: the peer's pidfd and its kernel record now, which
+    /// must still show the credentials it connected with (a setuid exec between its connect
+    /// and this accept is caught). None when the peer's uid has too many connections open.
+    pub fn accept<S: SelectorSource>(
+        stream: tokio::net::UnixStream,
+        source: &S,
+        limits: &Arc<ConnLimits>,
+    ) -> Option<Self> {
         use std::os::fd::AsFd;
-        let peer = match PidFd::from_peer(stream.as_fd()) {
-            Ok(pidfd) => {
-                tracing::debug!(pid = ?pidfd.pid(), "workload API connection accepted");
-                Some(Arc::new(pidfd))
+        let peer = match (PidFd::from_peer(stream.as_fd()), peer_cred(stream.as_fd())) {
+            (Ok(pidfd), Ok((uid, gid))) => {
+                tracing::debug!(pid = ?pidfd.pid(), uid, "workload API connection accepted");
+                let Some(slot) = limits.take(uid) else {
+                    tracing::warn!(
+                        uid,
+                        limit = limits.max_per_uid,
+                        "workload API connection closed: this uid has too many open"
+                    );
+                    return None;
+                };
+                match source.record(&pidfd) {
+                    Some(accepted) if accepted.euid == uid && accepted.egid == gid => {
+                        Some(Arc::new(ConnPeer { pidfd, accepted, _slot: slot }))
+                    }
+                    Some(r) => {
+                        tracing::warn!(
+                            pid = r.tgid,
+                            "caller not identified: its credentials changed between its connect and the accept"
+                        );
+                        None
+                    }
+                    None => {
+                        tracing::warn!("caller not identified: the kernel has no record of it");
+                        None
+                    }
+                }
             }
-            Err(e) => {
+            (Err(e), _) | (_, Err(e)) => {
                 tracing::debug!("workload API connection accepted");
-                tracing::warn!("caller not identifiable: SO_PEERPIDFD failed: {e}");
+                tracing::warn!("caller not identifiable: SO_PEERPIDFD/SO_PEERCRED failed: {e}");
                 None
             }
         };
-        Conn { stream: FixAuthority::new(stream), peer: Peer(peer) }
+        Some(Conn { stream: FixAuthority::new(stream), peer: Peer(peer) })
     }
 }
 
@@ -99,19 +231,17 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// Accepted connections of a Unix listener, each wrapped with its peer.
-pub fn incoming(listener: tokio::net::UnixListener) -> impl Stream<Item = std::io::Result<Conn>> {
-    tokio_stream::wrappers::UnixListenerStream::new(listener).map_conn()
-}
-
-trait MapConn {
-    fn map_conn(self) -> impl Stream<Item = std::io::Result<Conn>>;
-}
-
-impl<S: Stream<Item = std::io::Result<tokio::net::UnixStream>>> MapConn for S {
-    fn map_conn(self) -> impl Stream<Item = std::io::Result<Conn>> {
-        tokio_stream::StreamExt::map(self, |r| r.map(Conn::new))
-    }
+/// Accepted connections of a Unix listener, each wrapped with its peer as of the accept;
+/// connections over their uid's limit are closed at once.
+pub fn incoming<S: SelectorSource>(
+    listener: tokio::net::UnixListener,
+    source: Arc<S>,
+    limits: Arc<ConnLimits>,
+) -> impl Stream<Item = std::io::Result<Conn>> {
+    tokio_stream::StreamExt::filter_map(tokio_stream::wrappers::UnixListenerStream::new(listener), move |r| match r {
+        Ok(stream) => Conn::accept(stream, &*source, &limits).map(Ok),
+        Err(e) => Some(Err(e)),
+    })
 }
 
 pub struct WorkloadApi<S> {
@@ -134,18 +264,43 @@ fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
-/// The caller's selectors, resolved now (blocking work: record lookup, maybe a hash).
-async fn caller_selectors<S: SelectorSource, T>(source: &Arc<S>, req: &Request<T>) -> Result<Vec<Selector>, Status> {
-    let peer = req
-        .extensions()
+/// The connection's peer, as fixed at accept.
+fn conn_peer<T>(req: &Request<T>) -> Result<Arc<ConnPeer>, Status> {
+    req.extensions()
         .get::<Peer>()
         .and_then(|p| p.0.clone())
-        .ok_or_else(|| Status::permission_denied("caller could not be identified"))?;
-    let source = source.clone();
-    tokio::task::spawn_blocking(move || source.selectors(&peer))
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(|e| Status::permission_denied(format!("caller could not be identified: {e}")))
+        .ok_or_else(|| Status::permission_denied("caller could not be identified when it connected"))
+}
+
+/// The selectors of the process that opened the connection, provided it still is that
+/// process (cheap when its identity was derived moments ago; else blocking work on a
+/// blocking thread).
+async fn peer_selectors<S: SelectorSource>(source: &Arc<S>, peer: &Arc<ConnPeer>) -> Result<Vec<Selector>, Status> {
+    // One map lookup first: a peer that is no longer who connected is refused before any
+    // work is done for it (measuring a binary it exec'd since, say).
+    peer.check(source.record(&peer.pidfd).as_ref())?;
+    let (record, selectors) = match source.identify_fast(&peer.pidfd) {
+        Some(id) => id,
+        None => {
+            let (source, p) = (source.clone(), peer.clone());
+            tokio::task::spawn_blocking(move || source.identify(&p.pidfd))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| match e {
+                    IdentityError::Exited => {
+                        Status::permission_denied("the process that opened this connection has exited")
+                    }
+                    e => Status::permission_denied(format!("caller could not be identified: {e}")),
+                })?
+        }
+    };
+    peer.check(Some(&record))?;
+    Ok(selectors)
+}
+
+/// The caller's selectors, as fixed for its connection.
+async fn caller_selectors<S: SelectorSource, T>(source: &Arc<S>, req: &Request<T>) -> Result<Vec<Selector>, Status> {
+    peer_selectors(source, &conn_peer(req)?).await
 }
 
 fn td_key(snapshot: &Snapshot) -> String {
@@ -188,6 +343,12 @@ fn jwt_jwks(snapshot: &Snapshot) -> Vec<u8> {
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Calls (and streams) one Workload API connection may have in flight at once.
+pub const MAX_CALLS_PER_CONNECTION: usize = 32;
+
+/// How often an open stream checks that its peer is still the process that connected.
+const STREAM_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 type Make<T> = fn(&Snapshot, &[Selector]) -> Result<Option<T>, Status>;
 
 /// Opens a stream: the handler computes the first message from the snapshot it borrowed from
@@ -200,33 +361,44 @@ async fn open_stream<S: SelectorSource, T: Send + 'static, R>(
     make: Make<T>,
 ) -> Result<Stream2<T>, Status> {
     check_header(req)?;
-    let selectors = caller_selectors(&api.selectors, req).await?;
+    let peer = conn_peer(req)?;
+    let selectors = peer_selectors(&api.selectors, &peer).await?;
     let mut rx = api.manager.subscribe();
     let snapshot = rx.borrow_and_update().clone();
     let first = make(&snapshot, &selectors)?
         .ok_or_else(|| Status::unavailable("SVIDs for this caller are not issued yet; retry"))?;
-    let peer = req.extensions().get::<Peer>().cloned().unwrap_or(Peer(None));
     let source = api.selectors.clone();
     let (tx, out) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         let mut next = Some(first);
+        // The peer is checked again at least this often: a stream whose peer exec'd or exited
+        // ends even when nothing else changes.
+        let mut recheck = tokio::time::interval(STREAM_RECHECK);
+        recheck.tick().await;
         loop {
             if let Some(msg) = next.take() {
                 if tx.send(Ok(msg)).await.is_err() {
                     break;
                 }
             }
-            tokio::select! {
-                changed = rx.changed() => if changed.is_err() { break },
+            let changed = tokio::select! {
+                changed = rx.changed() => if changed.is_err() { break } else { true },
+                _ = recheck.tick() => false,
                 _ = tx.closed() => break,
+            };
+            if !changed {
+                // One map lookup: is the peer still the process that connected?
+                if let Err(status) = peer.check(source.record(&peer.pidfd).as_ref()) {
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
+                continue;
             }
             let snapshot = rx.borrow_and_update().clone();
-            let Some(pidfd) = peer.0.clone() else { break };
-            let src = source.clone();
-            let selectors = match tokio::task::spawn_blocking(move || src.selectors(&pidfd)).await {
-                Ok(Ok(s)) => s,
-                _ => {
-                    let _ = tx.send(Err(Status::permission_denied("caller is no longer identifiable"))).await;
+            let selectors = match peer_selectors(&source, &peer).await {
+                Ok(s) => s,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
                     break;
                 }
             };
@@ -299,62 +471,10 @@ fn json_to_prost(v: &serde_json::Value) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
-/// Verifies a JWT-SVID against the bundle's JWT authorities. In order, each with its own
-/// reason: a compact JWS of base64url JSON; a `sub` that is a SPIFFE ID of this trust domain
-/// (the agent holds no other trust domain's bundle); `alg` ES256 (what this trust domain's
-/// authorities sign with; `none` and HMAC never); `typ`, if present, JWT or JOSE; a `kid` of
-/// the bundle; the signature; the audience; the expiry.
+/// Verifies a JWT-SVID against the snapshot's JWT authorities
+/// ([`crate::identity::jwt::JwtAuthorities::validate`]).
 pub fn validate_jwt(snapshot: &Snapshot, token: &str, audience: &str) -> Result<(SpiffeId, serde_json::Value), String> {
-    let parts: Vec<&str> = token.split('.').collect();
-    let [h, p, s] = parts[..] else { return Err("malformed: not a compact JWS (header.claims.signature)".into()) };
-    let json = |what: &str, part: &str| -> Result<serde_json::Value, String> {
-        let bytes = B64URL.decode(part).map_err(|_| format!("malformed: the {what} is not base64url"))?;
-        serde_json::from_slice(&bytes).map_err(|_| format!("malformed: the {what} is not JSON"))
-    };
-    let header = json("header", h)?;
-    let claims = json("claims", p)?;
-    let sub = claims["sub"].as_str().ok_or("malformed: no sub claim")?;
-    let sub = SpiffeId::parse(sub).map_err(|e| format!("sub {sub:?} is not a SPIFFE ID: {e}"))?;
-    if sub.trust_domain() != snapshot.bundle.trust_domain {
-        return Err(format!(
-            "sub {sub} is of trust domain {}; this agent holds the bundle of trust domain {} only",
-            sub.trust_domain(),
-            snapshot.bundle.trust_domain
-        ));
-    }
-    if header["alg"] != "ES256" {
-        return Err(format!("alg {} is not allowed (this trust domain signs JWT-SVIDs with ES256)", header["alg"]));
-    }
-    if !matches!(header.get("typ").map(|t| t.as_str()), None | Some(Some("JWT" | "JOSE"))) {
-        return Err(format!("typ {} is neither JWT nor JOSE", header["typ"]));
-    }
-    let kid = header["kid"].as_str().ok_or("no kid in the header")?;
-    let doc: serde_json::Value = serde_json::from_slice(&snapshot.bundle.jwks).unwrap_or_default();
-    let key = doc["keys"]
-        .as_array()
-        .and_then(|keys| keys.iter().find(|k| k["kid"] == kid && k["use"] == "jwt-svid"))
-        .ok_or_else(|| format!("unknown kid {kid:?}: no JWT authority of the bundle has it"))?;
-    let coord = |c: &str| B64URL.decode(key[c].as_str().unwrap_or_default()).map_err(|_| "bad key".to_string());
-    let mut point = vec![4u8];
-    point.extend(coord("x")?);
-    point.extend(coord("y")?);
-    let sig = B64URL.decode(s).map_err(|_| "malformed: the signature is not base64url")?;
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, &point)
-        .verify(format!("{h}.{p}").as_bytes(), &sig)
-        .map_err(|_| "signature does not verify".to_string())?;
-    let aud_ok = match &claims["aud"] {
-        serde_json::Value::String(a) => a == audience,
-        serde_json::Value::Array(a) => a.iter().any(|x| x == audience),
-        _ => false,
-    };
-    if !aud_ok {
-        return Err(format!("audience {audience:?} is not in the token's aud {}", claims["aud"]));
-    }
-    let exp = claims["exp"].as_i64().ok_or("malformed: no exp claim")?;
-    if exp <= now() {
-        return Err(format!("token expired at {exp} (unix time)"));
-    }
-    Ok((sub, claims))
+    snapshot.jwt.validate(token, audience)
 }
 
 #[tonic::async_trait]
@@ -486,6 +606,7 @@ mod tests {
 
     use super::*;
     use crate::node_client::Bundle;
+    use crate::svid::now;
 
     struct Signer {
         key: EcdsaKeyPair,

@@ -144,7 +144,7 @@ pub fn run(args: &Args) -> Result<()> {
         let (id, _) = measurer.measure_path(&path)?;
         cold.push(plain, t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        measurer.measure_process(&me, std::process::id(), &id);
+        measurer.measure_process(&me, std::process::id(), &id, measure::Wait::Deadline);
         warm_ns.push(t.elapsed().as_nanos() as f64);
     }
     cold.print();

@@ -139,6 +139,17 @@ impl CgroupGuard {
         cmd.output().map_err(|source| SandboxError::Io { op: "running a command in", path: self.path.clone(), source })
     }
 
+    /// Every cgroup below `path`, parents before children.
+    fn below(path: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = fs::read_dir(path) else { return };
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.push(e.path());
+                Self::below(&e.path(), out);
+            }
+        }
+    }
+
     fn pids(path: &Path) -> Vec<i32> {
         fs::read_to_string(path.join("cgroup.procs"))
             .unwrap_or_default()
@@ -159,7 +170,18 @@ impl Drop for CgroupGuard {
             }
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        while fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+        // Child cgroups made inside it (a delegated user's, in the attack tests) go first,
+        // deepest first: a cgroup with children cannot be removed.
+        let mut dirs = Vec::new();
+        Self::below(&self.path, &mut dirs);
+        for dir in dirs.iter().rev() {
+            let _ = fs::remove_dir(dir);
+        }
+        let gone = |r: std::io::Result<()>| r.is_ok() || r.is_err_and(|e| e.kind() == io::ErrorKind::NotFound);
+        while !gone(fs::remove_dir(&self.path)) && Instant::now() < deadline {
+            for dir in dirs.iter().rev() {
+                let _ = fs::remove_dir(dir);
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
         if self.path.exists() {

@@ -207,12 +207,13 @@ impl JwtKey {
         }))
     }
 
-    /// A compact JWS (ES256) over `claims`.
+    /// A compact JWS (ES256) over `claims`, signed by the `jsonwebtoken` crate.
     pub fn sign(&self, claims: &serde_json::Value) -> Result<String, CaError> {
-        let header = serde_json::json!({"alg": "ES256", "kid": self.kid, "typ": "JWT"});
-        let input = format!("{}.{}", B64URL.encode(header.to_string()), B64URL.encode(claims.to_string()));
-        let sig = self.pair()?.sign(&SystemRandom::new(), input.as_bytes()).map_err(|e| CaError::Jwt(e.to_string()))?;
-        Ok(format!("{input}.{}", B64URL.encode(sig.as_ref())))
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        header.typ = Some("JWT".into());
+        jsonwebtoken::encode(&header, claims, &jsonwebtoken::EncodingKey::from_ec_der(&self.pkcs8))
+            .map_err(|e| CaError::Jwt(e.to_string()))
     }
 }
 

@@ -31,6 +31,9 @@ pub struct Plane {
     agent: Option<KillOnDrop>,
     /// Extra environment for the next server start (e.g. fault injection).
     pub server_env: Vec<(String, String)>,
+    /// Tables appended to the agent's config by [`Plane::write_agent_config`] (e.g.
+    /// `[selectors]`).
+    pub agent_extra: String,
 }
 
 impl Plane {
@@ -50,6 +53,17 @@ impl Plane {
     /// As [`Plane::start`], with extra lines for the server's TOML config.
     pub fn start_with(sync_seconds: u64, server_extra: &str) -> Plane {
         Self::start_in("example.org", sync_seconds, server_extra)
+    }
+
+    /// As [`Plane::start`], with `agent_extra` tables (e.g. `[selectors]`) in the agent's
+    /// config.
+    pub fn start_with_agent(sync_seconds: u64, agent_extra: &str) -> Plane {
+        let mut plane = Self::server_only_in("example.org", "");
+        plane.agent_extra = agent_extra.to_owned();
+        let token = plane.token(&plane.node_id);
+        plane.write_agent_config(sync_seconds, &format!("join_token = \"{token}\"\n"));
+        plane.start_agent();
+        plane
     }
 
     /// As [`Plane::start_with`], for another trust domain.
@@ -83,8 +97,22 @@ impl Plane {
         reattest_seconds: u64,
         server_tpm_extra: &str,
     ) -> Plane {
+        Self::start_tpm_server(sync_seconds, tpm, policy_dir, ek, reattest_seconds, "", server_tpm_extra)
+    }
+
+    /// As [`Plane::start_tpm_with`], with top-level lines for the server's config too (e.g.
+    /// `ca_ttl_seconds`).
+    pub fn start_tpm_server(
+        sync_seconds: u64,
+        tpm: &sandbox::swtpm::Swtpm,
+        policy_dir: &Path,
+        ek: &str,
+        reattest_seconds: u64,
+        server_top: &str,
+        server_tpm_extra: &str,
+    ) -> Plane {
         let mut plane = Self::server_only(&format!(
-            "[tpm]\nek_ca_dir = \"{}\"\npolicy_dir = \"{}\"\n{server_tpm_extra}",
+            "{server_top}[tpm]\nek_ca_dir = \"{}\"\npolicy_dir = \"{}\"\n{server_tpm_extra}",
             sandbox::swtpm::Swtpm::ca_dir().display(),
             policy_dir.display()
         ));
@@ -132,6 +160,7 @@ impl Plane {
             server: None,
             agent: None,
             server_env: Vec::new(),
+            agent_extra: String::new(),
         };
         plane.start_server();
         plane
@@ -142,12 +171,13 @@ impl Plane {
         std::fs::write(
             self.dir.path().join("agent.toml"),
             format!(
-                "trust_domain = \"{}\"\nserver_address = \"127.0.0.1:{}\"\ntrust_bundle_path = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = {sync_seconds}\n{credential}",
+                "trust_domain = \"{}\"\nserver_address = \"127.0.0.1:{}\"\ntrust_bundle_path = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = {sync_seconds}\n{credential}\n{}",
                 self.trust_domain,
                 self.port,
                 self.dir.path().join("server/bundle.pem").display(),
                 self.dir.path().join("agent").display(),
-                self.socket().display()
+                self.socket().display(),
+                self.agent_extra
             ),
         )
         .unwrap();
@@ -175,6 +205,9 @@ impl Plane {
     }
 
     pub fn start_agent(&mut self) {
+        if self.agent.is_some() {
+            self.stop_agent();
+        }
         let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
         let child = Command::new(crate::agent_bin())
             .arg("run")
@@ -189,6 +222,13 @@ impl Plane {
         self.agent = Some(KillOnDrop(child));
         let socket = self.socket();
         wait_until("the agent's Workload API socket", || socket.exists());
+    }
+
+    /// Ends the agent (by its PID) and removes the socket it leaves, so the next
+    /// [`Plane::start_agent`] waits for a fresh one.
+    pub fn stop_agent(&mut self) {
+        self.agent = None;
+        let _ = std::fs::remove_file(self.socket());
     }
 
     pub fn log(&self, which: &str) -> String {

@@ -189,9 +189,11 @@ fn peer_cred_pid(s: &UnixStream) -> u32 {
     cred.pid as u32
 }
 
-/// A process that connects and then execs another binary is identified as what it runs now.
+/// The resolver answers about a peer as it is now: after an exec, what it runs now, never its
+/// former binary. (The Workload API compares that with what it fixed when it accepted the
+/// connection, and refuses a peer that has exec'd: see `caller_attacks.rs`.)
 #[test]
-fn exec_after_connect_is_identified_as_the_new_binary() {
+fn the_resolver_reports_what_a_peer_runs_now() {
     let w = world("exec-after-connect", DEFAULT_MAX_BYTES);
     let sock = w.dir.path().join("api.sock");
     let listener = UnixListener::bind(&sock).unwrap();

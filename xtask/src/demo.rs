@@ -3,7 +3,10 @@
 //! activation, a quote against golden PCR values); a workload in a demo cgroup is identified
 //! by what the kernel recorded about it (cgroup, uid, the sha256 of the binary it executed)
 //! and fetches its SVID with an unmodified SPIFFE client; the same client outside the cgroup
-//! gets nothing; a changed boot measurement revokes the node and its workloads' SVIDs.
+//! gets nothing. The demo cgroup is protected by in-kernel enforcement: a flow its policy
+//! allows is delivered, a process without identity is refused at connect() by the kernel (the
+//! audit line is shown). A changed boot measurement revokes the node: its workloads' SVIDs
+//! and their flows stop.
 
 use std::{
     path::Path,
@@ -66,16 +69,34 @@ fn indent(text: &str) {
 pub fn run() -> Result<()> {
     crate::cargo(&["build", "-p", "tether-agent", "-p", "tether-server", "-p", "tether-tests", "--bins"])?;
     let bin = crate::workspace().join("target/debug");
-    let (server_bin, agent_bin, client_bin) =
-        (bin.join("tether-server"), bin.join("tether-agent"), bin.join("tether-spiffe-client"));
+    let bins = Bins {
+        server: bin.join("tether-server"),
+        agent: bin.join("tether-agent"),
+        client: bin.join("tether-spiffe-client"),
+        flow: bin.join("tether-test-flow"),
+    };
     let dir = std::env::temp_dir().join(format!("tether-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = demo(&dir, &server_bin, &agent_bin, &client_bin);
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/tether-demo-{}", std::process::id()));
+    let result = demo(&dir, &pin_dir, &bins);
+    // Enforcement outlives the agent by design: the demo ends it itself.
+    if pin_dir.exists() {
+        let _ = Command::new(&bins.agent).args(["enforce", "stop", "--pin-dir"]).arg(&pin_dir).output();
+    }
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn demo(dir: &Path, server_bin: &Path, agent_bin: &Path, client_bin: &Path) -> Result<()> {
+struct Bins {
+    server: std::path::PathBuf,
+    agent: std::path::PathBuf,
+    client: std::path::PathBuf,
+    /// tether-test-flow: a small network workload (serve, send).
+    flow: std::path::PathBuf,
+}
+
+fn demo(dir: &Path, pin_dir: &Path, bins: &Bins) -> Result<()> {
+    let (server_bin, agent_bin, client_bin) = (bins.server.as_path(), bins.agent.as_path(), bins.client.as_path());
     step("a private software TPM (swtpm) manufactured with an EK certificate chain");
     let tpm = Swtpm::start();
     println!("    {} (manufacturer CAs in {})", tpm.tcti(), Swtpm::ca_dir().display());
@@ -113,19 +134,33 @@ fn demo(dir: &Path, server_bin: &Path, agent_bin: &Path, client_bin: &Path) -> R
     })?;
     let cli = |args: &[&str]| output(Command::new(server_bin).arg("-c").arg(&server_cfg).args(args));
 
+    // The demo cgroup: its processes are protected by in-kernel enforcement.
+    let cg = CgroupGuard::new("demo")?;
+    let (shop, db, intruder) = (cg.child("shop")?, cg.child("db")?, cg.child("intruder")?);
+    let db_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let policy = dir.join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[[rule]]\nname = \"shop-to-db\"\nfrom = {{ spiffe_id = \"spiffe://demo.tether/shop\" }}\nto = {{ spiffe_id = \"spiffe://demo.tether/db\" }}\nports = [{db_port}]\n"
+        ),
+    )?;
     let socket = dir.join("agent.sock");
     let agent_cfg = dir.join("agent.toml");
     std::fs::write(
         &agent_cfg,
         format!(
-            "trust_domain = \"demo.tether\"\nserver_address = \"127.0.0.1:{port}\"\ntrust_bundle_path = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = 1\n[tpm]\ntcti = \"{}\"\nreattest_interval_seconds = 2\n",
+            "trust_domain = \"demo.tether\"\nserver_address = \"127.0.0.1:{port}\"\ntrust_bundle_path = \"{}\"\ndata_dir = \"{}\"\nsocket_path = \"{}\"\nsync_interval_seconds = 1\n[tpm]\ntcti = \"{}\"\nreattest_interval_seconds = 2\n[enforcement]\nprotected_cgroups = [\"{}\"]\npolicy = \"{}\"\npin_dir = \"{}\"\n",
             dir.join("server/bundle.pem").display(),
             dir.join("agent").display(),
             socket.display(),
-            tpm.tcti()
+            tpm.tcti(),
+            cg.path().display(),
+            policy.display(),
+            pin_dir.display(),
         ),
     )?;
-    step("tether-agent run: loads the kernel programs, attests the node with its TPM, serves the Workload API");
+    step("tether-agent run: loads the kernel programs, attests the node with its TPM, serves the Workload API, enforces on the demo cgroup");
     let _agent = Started(
         Command::new(agent_bin)
             .arg("run")
@@ -142,6 +177,7 @@ fn demo(dir: &Path, server_bin: &Path, agent_bin: &Path, client_bin: &Path) -> R
             || l.contains("node attested")
             || l.contains("Workload API")
             || l.contains("SOFTWARE TPM")
+            || l.contains("enforcing")
     }) {
         println!(
             "    agent | {}",
@@ -155,7 +191,6 @@ fn demo(dir: &Path, server_bin: &Path, agent_bin: &Path, client_bin: &Path) -> R
     step("tether-server agent list: the node's ID derives from its EK; its selectors come from the evidence");
     indent(&cli(&["agent", "list"])?);
 
-    let cg = CgroupGuard::new("demo")?;
     let cg_rel = format!("/{}", cg.path().strip_prefix(sandbox::cgroup2_root()?)?.display());
     let sha =
         output(Command::new("sha256sum").arg(client_bin))?.split_whitespace().next().unwrap_or_default().to_owned();
@@ -263,6 +298,82 @@ fn demo(dir: &Path, server_bin: &Path, agent_bin: &Path, client_bin: &Path) -> R
             .arg(fetched.join("bundle.0.pem"))
             .arg(fetched.join("svid.0.pem")),
     )?);
+    let flow = bins.flow.as_path();
+    let flow_sha =
+        output(Command::new("sha256sum").arg(flow))?.split_whitespace().next().unwrap_or_default().to_owned();
+    step(&format!(
+        "in-kernel enforcement: shop and db registered (their cgroups, uid 0, the flow binary's sha256); the policy allows shop -> db:{db_port}"
+    ));
+    for (name, sub) in [("shop", &shop), ("db", &db)] {
+        cli(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            &format!("spiffe://demo.tether/{name}"),
+            "--parent-id",
+            &node_id,
+            "--selector",
+            &format!("cgroup:path:/{}", sub.path().strip_prefix(sandbox::cgroup2_root()?)?.display()),
+            "--selector",
+            "unix:uid:0",
+            "--selector",
+            &format!("unix:sha256:{flow_sha}"),
+        ])?;
+    }
+    let mut serve = Command::new(flow);
+    serve.args(["serve", &db_port.to_string()]).stdout(Stdio::piped()).stderr(Stdio::null());
+    db.place(&mut serve)?;
+    let mut db_child = serve.spawn()?;
+    let db_out = db_child.stdout.take().context("db output")?;
+    let _db = Started(db_child, "db");
+    let (tx, db_lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(db_out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let send = |from: &CgroupGuard, tag: &str| -> Result<String> {
+        let out = from.run(Command::new(flow).args(["send", "127.0.0.1", &db_port.to_string(), tag, "1", "0"]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().replace('\n', " "))
+    };
+    // The agent publishes an identity within its scan interval once a process with it runs
+    // (a connect before that is refused: fail closed): a long-running shop process first.
+    let mut warm = Command::new(flow);
+    warm.args(["serve", "0"]).stdout(Stdio::null()).stderr(Stdio::null());
+    shop.place(&mut warm)?;
+    let _warm = Started(warm.spawn()?, "shop");
+    let mut delivered = false;
+    for _ in 0..50 {
+        if send(&shop, "order-42")?.contains("sent") {
+            delivered = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if !delivered {
+        let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+        let audit = std::fs::read_to_string(dir.join("agent/audit.jsonl")).unwrap_or_default();
+        bail!("shop -> db was never allowed; audit:\n{audit}\nagent log:\n{log}");
+    }
+    let got = db_lines.recv_timeout(Duration::from_secs(5)).ok();
+    let got = std::iter::successors(got, |_| db_lines.recv_timeout(Duration::from_millis(500)).ok())
+        .find(|l| l.starts_with("data "))
+        .context("db never received shop's data")?;
+    println!("    shop -> db: delivered (db read {got:?})");
+    let out = send(&intruder, "steal")?;
+    println!("    intruder (no registration entry) -> db: {out} (EPERM from connect(), refused in the kernel)");
+    if out.contains("sent") {
+        bail!("a process without identity reached db");
+    }
+    let audit = dir.join("agent/audit.jsonl");
+    wait_for("the audit line", || std::fs::read_to_string(&audit).is_ok_and(|a| a.contains("no_identity")))?;
+    let line =
+        std::fs::read_to_string(&audit)?.lines().find(|l| l.contains("no_identity")).unwrap_or_default().to_owned();
+    println!("    audit: {line}");
+
     step("the node boots something else: PCR 7 is extended, and the next re-attestation fails");
     output(tpm.tool("tpm2_pcrextend").arg(format!("7:sha256={}", "ab".repeat(32))))?;
     wait_for("the agent to report the node unattested", || {
@@ -273,6 +384,11 @@ fn demo(dir: &Path, server_bin: &Path, agent_bin: &Path, client_bin: &Path) -> R
     if out.status.success() {
         bail!("a workload on a node with drifted evidence still received an SVID");
     }
-    step("demo done: stopping the agent, the server and the TPM, removing the demo cgroup");
+    let out = send(&shop, "after-revocation")?;
+    println!("    shop -> db after the revocation: {out} (the node's lease in the kernel ended)");
+    if out.contains("sent") {
+        bail!("flows continued on a node whose attestation failed");
+    }
+    step("demo done: stopping the agent, the server and the TPM, ending enforcement, removing the demo cgroup");
     Ok(())
 }

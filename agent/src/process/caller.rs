@@ -19,9 +19,9 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::{
-    measure::{hex, Measurer, Outcome},
+    measure::{hex, Measurer, Outcome, Unmeasurable, Wait},
     pidfd::PidFd,
-    selectors::{cgroup_selectors, Selector},
+    selectors::{cgroup_selectors, provenance, Selector, SelectorConfig},
     FileId, Record,
 };
 use crate::ebpf::{EbpfError, Monitor};
@@ -38,6 +38,8 @@ pub enum IdentityError {
     Unstable,
     #[error("kernel record lookup failed")]
     Kernel(#[from] EbpfError),
+    #[error("its executable is still being hashed")]
+    Measuring,
 }
 
 /// Everything the agent knows about a process, all of it anchored in the kernel's record.
@@ -64,6 +66,7 @@ pub struct Resolver {
     monitor: Mutex<Monitor>,
     measurer: Measurer,
     cgroup_root: PathBuf,
+    selector_config: SelectorConfig,
     /// Identities derived in the last [`REUSE_FOR`], keyed by PID and the exact kernel
     /// record they were derived from: a later call that finds the very same record (same
     /// exec, cgroup, ids) reuses the derived selectors instead of re-reading /proc and NSS.
@@ -78,11 +81,26 @@ const REUSE_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Resolver {
     pub fn new(monitor: Monitor, measurer: Measurer, cgroup_root: PathBuf) -> Self {
-        Resolver { monitor: Mutex::new(monitor), measurer, cgroup_root, recent: Mutex::default() }
+        Self::with_selectors(monitor, measurer, cgroup_root, SelectorConfig::default())
+    }
+
+    /// As [`Resolver::new`], with the runtimes' cgroup roots from the agent config.
+    pub fn with_selectors(
+        monitor: Monitor,
+        measurer: Measurer,
+        cgroup_root: PathBuf,
+        selector_config: SelectorConfig,
+    ) -> Self {
+        Resolver { monitor: Mutex::new(monitor), measurer, cgroup_root, selector_config, recent: Mutex::default() }
     }
 
     pub fn measurer(&self) -> &Measurer {
         &self.measurer
+    }
+
+    /// The kernel's record of the process behind `pidfd` now (one map lookup).
+    pub fn record(&self, pidfd: &PidFd) -> Result<Option<Record>, IdentityError> {
+        self.lookup(pidfd)
     }
 
     fn lookup(&self, pidfd: &PidFd) -> Result<Option<Record>, IdentityError> {
@@ -97,9 +115,13 @@ impl Resolver {
 
     /// Measures a recorded executable (once per file identity) and publishes the result to
     /// the kernel map.
-    pub fn measure(&self, pidfd: &PidFd, pid: u32, exe: &FileId) -> Outcome {
-        let outcome = self.measurer.measure_process(pidfd, pid, exe);
-        if !matches!(outcome, Outcome::Unmeasurable(super::measure::Unmeasurable::ProcessGone)) {
+    pub fn measure(&self, pidfd: &PidFd, pid: u32, exe: &FileId, wait: Wait) -> Outcome {
+        let outcome = self.measurer.measure_process(pidfd, pid, exe, wait);
+        // Only final answers reach the kernel: not "exited", nor "still hashing".
+        if !matches!(
+            outcome,
+            Outcome::Unmeasurable(Unmeasurable::ProcessGone | Unmeasurable::Pending | Unmeasurable::Overdue { .. })
+        ) {
             let mut monitor = self.monitor.lock().unwrap_or_else(|p| p.into_inner());
             if let Err(e) = monitor.set_measurement(exe.key(), outcome.to_kernel()) {
                 tracing::warn!("measurement not published to the kernel: {e}");
@@ -118,7 +140,7 @@ impl Resolver {
             return None; // exited and reused, or exec'd again: a later event covers it
         }
         let exe = Record::from(record).exe?;
-        Some(self.measure(&pidfd, pid, &exe))
+        Some(self.measure(&pidfd, pid, &exe, Wait::No))
     }
 
     /// The identity of the process behind `pidfd` if one derived from its current record is
@@ -139,11 +161,24 @@ impl Resolver {
             .get(&pid)
             .filter(|(at, id)| at.elapsed() < REUSE_FOR && id.record == *record)
             .map(|(_, id)| id.clone())?;
-        (record.exe.and_then(|exe| exe_path(pid, &exe)) == id.path && pidfd.is_alive()).then_some(id)
+        // A path was only derived on a filesystem the agent may touch (same record, same file).
+        let path = match &id.path {
+            Some(_) => record.exe.and_then(|exe| exe_path(pid, &exe)),
+            None => None,
+        };
+        (path == id.path && pidfd.is_alive()).then_some(id)
     }
 
-    /// The identity of the process behind `pidfd`, as of now.
+    /// The identity of the process behind `pidfd`, as of now, waiting for its binary's
+    /// measurement up to the measurement deadline.
     pub fn identify(&self, pidfd: &PidFd) -> Result<ProcessIdentity, IdentityError> {
+        self.identify_with(pidfd, Wait::Deadline)
+    }
+
+    /// As [`Resolver::identify`], waiting for a measurement as `wait` says. With
+    /// [`Wait::No`], a binary still being hashed (deadline not yet reached) gives
+    /// [`IdentityError::Measuring`]: ask again when [`Measurer::finished`] changes.
+    pub fn identify_with(&self, pidfd: &PidFd, wait: Wait) -> Result<ProcessIdentity, IdentityError> {
         for _ in 0..ATTEMPTS {
             let pid = pidfd.pid().ok_or(IdentityError::Exited)?;
             let Some(record) = self.lookup(pidfd)? else {
@@ -152,8 +187,11 @@ impl Resolver {
             if let Some(id) = self.reuse(pidfd, pid, &record) {
                 return Ok(id);
             }
-            let measurement = record.exe.map(|exe| self.measure(pidfd, pid, &exe));
-            let path = record.exe.and_then(|exe| exe_path(pid, &exe));
+            let measurement = record.exe.map(|exe| self.measure(pidfd, pid, &exe, wait));
+            if matches!(measurement, Some(Outcome::Unmeasurable(Unmeasurable::Pending))) {
+                return Err(IdentityError::Measuring);
+            }
+            let path = record.exe.filter(|exe| on_kernel_fs(pid, exe)).and_then(|exe| exe_path(pid, &exe));
             let cgroup = cgroup_path(pid, record.cgroup_id, &self.cgroup_root);
             // Whatever /proc said belongs to this process only if it was alive throughout.
             if !pidfd.is_alive() {
@@ -163,11 +201,21 @@ impl Resolver {
             if self.lookup(pidfd)?.as_ref() != Some(&record) {
                 continue;
             }
-            let selectors = selectors(&record, measurement.as_ref(), path.as_deref(), cgroup.as_deref());
+            // Who made each directory of the cgroup path decides what its names vouch for.
+            let cgroup_facts = cgroup.as_deref().map(|cg| (cg, provenance(&self.cgroup_root, cg)));
+            let selectors = selectors(
+                &record,
+                measurement.as_ref(),
+                path.as_deref(),
+                cgroup_facts.map(|(cg, prov)| (cg, prov, &self.selector_config)),
+            );
             let identity = ProcessIdentity { pid, record, measurement, path, cgroup, selectors };
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            recent.retain(|_, (at, _)| at.elapsed() < REUSE_FOR);
-            recent.insert(pid, (std::time::Instant::now(), identity.clone()));
+            // An overdue measurement may be in by the next call: not reused.
+            if !matches!(identity.measurement, Some(Outcome::Unmeasurable(Unmeasurable::Overdue { .. }))) {
+                let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+                recent.retain(|_, (at, _)| at.elapsed() < REUSE_FOR);
+                recent.insert(pid, (std::time::Instant::now(), identity.clone()));
+            }
             return Ok(identity);
         }
         Err(IdentityError::Unstable)
@@ -181,11 +229,37 @@ impl CallerAttestor for Resolver {
     }
 }
 
-/// /proc/<pid>/exe's path, if that path still names the recorded file.
+/// /proc/<pid>/exe's path, if that path still names the recorded file. The path is looked
+/// up with `AT_STATX_DONT_SYNC` (cached attributes: a network or FUSE filesystem is not
+/// asked); callers only come here for files on filesystems the agent reads
+/// ([`on_kernel_fs`]).
 fn exe_path(pid: u32, exe: &FileId) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
     let link = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-    let meta = std::fs::metadata(&link).ok()?;
-    (FileId::from_metadata(&meta) == *exe).then_some(link)
+    let c = std::ffi::CString::new(link.as_os_str().as_bytes()).ok()?;
+    // SAFETY: all-zero is a valid statx buffer to be filled in.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: c is NUL-terminated and st is a valid buffer.
+    let rc = unsafe {
+        libc::statx(libc::AT_FDCWD, c.as_ptr(), libc::AT_STATX_DONT_SYNC, libc::STATX_INO | libc::STATX_CTIME, &mut st)
+    };
+    if rc != 0 {
+        return None;
+    }
+    let now = FileId {
+        dev_major: st.stx_dev_major,
+        dev_minor: st.stx_dev_minor,
+        ino: st.stx_ino,
+        ctime_sec: st.stx_ctime.tv_sec,
+        ctime_nsec: st.stx_ctime.tv_nsec,
+    };
+    (now == *exe).then_some(link)
+}
+
+/// The executable is on a filesystem the agent may touch (not FUSE, not a user namespace's
+/// mount): see [`super::mounts`].
+fn on_kernel_fs(pid: u32, exe: &FileId) -> bool {
+    matches!(super::mounts::filesystem_of(exe.dev_major, exe.dev_minor, pid), super::mounts::Filesystem::Kernel { .. })
 }
 
 /// The process's cgroup v2 path, if its directory's id is the recorded one.
@@ -224,7 +298,7 @@ pub fn selectors(
     record: &Record,
     measurement: Option<&Outcome>,
     path: Option<&Path>,
-    cgroup: Option<&str>,
+    cgroup: Option<(&str, super::selectors::Provenance, &SelectorConfig)>,
 ) -> Vec<Selector> {
     let mut out = vec![
         Selector::new("unix", format!("uid:{}", record.euid)),
@@ -242,8 +316,8 @@ pub fn selectors(
     if let Some(sha) = measurement.and_then(Outcome::sha256) {
         out.push(Selector::new("unix", format!("sha256:{}", hex(&sha))));
     }
-    if let Some(cg) = cgroup {
-        out.extend(cgroup_selectors(cg));
+    if let Some((cg, prov, cfg)) = cgroup {
+        out.extend(cgroup_selectors(cg, &prov, cfg));
     }
     out.sort();
     out.dedup();

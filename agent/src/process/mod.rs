@@ -4,6 +4,7 @@
 pub mod caller;
 pub mod manifest;
 pub mod measure;
+pub mod mounts;
 pub mod pidfd;
 pub mod ps;
 pub mod selectors;

@@ -25,6 +25,11 @@ impl PidFd {
         Ok(PidFd(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
     }
 
+    /// Another handle to the same process.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        self.0.try_clone().map(PidFd)
+    }
+
     /// A pidfd for one thread (PIDFD_THREAD, Linux 6.9): its task, not its thread group.
     pub fn open_thread(tid: u32) -> io::Result<Self> {
         const PIDFD_THREAD: libc::c_uint = libc::O_EXCL as libc::c_uint;

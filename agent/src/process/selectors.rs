@@ -1,6 +1,21 @@
 //! Selectors derived from the kernel's record of a process: here, the ones read off its
 //! cgroup v2 path. The `Selector` type itself is shared with the server (tether-attestors).
+//!
+//! A cgroup's *name* is chosen by whoever may create directories where it sits, so a name
+//! only vouches for something when the system made it. Each component of the path counts as
+//! the system's only if its parent directory can be written by root alone (owned by uid 0,
+//! no group or other write). systemd delegates `user@UID.service` to its user by handing the
+//! directory over: everything below it is the user's choice, whatever it is called. So:
+//! - `systemd:id` names the innermost unit in the system's part of the path (for a user's
+//!   processes that is `user@UID.service`, as systemd itself would say);
+//! - a unit in a delegated part yields only `systemd:user-unit:<uid>:<unit>`, naming the uid
+//!   the subtree was delegated to;
+//! - container and Kubernetes selectors come only from the runtimes' own cgroup roots
+//!   ([`SelectorConfig`]), and only from the system's part of the path.
 
+use std::path::Path;
+
+use serde::Deserialize;
 pub use tether_attestors::{Selector, SelectorError};
 
 fn is_hex_id(s: &str) -> bool {
@@ -11,53 +26,131 @@ fn is_hex_id(s: &str) -> bool {
 const RUNTIME_PREFIXES: &[(&str, &str)] =
     &[("docker-", "docker"), ("cri-containerd-", "containerd"), ("crio-", "cri-o"), ("libpod-", "podman")];
 
-/// Selectors read off a cgroup v2 path (relative to the cgroup2 root, starting with `/`):
-/// `cgroup:path`, the innermost systemd unit, container id and runtime, Kubernetes pod UID
-/// and QoS class. Handles systemd and cgroupfs drivers for docker, containerd, CRI-O, podman.
-pub fn cgroup_selectors(path: &str) -> Vec<Selector> {
-    let mut out = vec![Selector::new("cgroup", format!("path:{path}"))];
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+/// Where container runtimes and the kubelet make their cgroups (paths relative to the
+/// cgroup2 root): `[selectors]` in the agent config.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SelectorConfig {
+    /// Roots under which a container runtime's cgroups name containers. Default: docker and
+    /// containerd with the systemd driver (`/system.slice`), docker with the cgroupfs driver
+    /// (`/docker`), rootful podman (`/machine.slice`), and the Kubernetes roots.
+    #[serde(default = "default_container_roots")]
+    pub container_roots: Vec<String>,
+    /// Roots the kubelet makes pod cgroups under. Default: `/kubepods.slice` (systemd
+    /// driver), `/kubepods` (cgroupfs driver), `/kubelet.slice/kubelet-kubepods.slice`
+    /// (a kubelet in a kind node).
+    #[serde(default = "default_kubernetes_roots")]
+    pub kubernetes_roots: Vec<String>,
+}
 
-    if let Some(unit) = parts.iter().rev().find(|p| p.ends_with(".service") || p.ends_with(".scope")) {
+fn default_kubernetes_roots() -> Vec<String> {
+    ["/kubepods.slice", "/kubepods", "/kubelet.slice/kubelet-kubepods.slice"].map(String::from).to_vec()
+}
+
+fn default_container_roots() -> Vec<String> {
+    let mut v: Vec<String> = ["/system.slice", "/docker", "/machine.slice"].map(String::from).to_vec();
+    v.extend(default_kubernetes_roots());
+    v
+}
+
+impl Default for SelectorConfig {
+    fn default() -> Self {
+        SelectorConfig { container_roots: default_container_roots(), kubernetes_roots: default_kubernetes_roots() }
+    }
+}
+
+impl SelectorConfig {
+    /// Every root must be an absolute cgroup path with no empty, `.` or `..` component.
+    pub fn validate(&self) -> Result<(), String> {
+        for r in self.container_roots.iter().chain(&self.kubernetes_roots) {
+            let ok =
+                r.starts_with('/') && r.len() > 1 && r[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+            if !ok {
+                return Err(format!("{r:?} is not an absolute cgroup path like /kubepods.slice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Who made the components of a cgroup path: the first `system` components were each made in
+/// a directory only root can write; `delegated_to` owns the directory where the rest was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Provenance {
+    pub system: usize,
+    pub delegated_to: Option<u32>,
+}
+
+impl Provenance {
+    /// The whole path is the system's (for tests of the naming rules).
+    pub fn system(path: &str) -> Provenance {
+        Provenance { system: components(path).len(), delegated_to: None }
+    }
+}
+
+fn components(path: &str) -> Vec<&str> {
+    path.split('/').filter(|p| !p.is_empty()).collect()
+}
+
+/// Reads the provenance of `path` (relative to `cgroup_root`) from the ownership and mode of
+/// each directory on the way down. A directory that cannot be read ends the system's part
+/// (fail closed).
+pub fn provenance(cgroup_root: &Path, path: &str) -> Provenance {
+    use std::os::unix::fs::MetadataExt;
+    let parts = components(path);
+    let mut dir = cgroup_root.to_path_buf();
+    for (i, part) in parts.iter().enumerate() {
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.uid() == 0 && m.mode() & 0o022 == 0 => {}
+            Ok(m) => return Provenance { system: i, delegated_to: Some(m.uid()) },
+            Err(_) => return Provenance { system: i, delegated_to: None },
+        }
+        dir.push(part);
+    }
+    Provenance { system: parts.len(), delegated_to: None }
+}
+
+fn is_unit(part: &str) -> bool {
+    part.ends_with(".service") || part.ends_with(".scope")
+}
+
+/// Selectors read off a cgroup v2 path (relative to the cgroup2 root, starting with `/`):
+/// `cgroup:path` always (it is the kernel's fact); the system's innermost systemd unit; a
+/// delegated user unit; container id and runtime, Kubernetes pod UID and QoS class from the
+/// configured runtime roots.
+pub fn cgroup_selectors(path: &str, prov: &Provenance, cfg: &SelectorConfig) -> Vec<Selector> {
+    let mut out = vec![Selector::new("cgroup", format!("path:{path}"))];
+    let parts = components(path);
+    let system = &parts[..prov.system.min(parts.len())];
+
+    if let Some(unit) = system.iter().rev().find(|p| is_unit(p)) {
         out.push(Selector::new("systemd", format!("id:{unit}")));
     }
+    if let (Some(uid), Some(unit)) = (prov.delegated_to, parts[system.len()..].iter().rev().find(|p| is_unit(p))) {
+        out.push(Selector::new("systemd", format!("user-unit:{uid}:{unit}")));
+    }
 
-    // Container: the innermost component that names one.
-    let mut container = None;
-    for (i, part) in parts.iter().enumerate().rev() {
-        let name = part.strip_suffix(".scope").unwrap_or(part);
-        if name.starts_with("crio-conmon-") {
-            continue; // CRI-O's monitor process, not the container
-        }
-        if let Some((runtime, id)) = RUNTIME_PREFIXES
+    // The components below a configured root, within the system's part.
+    let below = |roots: &[String]| -> Option<(usize, &[&str])> {
+        roots
             .iter()
-            .find_map(|(prefix, rt)| name.strip_prefix(prefix).filter(|id| is_hex_id(id)).map(|id| (*rt, id)))
-        {
-            container = Some((Some(runtime), id));
-            break;
-        }
-        // cgroupfs drivers: a bare id under /docker/ or under a pod directory.
-        if is_hex_id(name) {
-            let parent = i.checked_sub(1).map(|j| parts[j]).unwrap_or("");
-            let runtime = (parent == "docker").then_some("docker");
-            container = Some((runtime, name));
-            break;
-        }
-    }
-    if let Some((runtime, id)) = container {
-        out.push(Selector::new("cgroup", format!("container-id:{id}")));
-        if let Some(rt) = runtime {
-            out.push(Selector::new("cgroup", format!("container-runtime:{rt}")));
-        }
-    }
+            .map(|r| components(r))
+            .filter(|r| system.len() > r.len() && system[..r.len()] == r[..])
+            .map(|r| (r.len(), &system[r.len()..]))
+            .max_by_key(|(len, _)| *len)
+    };
 
-    // Kubernetes: kubepods[.slice] / [qos] / pod<uid>, in either driver's spelling.
-    if let Some(k) =
-        parts.iter().position(|p| *p == "kubepods" || *p == "kubepods.slice" || p.ends_with("-kubepods.slice"))
-    {
-        let rest = &parts[k + 1..];
+    if let Some((start, region)) = below(&cfg.container_roots) {
+        if let Some((runtime, id)) = container(region, start, system) {
+            out.push(Selector::new("cgroup", format!("container-id:{id}")));
+            if let Some(rt) = runtime {
+                out.push(Selector::new("cgroup", format!("container-runtime:{rt}")));
+            }
+        }
+    }
+    if let Some((_, region)) = below(&cfg.kubernetes_roots) {
         let mut qos = "guaranteed";
-        for part in rest {
+        for part in region {
             let name = part.strip_suffix(".slice").unwrap_or(part);
             let name = name.rsplit_once("kubepods-").map_or(name, |(_, n)| n);
             for class in ["burstable", "besteffort"] {
@@ -79,6 +172,29 @@ pub fn cgroup_selectors(path: &str) -> Vec<Selector> {
     out
 }
 
+/// The innermost component of `region` (which starts at index `start` of `parts`) that names
+/// a container: (runtime if known, id).
+fn container<'a>(region: &[&'a str], start: usize, parts: &[&str]) -> Option<(Option<&'static str>, &'a str)> {
+    for (i, part) in region.iter().enumerate().rev() {
+        let name = part.strip_suffix(".scope").unwrap_or(part);
+        if name.starts_with("crio-conmon-") {
+            continue; // CRI-O's monitor process, not the container
+        }
+        if let Some((runtime, id)) = RUNTIME_PREFIXES
+            .iter()
+            .find_map(|(prefix, rt)| name.strip_prefix(prefix).filter(|id| is_hex_id(id)).map(|id| (*rt, id)))
+        {
+            return Some((Some(runtime), id));
+        }
+        // cgroupfs drivers: a bare id under /docker/ or under a pod directory.
+        if is_hex_id(name) {
+            let parent = (start + i).checked_sub(1).map(|j| parts[j]).unwrap_or("");
+            return Some(((parent == "docker").then_some("docker"), name));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,7 +203,11 @@ mod tests {
     const UID: &str = "7b3d2a10-9c8e-4f6a-b5d4-3c2b1a0f9e8d";
 
     fn sel(path: &str) -> Vec<String> {
-        cgroup_selectors(path).iter().map(ToString::to_string).collect()
+        sel_with(path, Provenance::system(path))
+    }
+
+    fn sel_with(path: &str, prov: Provenance) -> Vec<String> {
+        cgroup_selectors(path, &prov, &SelectorConfig::default()).iter().map(ToString::to_string).collect()
     }
 
     #[test]
@@ -96,12 +216,7 @@ mod tests {
         let cases: Vec<(String, Vec<String>)> = vec![
             // systemd service
             ("/system.slice/nginx.service".into(), vec!["systemd:id:nginx.service".into()]),
-            // user service under user@.service
-            (
-                "/user.slice/user-1000.slice/user@1000.service/app.slice/foo.service".into(),
-                vec!["systemd:id:foo.service".into()],
-            ),
-            // delegated subtree below a service
+            // a subtree below a service
             ("/system.slice/app.service/worker".into(), vec!["systemd:id:app.service".into()]),
             // docker, systemd driver
             (
@@ -153,6 +268,47 @@ mod tests {
     }
 
     #[test]
+    fn names_in_a_delegated_subtree_are_the_users_not_the_systems() {
+        let uid_ = UID.replace('-', "_");
+        // systemd hands user@65534.service to uid 65534: its parent is the last directory only
+        // root writes.
+        let base = "/user.slice/user-65534.slice/user@65534.service";
+        let delegated = |_: &str| Provenance { system: 3, delegated_to: Some(65534) };
+        let path = format!("{base}/app.slice/payments.service");
+        let got = sel_with(&path, delegated(&path));
+        assert!(got.contains(&"systemd:id:user@65534.service".to_string()), "{got:?}");
+        assert!(got.contains(&"systemd:user-unit:65534:payments.service".to_string()), "{got:?}");
+        assert!(!got.contains(&"systemd:id:payments.service".to_string()), "{got:?}");
+        // A Kubernetes-looking tree built inside it names no pod and no container.
+        let path = format!(
+            "{base}/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice/cri-containerd-{ID}.scope"
+        );
+        let got = sel_with(&path, delegated(&path));
+        assert!(!got.iter().any(|s| s.starts_with("k8s:") || s.starts_with("cgroup:container")), "{got:?}");
+        // Nor does a runtime-looking name under a system root the user could create in.
+        let path = format!("/system.slice/docker-{ID}.scope");
+        let got = sel_with(&path, Provenance { system: 1, delegated_to: Some(1000) });
+        assert!(!got.iter().any(|s| s.starts_with("cgroup:container")), "{got:?}");
+    }
+
+    #[test]
+    fn container_names_outside_the_runtime_roots_name_nothing() {
+        let got = sel(&format!("/tether-test-x/docker-{ID}.scope"));
+        assert!(!got.iter().any(|s| s.starts_with("cgroup:container")), "{got:?}");
+        let got = sel(&format!("/tether-test-x/kubepods.slice/kubepods-pod{}.slice", UID.replace('-', "_")));
+        assert!(!got.iter().any(|s| s.starts_with("k8s:")), "{got:?}");
+        // The root itself is not a container.
+        let got = sel("/docker");
+        assert_eq!(got, vec!["cgroup:path:/docker".to_string()]);
+        // Configured roots are honoured (how tests and unusual runtimes set them).
+        let cfg = SelectorConfig { container_roots: vec!["/tether-test-x".into()], kubernetes_roots: vec![] };
+        let path = format!("/tether-test-x/docker-{ID}.scope");
+        let got: Vec<String> =
+            cgroup_selectors(&path, &Provenance::system(&path), &cfg).iter().map(ToString::to_string).collect();
+        assert!(got.contains(&format!("cgroup:container-id:{ID}")), "{got:?}");
+    }
+
+    #[test]
     fn conmon_and_plain_paths_name_no_container() {
         let got = sel(&format!("/kubepods.slice/kubepods-besteffort.slice/x-pod1.slice/crio-conmon-{ID}.scope"));
         assert!(!got.iter().any(|s| s.starts_with("cgroup:container-id")), "{got:?}");
@@ -160,5 +316,39 @@ mod tests {
         assert_eq!(got, vec!["cgroup:path:/tether-test-x/leaf".to_string()]);
         let got = sel("/");
         assert_eq!(got, vec!["cgroup:path:/".to_string()]);
+    }
+
+    #[test]
+    fn roots_are_checked() {
+        assert!(SelectorConfig::default().validate().is_ok());
+        for bad in ["kubepods", "/", "/a//b", "/a/../b"] {
+            let cfg = SelectorConfig { container_roots: vec![bad.into()], kubernetes_roots: vec![] };
+            assert!(cfg.validate().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn provenance_reads_ownership_on_the_way_down() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("a/b/c")).unwrap();
+        for d in ["", "a", "a/b", "a/b/c"] {
+            std::fs::set_permissions(root.join(d), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let owner = |p: &str| std::fs::metadata(root.join(p)).map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap();
+        // Whoever runs the test owns the temporary tree: everything is "the system's" only
+        // when that is root; either way the rule reads each parent.
+        let prov = provenance(root, "/a/b/c");
+        if owner("") == 0 {
+            assert_eq!(prov, Provenance { system: 3, delegated_to: None });
+            // A group-writable directory hands what is below it to others.
+            std::fs::set_permissions(root.join("a"), std::fs::Permissions::from_mode(0o775)).unwrap();
+            assert_eq!(provenance(root, "/a/b/c"), Provenance { system: 1, delegated_to: Some(0) });
+        } else {
+            assert_eq!(prov, Provenance { system: 0, delegated_to: Some(owner("")) });
+        }
+        // A directory that cannot be read ends the system's part.
+        assert_eq!(provenance(Path::new("/nonexistent-tether"), "/x").system, 0);
     }
 }

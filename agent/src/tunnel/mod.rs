@@ -379,7 +379,7 @@ pub async fn start(
         local: ends.local,
         remote: ends.remote.subscribe(),
         remote_tx: ends.remote,
-        node: RwLock::new(Some(manager.node_svid().await)),
+        node: RwLock::new(manager.node_svid().await),
         down: Mutex::default(),
         reachability: Notify::new(),
         config,

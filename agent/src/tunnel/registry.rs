@@ -94,7 +94,9 @@ pub async fn run(shared: Arc<Shared>, manager: Arc<Manager>, every: Duration, ca
     let mut last: Option<node::TunnelSyncResponse> = None;
     let mut sent_services = None;
     loop {
-        shared.set_node_svid(manager.node_svid().await);
+        if let Some(svid) = manager.node_svid().await {
+            shared.set_node_svid(svid);
+        }
         let req = request(&shared);
         let services = req.services.clone();
         match manager.sync_tunnels(req).await {

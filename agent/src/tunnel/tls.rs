@@ -149,15 +149,13 @@ impl Trust {
 
 /// The node's proof for a connection whose exporter value is `exporter`.
 pub fn node_proof(node: &X509Svid, exporter: &[u8]) -> Result<NodeProof, TlsError> {
-    let rng = ring::rand::SystemRandom::new();
-    let key = ring::signature::EcdsaKeyPair::from_pkcs8(
-        &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
-        &node.key_pkcs8,
-        &rng,
-    )
-    .map_err(|_| TlsError::Sign("the node key is not an ECDSA P-256 PKCS#8 key"))?;
-    let sig = key.sign(&rng, exporter).map_err(|_| TlsError::Sign("ECDSA signing failed"))?;
-    Ok(NodeProof { chain: node.chain.clone(), signature: sig.as_ref().to_vec() })
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(node.key_pkcs8.clone()));
+    let key = provider().key_provider.load_private_key(key)?;
+    let signer = key
+        .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
+        .ok_or(TlsError::Sign("the node key is not an ECDSA P-256 key"))?;
+    let signature = signer.sign(exporter)?;
+    Ok(NodeProof { chain: node.chain.clone(), signature })
 }
 
 fn tls13(
