@@ -505,7 +505,7 @@ fn tether(dir: &Path) -> Result<World> {
         let mut cmd = Command::new(&agent_bin);
         cmd.args(["run", "-c"])
             .arg(&conf)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("TETHER_BENCH_AGENT_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(adir.join("agent.log"))?);
         die_with_parent(&mut cmd);
@@ -535,6 +535,8 @@ fn tether(dir: &Path) -> Result<World> {
     procs.push(server);
     // Agents first, then pins (Unpin after them), then the cgroups.
     let mut keep: Vec<Box<dyn std::any::Any>> = unpins;
+    // (A cgroup guard dropped ends the processes in it: the server's stays with the arm.)
+    keep.push(Box::new(scg));
     keep.push(Box::new(root));
     Ok(World { arm: Arm::Tether, hosts, target, client_cg: Some(ccg), tunnel_pids: pids, _procs: procs, _keep: keep })
 }
@@ -572,24 +574,42 @@ fn measure(w: &World, args: &Args) -> Result<Sample> {
 pub fn run(args: &Args) -> Result<()> {
     require_root()?;
     let root = tempfile::Builder::new().prefix("tether-bench-tunnel-").tempdir()?;
-    let dirs: Vec<PathBuf> = ["plain", "stunnel", "tether"].iter().map(|n| root.path().join(n)).collect();
+    // TETHER_BENCH_KEEP=1 keeps the logs (agents, stunnel, servers) for a look afterwards.
+    let (root_path, _root) = if std::env::var_os("TETHER_BENCH_KEEP").is_some() {
+        let p = root.keep();
+        println!("logs kept in {}", p.display());
+        (p, None)
+    } else {
+        (root.path().to_owned(), Some(root))
+    };
+    let dirs: Vec<PathBuf> = ["plain", "stunnel", "tether"].iter().map(|n| root_path.join(n)).collect();
     for d in &dirs {
         std::fs::create_dir_all(d)?;
     }
-    let version = Command::new("stunnel4")
-        .arg("-version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or_default().trim().to_owned())?;
+    let version = Command::new("stunnel4").arg("-version").output().map(|o| {
+        let text = String::from_utf8_lossy(&o.stderr).into_owned();
+        let line = text.lines().find(|l| l.starts_with("stunnel ")).unwrap_or("stunnel4");
+        line.split(" on ").next().unwrap_or_default().to_owned()
+    })?;
     println!(
         "B7 tunnels on veth between two namespaces: plain TCP (the floor) vs {version} vs Tether, TLS 1.3 \
          TLS_AES_128_GCM_SHA256 + X25519, mutual P-256 certificates on both; {} rounds, arms alternating",
         args.rounds
     );
     let worlds = [plain(&dirs[0])?, stunnel(&dirs[1])?, tether(&dirs[2])?];
-    // Warm-up: caches, the tunnel's pooled connection, page cache.
+    // Warm-up: caches, the tunnel's pooled connection, page cache. Tether's workloads are
+    // identified again once their binary's measurement is in (the first identification
+    // does not wait for it): a few tries until an arm runs clean.
     for w in &worlds {
-        measure(w, &Args { bulk_bytes: 32 << 20, exchanges: 500, connections: 100, ..*args })
-            .with_context(|| format!("warming up {}", w.arm.name()))?;
+        let warm = Args { bulk_bytes: 32 << 20, exchanges: 500, connections: 100, ..*args };
+        let mut tries = 0;
+        while let Err(e) = measure(w, &warm) {
+            tries += 1;
+            if tries == 20 {
+                return Err(e.context(format!("warming up {}", w.arm.name())));
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
     }
     let mut samples: Vec<(Arm, Sample)> = Vec::new();
     for round in 0..args.rounds {
