@@ -23,6 +23,17 @@
 //! - The node's attestation is a lease: when it runs out (no agent renews it, or the server
 //!   refused the node), nothing of a protected workload gets through.
 //!
+//! Tunnels between nodes: a TCP connect() to a workload another Tether node serves
+//! (`TUNNEL_SERVICES`, kept by the agent from the server) is judged by identity like a local
+//! one, then captured: the destination is rewritten to the agent's tunnel listener and the
+//! original kept in the socket's own storage (`TUNNEL_SOCK`), which `cgroup/getpeername4`
+//! shows back to the application. The connection's first packet (its SYN, before the
+//! listener can accept it) publishes (client tuple -> original destination, identities,
+//! cookie) in `TUNNEL_CONNS` for the agent. A captured connection judged again (another
+//! epoch) is judged against its original destination, never against the listener.
+//! Sockets the agent's tunnel stamps from user space carry a remote peer's identity
+//! ([`key_kind::TUNNEL_PEER`]): a workload receiving from one judges it by that identity.
+//!
 //! Policy maps come in two generations; `ENFORCE_CONFIG.generation` picks the live one, so
 //! the agent swaps a whole policy with one write. Every map is pinned by the agent (not
 //! declared pinned here: unpinned loads such as `trace-exec` must not share them).
@@ -41,8 +52,8 @@ use aya_ebpf::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
         bpf_get_current_task_btf, bpf_ktime_get_ns,
         generated::{
-            bpf_ktime_get_coarse_ns, bpf_sk_fullsock, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
-            bpf_sk_storage_get, bpf_skb_cgroup_id,
+            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_set_retval, bpf_sk_fullsock,
+            bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release, bpf_sk_storage_get, bpf_skb_cgroup_id,
         },
     },
     macros::{btf_map, cgroup_skb, cgroup_sock, cgroup_sock_addr, map},
@@ -50,9 +61,10 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 use tether_common::{
-    direction, drop_reason, record_flags, sock_role, DropEvent, EnforceConfig, ExecGen, ExecGenExit, FlowKey,
-    IdentityKey, IdentityVal, ProtectedRoot, Quota, RuleRef, SockState, TupleKey, EXEC_GEN_EXITED,
-    EXEC_GEN_EXIT_GRACE_NS, MAX_PROTECTED_ROOTS,
+    direction, drop_reason, key_kind, record_flags, service_flags, sock_role, tunnel_state, DropEvent, EnforceConfig,
+    ExecGen, ExecGenExit, FlowKey, IdentityKey, IdentityVal, ProtectedRoot, Quota, RuleRef, ServiceKey, ServiceVal,
+    SockState, TunnelConfig, TunnelConn, TunnelSock, TupleKey, EXEC_GEN_EXITED, EXEC_GEN_EXIT_GRACE_NS,
+    MAX_PROTECTED_ROOTS,
 };
 
 use crate::process::TASK_RECORDS;
@@ -207,6 +219,25 @@ static DROP_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drop_reason
 static AUDIT_LIMIT: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
 
 const SUPPRESSED_MASK: u64 = 0xffff;
+
+/// Workloads other Tether nodes serve: (address, port) -> identity.
+#[map]
+static TUNNEL_SERVICES: HashMap<ServiceKey, ServiceVal> = HashMap::with_max_entries(16384, 0);
+
+#[map]
+static TUNNEL_CONFIG: Array<TunnelConfig> = Array::with_max_entries(1, 0);
+
+/// A captured socket's original destination.
+#[btf_map]
+static TUNNEL_SOCK: SkStorage<TunnelSock> = SkStorage::new();
+
+/// Captured connections, by the client socket's tuple, until the agent accepts them. LRU: an
+/// entry the agent never takes (the client gave up) ages out; one evicted early only makes
+/// that connection fail (the agent refuses a connection it has no entry for).
+#[map]
+static TUNNEL_CONNS: LruHashMap<TupleKey, TunnelConn> = LruHashMap::with_max_entries(65536, 0);
+
+const ECONNREFUSED: i32 = 111;
 
 // ---------------------------------------------------------------------------------------
 // Called by the process programs (process.rs).
@@ -414,11 +445,13 @@ fn register_exec(tgid: u32, exec: u64) -> Result<(), ()> {
 /// The identity a state's creator has now (0: none).
 #[inline(always)]
 fn identity_of(state: &SockState) -> u32 {
-    if state.key_valid == 0 {
-        return 0;
+    match state.key_valid {
+        // SAFETY: the value is copied out at once.
+        key_kind::RECORD => unsafe { IDENTITIES.get(state.key) }.map(|v| v.identity).unwrap_or(0),
+        // Only the agent writes such a state (from user space, by socket fd).
+        key_kind::TUNNEL_PEER => state.id,
+        _ => 0,
     }
-    // SAFETY: the value is copied out at once.
-    unsafe { IDENTITIES.get(state.key) }.map(|v| v.identity).unwrap_or(0)
 }
 
 /// As [`identity_of`], kept on the socket for the rest of the epoch (identities only change
@@ -802,6 +835,8 @@ fn verdict_addr(ctx: &SockAddrContext, connect: bool) -> i32 {
     let cfg = config();
     match try_addr(ctx, &cfg, connect) {
         Ok(()) => ALLOW,
+        // Refused without a drop to report (an unreachable tunnel peer).
+        Err(d) if d.reason == 0 => DENY,
         Err(d) => {
             // SAFETY: plain helper call.
             record_drop(&d, unsafe { bpf_get_current_cgroup_id() }, cfg.audit_interval_ns);
@@ -846,6 +881,25 @@ fn try_addr(ctx: &SockAddrContext, cfg: &EnforceConfig, connect: bool) -> Result
         d.reason = drop_reason::STALE_SOCKET;
         return Err(d);
     }
+    if connect && proto == IPPROTO_TCP {
+        // A workload of another Tether node: by identity, through the tunnel.
+        match try_capture(ctx, sk as *mut c_void, state, cfg, src, daddr, dport_be) {
+            Capture::NotTunnelled => {}
+            Capture::Captured => return Ok(()),
+            Capture::NodeDown => {
+                // Not a policy refusal: the caller learns at once that nobody answers.
+                // SAFETY: plain helper call (cgroup programs, Linux 5.18+).
+                unsafe { bpf_set_retval(-ECONNREFUSED) };
+                d.reason = 0;
+                return Err(d);
+            }
+            Capture::Refused(reason, dst) => {
+                d.reason = reason;
+                d.dst = dst;
+                return Err(d);
+            }
+        }
+    }
     let verdict = judge_outbound(ctx.sock_addr as *mut c_void, cfg, src, proto, daddr, dport_be);
     match verdict {
         Ok(dst) => {
@@ -862,6 +916,180 @@ fn try_addr(ctx: &SockAddrContext, cfg: &EnforceConfig, connect: bool) -> Result
             Err(d)
         }
     }
+}
+
+/// What connect4 does with a destination a tunnel could serve.
+enum Capture {
+    /// Not a remote Tether workload (or no tunnel here): address rules decide.
+    NotTunnelled,
+    /// Allowed, and redirected to the tunnel listener.
+    Captured,
+    /// A remote workload on a node known to be unreachable.
+    NodeDown,
+    /// Refused: (reason, destination identity).
+    Refused(u32, u32),
+}
+
+/// The tunnel's configuration, if it captures sockets of this program's network namespace.
+#[inline(always)]
+fn tunnel_here(ctx: *mut c_void) -> Option<TunnelConfig> {
+    let tc = *TUNNEL_CONFIG.get(0)?;
+    if tc.enabled == 0 {
+        return None;
+    }
+    // SAFETY: the sock_addr program's context.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx) };
+    (cookie == tc.netns_cookie).then_some(tc)
+}
+
+/// A connect() to a remote Tether workload: judged by identity (`src` to the workload's
+/// identity on that port), then captured: the socket goes to the tunnel listener, its
+/// original destination kept in its storage.
+#[inline(always)]
+fn try_capture(
+    ctx: &SockAddrContext,
+    sk: *mut c_void,
+    state: *mut SockState,
+    cfg: &EnforceConfig,
+    src: u32,
+    daddr: u32,
+    dport_be: u16,
+) -> Capture {
+    // SAFETY: presence, copied out at once.
+    let Some(svc) = (unsafe { TUNNEL_SERVICES.get(ServiceKey { addr: daddr, port: dport_be, _pad: 0 }) }).copied()
+    else {
+        return Capture::NotTunnelled;
+    };
+    let Some(tc) = tunnel_here(ctx.sock_addr as *mut c_void) else {
+        return Capture::NotTunnelled;
+    };
+    if !flow_allowed(cfg.generation, src, svc.identity, u16::from_be(dport_be), IPPROTO_TCP) {
+        return Capture::Refused(drop_reason::POLICY, svc.identity);
+    }
+    // Nobody answers for a node marked down, nor when the capture port is not the agent's
+    // listener (the agent is away, and someone else may hold the port).
+    if svc.flags & service_flags::NODE_DOWN != 0 || !agent_listens(ctx.sock_addr as *mut c_void, &tc) {
+        return Capture::NodeDown;
+    }
+    let mut orig = TunnelSock { daddr, dport: dport_be, _pad: 0, dst_identity: svc.identity, _pad2: 0 };
+    // SAFETY: the sock_addr program's socket.
+    let Some(slot) = (unsafe { TUNNEL_SOCK.get_or_insert(sk, &mut orig) }) else {
+        return Capture::Refused(drop_reason::MAP_FULL, svc.identity);
+    };
+    // SAFETY: the socket's own storage and the program's context, valid for this run; the
+    // context's user_ip4/user_port are writable in connect4 (4-byte stores).
+    unsafe {
+        *slot = orig;
+        (*state).role = sock_role::OUTBOUND;
+        (*state).tunnel = tunnel_state::PENDING;
+        (*ctx.sock_addr).user_ip4 = tc.listener_addr;
+        (*ctx.sock_addr).user_port = u32::from(tc.listener_port);
+    }
+    remember(state, cfg, 0, src, svc.identity);
+    Capture::Captured
+}
+
+/// The capture listener is the agent's own (stamped by it), found by the kernel's lookup.
+#[inline(always)]
+fn agent_listens(ctx: *mut c_void, tc: &TunnelConfig) -> bool {
+    // SAFETY: all-zero is a valid tuple; the IPv4 member is written below.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.daddr = tc.listener_addr;
+    tuple.__bindgen_anon_1.ipv4.dport = tc.listener_port;
+    let size = size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    // SAFETY: the program's context and a valid tuple; the reference is released below.
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx, &mut tuple, size, BPF_F_CURRENT_NETNS as u64, 0) };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a referenced socket from the lookup, released right after.
+    let ok = unsafe {
+        accept_server(&*sk, tc.listener_port)
+            && SOCK_STATE.get(sk as *mut c_void).is_some_and(|s| (*s).key_valid == key_kind::TUNNEL_LISTENER)
+    };
+    // SAFETY: releases the lookup's reference.
+    unsafe { bpf_sk_release(sk as *mut c_void) };
+    ok
+}
+
+/// The verdict of a captured connection judged again: against its original destination,
+/// which must still be the same remote workload, allowed for `src`.
+#[inline(always)]
+fn judge_captured(sk: *mut c_void, cfg: &EnforceConfig, src: u32) -> Result<u32, (u32, u32)> {
+    // SAFETY: a full socket; the value is copied out at once.
+    let Some(orig) = (unsafe { TUNNEL_SOCK.get(sk) }).map(|p| unsafe { *p }) else {
+        return Err((drop_reason::POLICY, 0));
+    };
+    let key = ServiceKey { addr: orig.daddr, port: orig.dport, _pad: 0 };
+    // SAFETY: presence, copied out at once.
+    match unsafe { TUNNEL_SERVICES.get(key) }.copied() {
+        Some(svc)
+            if svc.identity == orig.dst_identity
+                && flow_allowed(cfg.generation, src, svc.identity, u16::from_be(orig.dport), IPPROTO_TCP) =>
+        {
+            Ok(svc.identity)
+        }
+        _ => Err((drop_reason::POLICY, orig.dst_identity)),
+    }
+}
+
+/// The captured socket's first packet (its SYN) tells the agent what the connection it is
+/// about to accept is: written before the packet leaves, so before any accept.
+#[inline(always)]
+fn publish_capture(ctx: &SkBuffContext, sk: *mut bpf_sock, state: *mut SockState) {
+    // SAFETY: a full socket; the values are copied out at once.
+    let Some(orig) = (unsafe { TUNNEL_SOCK.get(sk as *mut c_void) }).map(|p| unsafe { *p }) else {
+        return;
+    };
+    // SAFETY: a full socket and its own storage, valid for this run.
+    let (key, s) = unsafe {
+        (
+            TupleKey {
+                saddr: (*sk).src_ip4,
+                daddr: (*sk).dst_ip4,
+                sport: ((*sk).src_port as u16).to_be(),
+                dport: (*sk).dst_port,
+                proto: IPPROTO_TCP,
+            },
+            *state,
+        )
+    };
+    // SAFETY: the program's own skb.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
+    let conn = TunnelConn {
+        cookie,
+        daddr: orig.daddr,
+        dport: orig.dport,
+        _pad: 0,
+        src_identity: s.src,
+        dst_identity: orig.dst_identity,
+        tgid: s.tgid,
+        _pad2: 0,
+    };
+    if TUNNEL_CONNS.insert(key, conn, 0).is_ok() {
+        // SAFETY: as above.
+        unsafe { (*state).tunnel = tunnel_state::PUBLISHED };
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// cgroup/getpeername4
+
+/// A captured socket shows the address its application dialled, not the tunnel listener.
+/// Never refuses (getpeername hooks may not).
+#[cgroup_sock_addr(getpeername4)]
+pub fn enforce_getpeername4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the sock_addr program's socket (never null).
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk } as *mut c_void;
+    // SAFETY: the program's socket; the value is copied out at once.
+    if let Some(orig) = unsafe { TUNNEL_SOCK.get(sk) }.map(|p| unsafe { *p }) {
+        // SAFETY: user_ip4/user_port are writable in getpeername4 (4-byte stores).
+        unsafe {
+            (*ctx.sock_addr).user_ip4 = orig.daddr;
+            (*ctx.sock_addr).user_port = u32::from(orig.dport);
+        }
+    }
+    ALLOW
 }
 
 // ---------------------------------------------------------------------------------------
@@ -921,6 +1149,28 @@ fn is_syn(ctx: &SkBuffContext) -> bool {
     ctx.load::<u8>(ihl + 13).map(|flags| flags & 0x02 != 0).unwrap_or(true)
 }
 
+/// The TCP header's RST flag (the packet is IPv4 TCP).
+#[inline(always)]
+fn is_rst(ctx: &SkBuffContext) -> bool {
+    let Ok(vihl) = ctx.load::<u8>(0) else {
+        return false;
+    };
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    ctx.load::<u8>(ihl + 13).map(|flags| flags & 0x04 != 0).unwrap_or(false)
+}
+
+/// A reset arriving on a connected socket the tunnel captured.
+#[inline(always)]
+fn captured_reset(ctx: &SkBuffContext) -> bool {
+    let Some(sk) = skb_fullsock(ctx) else {
+        return false;
+    };
+    // SAFETY: a full socket; the state is copied out at once.
+    let tunnelled =
+        unsafe { SOCK_STATE.get(sk as *mut c_void) }.is_some_and(|s| unsafe { (*s).tunnel } != tunnel_state::NONE);
+    tunnelled && has_one_peer(sk) && is_rst(ctx)
+}
+
 /// The packet's full socket, if it has one (request and timewait sockets give none).
 #[inline(always)]
 fn skb_fullsock(ctx: &SkBuffContext) -> Option<*mut bpf_sock> {
@@ -961,6 +1211,11 @@ pub fn enforce_ingress(ctx: SkBuffContext) -> i32 {
 fn try_ingress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
     let mut d = Denial::new(0, direction::INGRESS);
     if !lease_holds(cfg) {
+        // Even then, the tunnel's reset of a captured connection reaches its application,
+        // so it fails at once instead of hanging (a reset carries nothing).
+        if captured_reset(ctx) {
+            return Ok(());
+        }
         d.reason = drop_reason::NODE_UNATTESTED;
         return Err(d);
     }
@@ -976,6 +1231,11 @@ fn try_ingress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
     let connected = has_one_peer(sk);
     // SAFETY: valid for this run.
     let s = unsafe { *state };
+    // A captured connection's peer is the local tunnel listener: its reset (the tunnel
+    // stream closed, e.g. revoked) always reaches the application, so it never hangs.
+    if connected && s.tunnel != tunnel_state::NONE && is_rst(ctx) {
+        return Ok(());
+    }
     if connected && s.epoch == cfg.epoch {
         if s.verdict == 0 {
             return Ok(());
@@ -1006,6 +1266,8 @@ fn try_ingress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
         let src = own;
         if src == 0 {
             Err((drop_reason::NO_IDENTITY, 0))
+        } else if s.tunnel != tunnel_state::NONE {
+            judge_captured(sk as *mut c_void, cfg, src).map(|dst| (src, dst))
         } else {
             judge_outbound(ctxp, cfg, src, tuple.proto, tuple.saddr, tuple.sport).map(|dst| (src, dst))
         }
@@ -1089,6 +1351,9 @@ fn try_egress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
         // Unconnected UDP: every destination was judged at sendmsg.
         return Ok(());
     }
+    if s.tunnel == tunnel_state::PENDING {
+        publish_capture(ctx, sk, state);
+    }
     if s.epoch == cfg.epoch {
         if s.verdict == 0 {
             return Ok(());
@@ -1102,6 +1367,8 @@ fn try_egress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
     let ctxp = ctx.skb.skb as *mut c_void;
     let verdict = if own == 0 {
         Err((drop_reason::NO_IDENTITY, 0))
+    } else if s.role == sock_role::OUTBOUND && s.tunnel != tunnel_state::NONE {
+        judge_captured(sk as *mut c_void, cfg, own).map(|dst| (own, dst))
     } else if s.role == sock_role::OUTBOUND {
         judge_outbound(ctxp, cfg, own, proto, peer_addr, peer_port).map(|dst| (own, dst))
     } else {

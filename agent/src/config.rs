@@ -52,6 +52,9 @@ pub struct AgentConfig {
     /// Kubernetes selectors come only from there.
     #[serde(default)]
     pub selectors: crate::process::selectors::SelectorConfig,
+    /// Mutually authenticated tunnels to protected workloads on other nodes (needs
+    /// `[enforcement]`: the kernel captures the connections).
+    pub tunnel: Option<crate::tunnel::TunnelConfig>,
 }
 
 fn default_server_name() -> String {
@@ -131,6 +134,9 @@ impl AgentConfig {
                 "server_spiffe_id",
                 format!("{server_id} is not in the trust domain {}", c.trust_domain),
             ));
+        }
+        if c.tunnel.is_some() && c.enforcement.is_none() {
+            return Err(invalid("tunnel", "needs [enforcement]: the kernel captures the connections".into()));
         }
         if c.server_address.parse::<std::net::SocketAddr>().is_err() && !c.server_address.contains(':') {
             return Err(invalid("server_address", format!("{:?} is not host:port", c.server_address)));

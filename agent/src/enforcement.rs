@@ -17,13 +17,17 @@ use std::{
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tether_common::{drop_reason, sock_role, CidrKey, DropEvent, FlowKey, IdentityKey, RuleRef, SockState};
+use tether_common::{
+    drop_reason, key_kind, service_flags, sock_role, CidrKey, DropEvent, FlowKey, IdentityKey, RuleRef, ServiceKey,
+    ServiceVal, SockState, TunnelConfig,
+};
 use tokio::sync::watch;
 
 use crate::{
     cgroup::Cgroup,
     ebpf::Enforcer,
     manager::Snapshot,
+    mesh::{self, IdentityName, LocalService, LocalView, RemoteView},
     policy::{self, Compiled, Policy, PortRange},
     process::{
         caller::{ProcessIdentity, Resolver},
@@ -111,8 +115,33 @@ pub fn identity_number(spiffe_id: &str, golden: bool) -> u32 {
     n.max(1)
 }
 
-/// The identities the node may have: every entry, with and without a golden binary.
-fn identity_table(snapshot: &Snapshot) -> Result<Vec<policy::IdentityInfo>, EnforcementError> {
+/// The identities the node may have: every entry, with and without a golden binary; then
+/// the identities other nodes serve (tunnels), never golden here (their binaries are
+/// measured on their nodes), unless this node serves the same SPIFFE ID.
+fn identity_table(snapshot: &Snapshot, remote: &RemoteView) -> Result<Vec<policy::IdentityInfo>, EnforcementError> {
+    let mut out = local_identity_table(snapshot)?;
+    let mut seen: HashMap<u32, String> = out.iter().map(|i| (i.id, display_name(&i.spiffe_id, i.golden))).collect();
+    for r in &remote.identities {
+        let id = identity_number(&r.spiffe_id, false);
+        let name = display_name(&r.spiffe_id, false);
+        match seen.get(&id) {
+            Some(other) if *other == name => continue,
+            Some(other) => return Err(EnforcementError::Collision { a: other.clone(), b: name }),
+            None => {}
+        }
+        seen.insert(id, name);
+        out.push(policy::IdentityInfo {
+            id,
+            spiffe_id: r.spiffe_id.clone(),
+            namespace: if r.namespace.is_empty() { "default".into() } else { r.namespace.clone() },
+            labels: r.labels.clone(),
+            golden: false,
+        });
+    }
+    Ok(out)
+}
+
+fn local_identity_table(snapshot: &Snapshot) -> Result<Vec<policy::IdentityInfo>, EnforcementError> {
     let mut out: Vec<policy::IdentityInfo> = Vec::new();
     let mut seen: HashMap<u32, String> = HashMap::new();
     for e in &snapshot.entries {
@@ -198,6 +227,10 @@ struct Pushed {
     /// the policy is compiled again only when one of them changes.
     compiled_from: Option<(Vec<policy::IdentityInfo>, Option<SystemTime>, bool)>,
     metrics: String,
+    /// Tunnels: the capture table and target, and the view last published to the tunnel.
+    services: Option<Vec<(ServiceKey, ServiceVal)>>,
+    capture: Option<Option<mesh::Capture>>,
+    local_view: Option<Arc<LocalView>>,
 }
 
 pub struct Enforcement {
@@ -212,6 +245,7 @@ pub struct Enforcement {
     metrics: PathBuf,
     /// Policies this agent has loaded into the kernel (a metric tests and operators watch).
     policy_loads: u64,
+    mesh: Option<mesh::EnforcementEnds>,
 }
 
 /// What one pass over the protected cgroups found.
@@ -223,6 +257,8 @@ struct Scan {
     processes: Vec<(u32, PidFd, crate::process::Record, u64)>,
     /// Their network namespaces.
     namespaces: BTreeMap<u64, crate::netns::Netns>,
+    /// Their TCP listeners (only looked for when a tunnel runs).
+    services: Vec<LocalService>,
 }
 
 fn key_of(id: &ProcessIdentity) -> Option<IdentityKey> {
@@ -274,7 +310,7 @@ impl Enforcement {
             protected = cgroups.len(),
             pin_dir = %config.pin_dir.display(),
             lease_seconds = config.node_lease_seconds,
-            "enforcement active through cgroup hooks (sock_create, connect4, sendmsg4, post_bind4, \
+            "enforcement active through cgroup hooks (sock_create, connect4, sendmsg4, post_bind4, getpeername4, \
              cgroup_skb ingress/egress) and tp_btf process records; BPF LSM hooks are not used{}",
             if support.bpf_lsm { " (this kernel would allow them)" } else { " (this kernel refuses them)" }
         );
@@ -313,7 +349,14 @@ impl Enforcement {
             audit,
             metrics: data_dir.join("metrics.prom"),
             policy_loads: 0,
+            mesh: None,
         })
+    }
+
+    /// Works with the node tunnel: remote identities in the policy, remote workloads in the
+    /// kernel's capture table, and what is in force published back.
+    pub fn with_mesh(&mut self, link: mesh::EnforcementEnds) {
+        self.mesh = Some(link);
     }
 
     /// A reader of the process records the pinned programs keep: the resolver identities
@@ -360,6 +403,8 @@ impl Enforcement {
     fn scan(&self, snapshot: &Snapshot, resolver: &Resolver) -> Scan {
         let mut out: HashMap<IdentityKey, u32> = HashMap::new();
         let mut scan = Scan::default();
+        // Per namespace, its TCP listeners (read once per pass).
+        let mut listeners: HashMap<u64, crate::netns::Listeners> = HashMap::new();
         for cg in &self.cgroups {
             let mut dirs = vec![cg.path.clone()];
             while let Some(dir) = dirs.pop() {
@@ -388,7 +433,26 @@ impl Enforcement {
                     let Some(key) = key_of(&id) else { continue };
                     scan.processes.push((pid, pidfd, id.record.clone(), cg.id));
                     let Some(entry) = snapshot.matching(&id.selectors).into_iter().next() else { continue };
-                    out.insert(key, identity_number(&entry.spiffe_id.to_string(), self.golden(&id)));
+                    let number = identity_number(&entry.spiffe_id.to_string(), self.golden(&id));
+                    out.insert(key, number);
+                    if self.mesh.is_some() {
+                        if let Some(ns) = crate::netns::of_process(pid) {
+                            let table = listeners
+                                .entry(ns.inode)
+                                .or_insert_with(|| crate::netns::tcp_listeners(pid).unwrap_or_default());
+                            for inode in crate::netns::socket_inodes(pid) {
+                                if let Some((addr, port)) = table.get(&inode) {
+                                    scan.services.push(LocalService {
+                                        addr: *addr,
+                                        port: *port,
+                                        identity: number,
+                                        spiffe_id: entry.spiffe_id.to_string(),
+                                        netns: ns.inode,
+                                    });
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -396,6 +460,8 @@ impl Enforcement {
         // A stable order, so "changed" means changed.
         v.sort_by_key(|(k, _)| (k.cgroup_id, k.exe.ino, k.exe.ctime_sec, k.exe.ctime_nsec, k.exe.dev, k.euid, k.egid));
         scan.identities = v;
+        scan.services.sort();
+        scan.services.dedup();
         scan
     }
 
@@ -442,7 +508,7 @@ impl Enforcement {
                 key: IdentityKey { cgroup_id: record.cgroup_id, exe: exe.key(), euid: record.euid, egid: record.egid },
                 exec_ktime_ns: record.exec_ktime_ns,
                 tgid: record.tgid,
-                key_valid: 1,
+                key_valid: key_kind::RECORD,
                 role: sock_role::INBOUND,
                 ..SockState::default()
             };
@@ -509,7 +575,8 @@ impl Enforcement {
             self.pushed.node_attested = Some(attested);
             tracing::info!(attested, "enforcement: node attestation state");
         }
-        let identities = identity_table(snapshot)?;
+        let remote: Arc<RemoteView> = self.mesh.as_ref().map(|m| m.remote.borrow().clone()).unwrap_or_default();
+        let identities = identity_table(snapshot, &remote)?;
         let policy = self.current_policy().cloned();
         let inputs = (identities, self.policy.as_ref().and_then(|(_, seen)| *seen), attested);
         let changed = self.pushed.compiled_from.as_ref() != Some(&inputs);
@@ -517,7 +584,13 @@ impl Enforcement {
             self.names = inputs.0.iter().map(|i| (i.id, display_name(&i.spiffe_id, i.golden))).collect();
         }
         if let Some(policy) = policy.filter(|_| changed) {
-            let compiled = policy::compile(&policy, &inputs.0, &policy::Context { node_attested: attested });
+            let mut compiled = policy::compile(&policy, &inputs.0, &policy::Context { node_attested: attested });
+            // Rows between two remote identities concern no workload of this node; address
+            // rows only ever apply to local workloads.
+            let local: std::collections::HashSet<u32> = local_identity_table(snapshot)?.iter().map(|i| i.id).collect();
+            compiled.identity_flows.retain(|f| local.contains(&f.src) || local.contains(&f.dst));
+            compiled.egress.retain(|f| local.contains(&f.identity));
+            compiled.ingress.retain(|f| local.contains(&f.identity));
             match encode(&compiled) {
                 Ok(tables) if self.pushed.tables.as_ref() != Some(&tables) => {
                     self.enforcer.load_policy(&tables.0, &tables.1, &tables.2)?;
@@ -561,7 +634,80 @@ impl Enforcement {
             self.stamp_preexisting(&scan.processes);
             self.pushed.preexisting_done = true;
         }
+        if self.mesh.is_some() {
+            let local: std::collections::HashSet<u32> = local_identity_table(snapshot)?.iter().map(|i| i.id).collect();
+            let identities = self.pushed.compiled_from.as_ref().map(|c| c.0.clone()).unwrap_or_default();
+            self.sync_mesh(&remote, &identities, &local, scan.services, attested)?;
+        }
         self.write_metrics();
+        Ok(())
+    }
+
+    /// Tunnels: the remote workloads into the capture table (after the policy that judges
+    /// them), the capture target, and the view of what is in force for the tunnel.
+    fn sync_mesh(
+        &mut self,
+        remote: &RemoteView,
+        identities: &[policy::IdentityInfo],
+        local: &std::collections::HashSet<u32>,
+        services: Vec<LocalService>,
+        attested: bool,
+    ) -> Result<(), EnforcementError> {
+        let mut table: Vec<(ServiceKey, ServiceVal)> = remote
+            .services
+            .iter()
+            .map(|s| {
+                let down = remote.peers.get(s.peer).is_some_and(|p| p.down);
+                (
+                    ServiceKey { addr: u32::from_ne_bytes(s.addr.octets()), port: s.port.to_be(), _pad: 0 },
+                    ServiceVal {
+                        identity: identity_number(&s.spiffe_id, false),
+                        flags: if down { service_flags::NODE_DOWN } else { 0 },
+                    },
+                )
+            })
+            .collect();
+        table.sort_by_key(|(k, _)| (k.addr, k.port));
+        if self.pushed.services.as_ref() != Some(&table) {
+            self.enforcer.set_tunnel_services(&table)?;
+            tracing::info!(services = table.len(), "remote workloads in the capture table");
+            self.pushed.services = Some(table);
+        }
+        if self.pushed.capture != Some(remote.capture) {
+            let config = match remote.capture {
+                Some(c) => TunnelConfig {
+                    netns_cookie: c.netns_cookie,
+                    listener_addr: u32::from_ne_bytes(c.listener.ip().octets()),
+                    listener_port: c.listener.port().to_be(),
+                    enabled: 1,
+                },
+                None => TunnelConfig::default(),
+            };
+            self.enforcer.set_tunnel_config(config)?;
+            tracing::info!(capture = ?remote.capture, "tunnel capture");
+            self.pushed.capture = Some(remote.capture);
+        }
+        let names = identities
+            .iter()
+            .map(|i| {
+                let name =
+                    IdentityName { spiffe_id: i.spiffe_id.clone(), golden: i.golden, local: local.contains(&i.id) };
+                (i.id, name)
+            })
+            .collect();
+        let view = LocalView {
+            node_attested: attested,
+            identities: names,
+            flows: self.pushed.tables.as_ref().map(|t| t.0.iter().map(|(k, _)| *k).collect()).unwrap_or_default(),
+            services,
+        };
+        if self.pushed.local_view.as_deref() != Some(&view) {
+            let view = Arc::new(view);
+            self.pushed.local_view = Some(view.clone());
+            if let Some(m) = &self.mesh {
+                m.local.send_replace(view);
+            }
+        }
         Ok(())
     }
 
@@ -644,11 +790,18 @@ pub async fn run(
         }
     };
     let mut tick = tokio::time::interval(every);
+    let mut remote = enforcement.mesh.as_ref().map(|m| m.remote.clone());
     let mut measured = resolver.measurer().finished();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             changed = snapshots.changed() => if changed.is_err() { return },
+            changed = async {
+                match &mut remote {
+                    Some(r) => r.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => if changed.is_err() { remote = None },
             // A binary the last scan skipped while it was being hashed.
             _ = measured.changed() => {}
             batch = async {

@@ -87,6 +87,24 @@ enum Command {
     /// In-kernel enforcement outside a running agent.
     #[command(subcommand)]
     Enforce(EnforceCmd),
+    /// Node tunnels: who is on the other end of a tunnelled connection.
+    #[command(subcommand)]
+    Tunnel(TunnelCmd),
+}
+
+#[derive(Subcommand)]
+enum TunnelCmd {
+    /// The source SPIFFE ID and node of a connection a workload accepted from the tunnel,
+    /// named by its two addresses as the workload sees them (its peer's, then its own).
+    Peer {
+        /// The agent's peer query socket (default <data_dir>/tunnel-peers.sock).
+        #[arg(long)]
+        socket: PathBuf,
+        /// The connection's peer address, IPv4:port (getpeername()).
+        peer: String,
+        /// The connection's local address, IPv4:port (getsockname()).
+        local: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -240,6 +258,21 @@ async fn real_main() -> Result<()> {
         Command::Run { config } => run_agent(&config).await,
         Command::Api(ApiCmd::Fetch { what, socket, audience, write }) => {
             api_fetch(&what, socket, &audience, write.as_deref()).await
+        }
+        Command::Tunnel(TunnelCmd::Peer { socket, peer, local }) => {
+            use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+            let mut conn = tokio::net::UnixStream::connect(&socket)
+                .await
+                .with_context(|| format!("connecting to {}", socket.display()))?;
+            conn.write_all(format!("{peer} {local}\n").as_bytes()).await?;
+            let mut line = String::new();
+            tokio::io::BufReader::new(conn).read_line(&mut line).await?;
+            print!("{line}");
+            let answer: serde_json::Value = serde_json::from_str(&line).context("the agent's answer")?;
+            if answer.get("spiffe_id").is_none() {
+                std::process::exit(2);
+            }
+            Ok(())
         }
         Command::Policy(PolicyCmd::Check { file }) => {
             let policy = tether_agent::policy::Policy::load(&file)?;
@@ -458,6 +491,13 @@ async fn run_agent(config_path: &Path) -> Result<()> {
         ),
         None => None,
     };
+    // Tunnels: enforcement and the tunnel exchange views (remote workloads one way, the
+    // policy in force the other).
+    let (mesh_enforcement, mesh_tunnel) = tether_agent::mesh::channels();
+    let mut enforcement = enforcement;
+    if let (Some(e), Some(_)) = (&mut enforcement, &config.tunnel) {
+        e.with_mesh(mesh_enforcement);
+    }
     // One resolver for the Workload API and enforcement, over the records the enforcement
     // hooks read when enforcement runs.
     let monitor = match &enforcement {
@@ -487,6 +527,14 @@ async fn run_agent(config_path: &Path) -> Result<()> {
         let every = std::time::Duration::from_millis(500);
         tokio::spawn(tether_agent::enforcement::run(e, resolver.clone(), manager.subscribe(), every));
     }
+    let _tunnel = match (&config.tunnel, &config.enforcement) {
+        (Some(t), Some(e)) => Some(
+            tether_agent::tunnel::start(t.clone(), &config, manager.clone(), mesh_tunnel, &e.pin_dir)
+                .await
+                .context("starting the tunnel")?,
+        ),
+        _ => None,
+    };
     let listener =
         workload_api::bind(&config.socket_path).with_context(|| format!("binding {}", config.socket_path.display()))?;
     tracing::info!(SPIFFE_ENDPOINT_SOCKET = %config.endpoint(), "Workload API listening");

@@ -437,6 +437,23 @@ impl Manager {
     }
 }
 
+// ---- For the node tunnel (agent/src/tunnel): the node's credential and its registry call.
+impl Manager {
+    /// The node SVID and key the node holds now (None before the server was first
+    /// reached): the tunnel proves with it which node a workload's tunnel comes from.
+    pub async fn node_svid(&self) -> Option<X509Svid> {
+        self.session.lock().await.as_ref().map(|s| s.node_svid.clone())
+    }
+
+    /// Registers the node's tunnel with the server and learns the other nodes' tunnels.
+    pub async fn sync_tunnels(&self, req: node::TunnelSyncRequest) -> Result<node::TunnelSyncResponse, NodeError> {
+        match self.session.lock().await.as_mut() {
+            Some(session) => session.sync_tunnels(req).await,
+            None => Err(NodeError::Away),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

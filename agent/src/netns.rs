@@ -125,6 +125,48 @@ pub fn inet_sockets(pid: u32, pidfd: &crate::process::pidfd::PidFd) -> Vec<HeldS
     out
 }
 
+/// The TCP listeners of a network namespace (from `/proc/<pid>/net/tcp` of a process in
+/// it): socket inode -> (bound address, port).
+pub type Listeners = BTreeMap<u64, (Ipv4Addr, u16)>;
+
+pub fn tcp_listeners(pid: u32) -> std::io::Result<Listeners> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/tcp"))?;
+    Ok(parse_tcp_listeners(&text))
+}
+
+/// Lines of /proc/net/tcp: `sl local rem st ... inode ...`; `st` 0A is LISTEN. Addresses
+/// are the kernel's network-order value printed as a host-order integer.
+fn parse_tcp_listeners(text: &str) -> Listeners {
+    let mut out = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(st), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else { continue };
+        if *st != "0A" {
+            continue;
+        }
+        let Some((addr, port)) = local.split_once(':') else { continue };
+        let (Ok(addr), Ok(port), Ok(inode)) =
+            (u32::from_str_radix(addr, 16), u16::from_str_radix(port, 16), inode.parse::<u64>())
+        else {
+            continue;
+        };
+        out.insert(inode, (Ipv4Addr::from(addr.to_ne_bytes()), port));
+    }
+    out
+}
+
+/// Inodes of the sockets a process holds.
+pub fn socket_inodes(pid: u32) -> Vec<u64> {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| {
+            let target = std::fs::read_link(e.path()).ok()?;
+            let t = target.to_str()?;
+            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
+}
+
 /// An integer socket option of `fd`.
 pub fn sockopt(fd: &OwnedFd, option: i32) -> Option<i32> {
     let mut v: i32 = 0;
@@ -138,6 +180,19 @@ pub fn sockopt(fd: &OwnedFd, option: i32) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_listeners_are_parsed_from_proc() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+            0: 0100007F:3A99 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0\n\
+            1: 0100007F:3A99 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0\n\
+            2: 00000000:20FB 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1 0\n\
+            3: garbage\n";
+        let l = parse_tcp_listeners(text);
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[&4242], (Ipv4Addr::LOCALHOST, 15001));
+        assert_eq!(l[&77], (Ipv4Addr::UNSPECIFIED, 8443));
+    }
 
     #[test]
     fn this_namespace_has_loopback_and_is_found() {

@@ -356,3 +356,11 @@ impl NodeSession {
         Ok(resp.token)
     }
 }
+
+// ---- The node tunnel's registry call (agent/src/tunnel).
+impl NodeSession {
+    /// Registers this node's tunnel and learns every other attested node's (`SyncTunnels`).
+    pub async fn sync_tunnels(&mut self, req: node::TunnelSyncRequest) -> Result<node::TunnelSyncResponse, NodeError> {
+        Ok(self.client.sync_tunnels(req).await?.into_inner())
+    }
+}

@@ -8,6 +8,7 @@ mod procs;
 mod report;
 mod server;
 mod spire;
+mod tunnel;
 mod workload_api;
 
 use anyhow::Result;
@@ -52,6 +53,27 @@ enum Bench {
     Server(server::Args),
     /// B5, B9, B10 against SPIRE 1.13.3 (server + agent) on the same machine, same run.
     Spire(spire::Args),
+    /// B7: tunnels between two hosts: plaintext vs stunnel4 vs Tether (throughput, latency,
+    /// connection rate, CPU per GB).
+    Tunnel(tunnel::Args),
+    /// Internal: a tunnel bench client run inside a host namespace.
+    #[command(hide = true)]
+    TunnelClient {
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        addr: std::net::SocketAddrV4,
+        #[arg(long)]
+        a: u64,
+        #[arg(long)]
+        b: u64,
+    },
+    /// Internal: a tunnel bench server run inside a host namespace.
+    #[command(hide = true)]
+    TunnelServer {
+        #[arg(long)]
+        addr: std::net::SocketAddrV4,
+    },
     /// B5: Workload API latency vs a minimal tonic UDS service; memory per cached SVID.
     WorkloadApi(workload_api::Args),
     /// Internal: the Workload API client run inside the bench cgroup.
@@ -87,6 +109,9 @@ fn main() -> Result<()> {
         Bench::Exec(args) => exec::run(&args),
         Bench::Server(args) => server::run(&args),
         Bench::Spire(args) => spire::run(&args),
+        Bench::Tunnel(args) => tunnel::run(&args),
+        Bench::TunnelClient { mode, addr, a, b } => tunnel::client(&mode, addr, a, b),
+        Bench::TunnelServer { addr } => tunnel::server(addr),
         Bench::WorkloadApi(args) => workload_api::run(&args),
         Bench::ApiClient { socket, method, callers, calls } => {
             tokio::runtime::Runtime::new()?.block_on(workload_api::client(&socket, &method, callers, calls))

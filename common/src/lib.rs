@@ -61,6 +61,22 @@ pub mod maps {
     /// hold the count of events suppressed since): events are rate-limited per source;
     /// counts are not.
     pub const AUDIT_LIMIT: &str = "AUDIT_LIMIT";
+
+    // Tunnels between nodes (kept by the agent's tunnel from the server's view of the
+    // other nodes; pinned like the rest).
+    /// HashMap [`super::ServiceKey`] -> [`super::ServiceVal`]: the protected workloads other
+    /// Tether nodes serve, by address and port. A connect() from a protected workload to one
+    /// of them is judged by identity and captured into the local tunnel listener.
+    pub const TUNNEL_SERVICES: &str = "TUNNEL_SERVICES";
+    /// Array with one [`super::TunnelConfig`]: where captured connections go.
+    pub const TUNNEL_CONFIG: &str = "TUNNEL_CONFIG";
+    /// Socket storage of [`super::TunnelSock`]: a captured socket's original destination
+    /// (what getpeername() shows, and what its connection is judged against again).
+    pub const TUNNEL_SOCK: &str = "TUNNEL_SOCK";
+    /// LRU HashMap [`super::TupleKey`] (a captured connection to the tunnel listener, as the
+    /// client socket sees it) -> [`super::TunnelConn`]: written when the connection's SYN
+    /// leaves (before the listener can accept it), taken by the agent at accept.
+    pub const TUNNEL_CONNS: &str = "TUNNEL_CONNS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -82,6 +98,8 @@ pub mod programs {
     pub const POST_BIND4: &str = "enforce_post_bind4";
     pub const SKB_INGRESS: &str = "enforce_ingress";
     pub const SKB_EGRESS: &str = "enforce_egress";
+    /// `cgroup/getpeername4`: a captured socket shows the address it dialled.
+    pub const GETPEERNAME4: &str = "enforce_getpeername4";
 }
 
 /// Names of load-time globals (`volatile const` in C terms) the agent fills in from the
@@ -293,7 +311,7 @@ pub struct SockState {
     /// checked): the exec table is looked up again only once that counter has moved.
     pub exec_seen: u64,
     pub tgid: u32,
-    /// 0: the creator had no record with an executable (no identity can ever apply).
+    /// [`key_kind`]: whether `key` names a process record, or the identity was asserted.
     pub key_valid: u32,
     /// [`EnforceConfig::epoch`] the verdict was decided at; 0: not decided (listeners,
     /// unconnected sockets, and accepted sockets until their first packet).
@@ -306,9 +324,110 @@ pub struct SockState {
     /// [`sock_role`].
     pub role: u32,
     /// The creator's identity number as of epoch `id_epoch` (looked up again at another).
+    /// With [`key_kind::TUNNEL_PEER`], the identity itself (never looked up).
     pub id: u32,
     pub id_epoch: u32,
-    pub _pad: u32,
+    /// [`tunnel_state`]: whether connect() captured this socket into the tunnel.
+    pub tunnel: u32,
+}
+
+/// What a [`SockState`]'s `key` is.
+pub mod key_kind {
+    /// The creator had no record with an executable: no identity can ever apply.
+    pub const NONE: u32 = 0;
+    /// The creator's process record: its identity is looked up in `IDENTITIES`.
+    pub const RECORD: u32 = 1;
+    /// Stamped from user space by the agent (only root, writing the map, can): a socket the
+    /// agent's tunnel opens to a local workload on behalf of a remote peer whose X.509-SVID
+    /// it verified. `id` is that peer's identity number; no kernel program ever writes this.
+    pub const TUNNEL_PEER: u32 = 2;
+    /// Stamped by the agent on its capture listener: connect() captures a socket only into
+    /// a listener carrying this (a process that took the port while no agent ran gets
+    /// nothing). No identity.
+    pub const TUNNEL_LISTENER: u32 = 3;
+}
+
+/// [`SockState::tunnel`].
+pub mod tunnel_state {
+    pub const NONE: u32 = 0;
+    /// connect() redirected the socket to the tunnel listener; its connection's entry in
+    /// [`super::maps::TUNNEL_CONNS`] is written by its first packet (the SYN).
+    pub const PENDING: u32 = 1;
+    /// The entry is written.
+    pub const PUBLISHED: u32 = 2;
+}
+
+/// Key of [`maps::TUNNEL_SERVICES`]: a remote workload's address and TCP port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of [`maps::TUNNEL_SERVICES`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceVal {
+    /// The remote workload's identity number (the same numbering as local ones: derived
+    /// from its SPIFFE ID).
+    pub identity: u32,
+    /// [`service_flags`].
+    pub flags: u32,
+}
+
+pub mod service_flags {
+    /// The node serving it is unreachable: new connections are refused at connect()
+    /// (ECONNREFUSED) instead of being captured and reset later.
+    pub const NODE_DOWN: u32 = 1;
+}
+
+/// Value of [`maps::TUNNEL_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// The network namespace whose sockets are captured (its cookie); others are not.
+    pub netns_cookie: u64,
+    /// The tunnel's capture listener (network order), in that namespace.
+    pub listener_addr: u32,
+    pub listener_port: u16,
+    /// 0: nothing is captured.
+    pub enabled: u16,
+}
+
+/// Value of [`maps::TUNNEL_SOCK`]: where a captured socket was really going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelSock {
+    /// Network byte order.
+    pub daddr: u32,
+    /// Network byte order.
+    pub dport: u16,
+    pub _pad: u16,
+    /// The destination's identity number when it was captured.
+    pub dst_identity: u32,
+    pub _pad2: u32,
+}
+
+/// Value of [`maps::TUNNEL_CONNS`]: what the kernel knew of a captured connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelConn {
+    /// The client socket's cookie (never reused while the kernel runs).
+    pub cookie: u64,
+    /// The original destination, network byte order.
+    pub daddr: u32,
+    pub dport: u16,
+    pub _pad: u16,
+    /// The client socket's identity, as judged at connect() (and the destination's).
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// The process that made the client socket.
+    pub tgid: u32,
+    pub _pad2: u32,
 }
 
 /// What a socket does, as far as judging its connection goes.
@@ -447,6 +566,11 @@ mod pod {
     unsafe impl aya::Pod for super::ExecGen {}
     unsafe impl aya::Pod for super::ProtectedRoot {}
     unsafe impl aya::Pod for super::Quota {}
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceVal {}
+    unsafe impl aya::Pod for super::TunnelConfig {}
+    unsafe impl aya::Pod for super::TunnelSock {}
+    unsafe impl aya::Pod for super::TunnelConn {}
     // SAFETY: all of these are repr(C) with no implicit padding and every bit pattern valid.
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::TraceFilter {}

@@ -1,13 +1,15 @@
 //! Generated gRPC code. `workload` is the SPIFFE Workload API with the standard's exact names
 //! (its proto has no package); `node` and `admin` are Tether's own server APIs.
-#![allow(clippy::all, missing_docs)]
+#![allow(missing_docs)]
 
 /// The SPIFFE Workload API (no proto package: methods are `/SpiffeWorkloadAPI/...`).
+#[allow(clippy::all)]
 pub mod workload {
     tonic::include_proto!("_");
 }
 
 /// Nested as the proto packages are, so cross-package references resolve.
+#[allow(clippy::all)]
 pub mod tether {
     pub mod node {
         pub mod v1 {
@@ -96,3 +98,6 @@ pub mod refusal {
         }
     }
 }
+
+/// The node tunnels' HBONE framing: pure parsing of what arrives from the network.
+pub mod hbone;

@@ -182,7 +182,7 @@ impl NodeService {
     /// The IDs entries for this node may have as parent: the node's own, and every node
     /// alias (an entry parented by the server whose selectors the node's attestation
     /// produced, e.g. `tpm:policy:image-2026-11`) it matches.
-    fn parents(&self, node: &Agent) -> Result<Vec<SpiffeId>, Status> {
+    pub(crate) fn parents(&self, node: &Agent) -> Result<Vec<SpiffeId>, Status> {
         let server = SpiffeId::from_parts(&self.0.config.trust_domain, &["tether", "server"])
             .map_err(|e| Status::internal(e.to_string()))?;
         let node_selectors: Vec<Selector> = node.selectors.iter().filter_map(|s| Selector::parse(s).ok()).collect();
@@ -449,6 +449,14 @@ impl node::node_server::Node for NodeService {
         let ttl = if entry.jwt_ttl > 0 { entry.jwt_ttl } else { self.0.config.default_jwt_svid_ttl_seconds };
         let token = self.0.ca.read().await.mint_jwt(&entry.spiffe_id, &req.audience, ttl, now())?;
         Ok(Response::new(node::MintJwtResponse { token }))
+    }
+
+    async fn sync_tunnels(
+        &self,
+        req: Request<node::TunnelSyncRequest>,
+    ) -> Result<Response<node::TunnelSyncResponse>, Status> {
+        let agent = self.caller(&req)?;
+        Ok(Response::new(crate::tunnel::sync(self, &agent, req.get_ref())?))
     }
 }
 

@@ -8,3 +8,4 @@ pub mod config;
 pub mod run;
 pub mod store;
 pub mod tpm;
+pub mod tunnel;

@@ -15,6 +15,9 @@ use tether_attestors::{
 
 use crate::{ca::CaState, tpm::AkRecord};
 
+mod tunnel;
+pub use tunnel::{TunnelRecord, TunnelService};
+
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("database: {0}")]
@@ -322,6 +325,8 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS revision (id BIGINT PRIMARY KEY CHECK (id = 1), value BIGINT NOT NULL)",
     "INSERT INTO revision VALUES (1, 0) ON CONFLICT DO NOTHING",
+    // Node tunnels (store/tunnel.rs): addresses and services as JSON arrays.
+    "CREATE TABLE IF NOT EXISTS tunnel_nodes (spiffe_id TEXT PRIMARY KEY, endpoint TEXT NOT NULL, addresses TEXT NOT NULL, services TEXT NOT NULL, updated_at BIGINT NOT NULL)",
 ];
 
 /// Runs `f` where the synchronous PostgreSQL client may block: outside any async runtime, or
@@ -1004,6 +1009,8 @@ mod tests {
         assert!(matches!(e, StoreError::Banned(_)), "{e}");
     }
 
+    use super::tunnel::tests::tunnels_are_listed_only_for_attested_nodes_and_addresses_are_unique;
+
     /// A `#[test]` running `$name(&Store)` on every backend.
     macro_rules! on_every_backend {
         ($($name:ident),*) => {$(
@@ -1028,5 +1035,6 @@ mod tests {
             banned_nodes_cannot_attest_again,
             tpm_nodes_keep_their_clock_and_lose_service_on_revocation
         );
+        on_every_backend!(tunnels_are_listed_only_for_attested_nodes_and_addresses_are_unique);
     }
 }

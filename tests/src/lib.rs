@@ -4,6 +4,7 @@
 
 pub mod hosts;
 pub mod plane;
+pub mod tunnels;
 pub mod vm;
 
 use std::{path::PathBuf, process::Command};

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 
 /// Every fuzz target (a `[[bin]]` in fuzz/Cargo.toml, with seeds in fuzz/corpus/<target>; a
 /// test below holds the three lists together).
-pub const TARGETS: [&str; 13] = [
+pub const TARGETS: [&str; 14] = [
     // TPM structures and the attestation messages carrying them (server side).
     "tpms_attest",
     "tpmt_public",
@@ -25,6 +25,8 @@ pub const TARGETS: [&str; 13] = [
     "x509_svid",
     "jwt_svid",
     "h2_authority",
+    // What a node tunnel takes from the network before any policy check.
+    "hbone_request",
     // Files: the agent's policy and config, the server's config and golden PCR policies.
     "agent_policy",
     "agent_config",

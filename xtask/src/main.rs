@@ -28,9 +28,9 @@ enum Cmd {
     Test,
     /// Benchmarks from ../shared/BENCHMARKS.md, as ratios against a same-run baseline.
     Bench {
-        /// Which one (enforce = B1-B3, exec = B4, workload-api = B5, attest = B8,
-        /// server = B9, spire = B5/B9/B10 against SPIRE).
-        #[arg(value_parser = ["attest", "enforce", "exec", "server", "spire", "workload-api"])]
+        /// Which one (enforce = B1-B3, exec = B4, workload-api = B5, tunnel = B7,
+        /// attest = B8, server = B9, spire = B5/B9/B10 against SPIRE).
+        #[arg(value_parser = ["attest", "enforce", "exec", "server", "spire", "tunnel", "workload-api"])]
         name: String,
         /// Passed to the benchmark (e.g. --rounds 11 --connects 10000).
         #[arg(last = true)]

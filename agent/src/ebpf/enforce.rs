@@ -46,7 +46,7 @@ use aya::{
 };
 use tether_common::{
     drop_reason, maps, programs, CidrKey, DropEvent, EnforceConfig, ExecGen, FlowKey, IdentityKey, IdentityVal,
-    ProtectedRoot, Quota, RuleRef, SockState, MAX_PROTECTED_ROOTS,
+    ProtectedRoot, Quota, RuleRef, ServiceKey, ServiceVal, SockState, TunnelConfig, MAX_PROTECTED_ROOTS,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -60,7 +60,7 @@ pub const EXEC_TABLE: u64 = 65536;
 pub(super) const LAYOUT: &str = "v2";
 
 /// Maps pinned under the pin directory: shared by every load on it, kept across agents.
-const PINNED_MAPS: [&str; 20] = [
+const PINNED_MAPS: [&str; 24] = [
     maps::TASK_RECORDS,
     // Not read by enforcement yet; pinned so that a `Monitor::open_pinned` publishes
     // measurements where the pinned programs can see them.
@@ -83,7 +83,16 @@ const PINNED_MAPS: [&str; 20] = [
     maps::DROP_EVENTS,
     maps::DROP_COUNTS,
     maps::AUDIT_LIMIT,
+    maps::TUNNEL_SERVICES,
+    maps::TUNNEL_CONFIG,
+    maps::TUNNEL_SOCK,
+    maps::TUNNEL_CONNS,
 ];
+
+/// Where a pinned map of this layout lives (for the tunnel, which opens the few it uses).
+pub(super) fn pinned_map_path(pin_dir: &Path, name: &str) -> PathBuf {
+    pin_dir.join(LAYOUT).join(name)
+}
 
 /// Directory (under `links/`) of the record-keeping links.
 const PROCESS_LINKS: &str = "process";
@@ -98,11 +107,13 @@ pub(super) enum Hook {
 
 /// The enforcement programs in attach order: sockets are stamped before anything checks a
 /// stamp.
-const HOOKS: [(&str, Hook); 6] = [
+const HOOKS: [(&str, Hook); 7] = [
     (programs::SOCK_CREATE, Hook::Sock),
     (programs::POST_BIND4, Hook::Sock),
     (programs::SKB_EGRESS, Hook::SkbEgress),
     (programs::SKB_INGRESS, Hook::SkbIngress),
+    // Before connect4 captures anything, so a captured socket always shows what it dialled.
+    (programs::GETPEERNAME4, Hook::SockAddr),
     (programs::SENDMSG4, Hook::SockAddr),
     (programs::CONNECT4_ENFORCE, Hook::SockAddr),
 ];
@@ -157,6 +168,8 @@ pub struct Enforcer {
     config: Array<MapData, EnforceConfig>,
     drop_counts: PerCpuArray<MapData, u64>,
     drop_events: Option<RingBuf<MapData>>,
+    tunnel_services: HashMap<MapData, ServiceKey, ServiceVal>,
+    tunnel_config: Array<MapData, TunnelConfig>,
     _loaded: Loaded,
 }
 
@@ -273,6 +286,10 @@ impl Enforcer {
             PerCpuArray::try_from(take(ebpf, maps::DROP_COUNTS)?).map_err(map_err(maps::DROP_COUNTS, "open"))?;
         let drop_events =
             RingBuf::try_from(take(ebpf, maps::DROP_EVENTS)?).map_err(map_err(maps::DROP_EVENTS, "open"))?;
+        let tunnel_services =
+            HashMap::try_from(take(ebpf, maps::TUNNEL_SERVICES)?).map_err(map_err(maps::TUNNEL_SERVICES, "open"))?;
+        let tunnel_config =
+            Array::try_from(take(ebpf, maps::TUNNEL_CONFIG)?).map_err(map_err(maps::TUNNEL_CONFIG, "open"))?;
         let mut enforcer = Enforcer {
             pin_dir: pin_dir.to_path_buf(),
             identities,
@@ -286,6 +303,8 @@ impl Enforcer {
             config,
             drop_counts,
             drop_events: Some(drop_events),
+            tunnel_services,
+            tunnel_config,
             _loaded: loaded,
         };
         // The exec table shared evenly by the protected cgroups and the catch-all.
@@ -396,6 +415,47 @@ impl Enforcer {
         }
         self.sock_state.insert(socket, state, 0).map_err(map_err(maps::SOCK_STATE, "insert"))?;
         self.bump_epoch()
+    }
+
+    /// Replaces the table of workloads other Tether nodes serve. Additions and changes are
+    /// written before removals; if anything was removed or changed, the epoch moves, so
+    /// captured connections to what is no longer there (or no longer the same) are judged
+    /// again at their next packet. Returns whether anything changed.
+    pub fn set_tunnel_services(&mut self, services: &[(ServiceKey, ServiceVal)]) -> Result<bool, EbpfError> {
+        let name = maps::TUNNEL_SERVICES;
+        let wanted: std::collections::HashMap<ServiceKey, ServiceVal> = services.iter().copied().collect();
+        let present: Vec<(ServiceKey, ServiceVal)> =
+            self.tunnel_services.iter().collect::<Result<_, _>>().map_err(map_err(name, "iter"))?;
+        let present_map: std::collections::HashMap<ServiceKey, ServiceVal> = present.iter().copied().collect();
+        if present_map == wanted {
+            return Ok(false);
+        }
+        let mut rejudge = false;
+        for (k, v) in &wanted {
+            match present_map.get(k) {
+                Some(old) if old == v => {}
+                Some(old) => {
+                    // Only a changed identity matters to established connections (a node
+                    // marked down refuses new connects, it does not cut live ones).
+                    rejudge |= old.identity != v.identity;
+                    insert_result(name, self.tunnel_services.insert(k, v, 0))?;
+                }
+                None => insert_result(name, self.tunnel_services.insert(k, v, 0))?,
+            }
+        }
+        for k in present_map.keys().filter(|k| !wanted.contains_key(k)) {
+            remove_present(self.tunnel_services.remove(k)).map_err(map_err(name, "remove"))?;
+            rejudge = true;
+        }
+        if rejudge {
+            self.bump_epoch()?;
+        }
+        Ok(true)
+    }
+
+    /// Where connect() captures remote workloads to (or nothing, `enabled == 0`).
+    pub fn set_tunnel_config(&mut self, config: TunnelConfig) -> Result<(), EbpfError> {
+        self.tunnel_config.set(0, config, 0).map_err(map_err(maps::TUNNEL_CONFIG, "set"))
     }
 
     /// Every cached verdict is judged again at its connection's next packet.

@@ -7,6 +7,7 @@ mod enforce;
 mod floor;
 mod monitor;
 mod probe;
+mod tunnel;
 
 use aya::{Ebpf, EbpfLoader};
 use tether_common::{globals, KernelOffsets};
@@ -17,6 +18,7 @@ pub use enforce::{DropEvents, Enforcer, PinnedLinkStatus, EXEC_TABLE};
 pub use floor::Floor;
 pub use monitor::{ExecEvents, Monitor, TraceScope};
 pub use probe::{probe_kernel, EnforcementPath, KernelSupport};
+pub use tunnel::TunnelMaps;
 
 /// The kernel programs, built from `agent-ebpf` by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tether.bpf.o"));
