@@ -8,10 +8,13 @@
 use libfuzzer_sys::fuzz_target;
 use tether_proto::hbone::{check_connect, parse_authority, parse_server_name, NodeProof};
 
+fn text(f: Option<&[u8]>) -> Option<&str> {
+    f.and_then(|b| std::str::from_utf8(b).ok())
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut fields = data.split(|b| *b == 0);
     let mut next = || fields.next();
-    let text = |f: Option<&[u8]>| f.and_then(|b| std::str::from_utf8(b).ok());
     let (method, scheme, path, authority) = (next(), next(), next(), next());
     let (svid, proof, name) = (next(), next(), next());
     let method = text(method).unwrap_or("CONNECT");
