@@ -15,7 +15,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tether_common::{
     drop_reason, key_kind, service_flags, sock_role, CidrKey, DropEvent, FlowKey, IdentityKey, RuleRef, ServiceKey,
@@ -25,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::{
     cgroup::Cgroup,
+    config::EnforcementConfig,
     ebpf::Enforcer,
     manager::Snapshot,
     mesh::{self, IdentityName, LocalService, LocalView, RemoteView},
@@ -36,54 +36,6 @@ use crate::{
         pidfd::PidFd,
     },
 };
-
-/// `[enforcement]` in the agent config.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EnforcementConfig {
-    /// cgroup v2 directories whose processes are protected (absolute, or relative to the
-    /// cgroup2 mount). Never the root cgroup.
-    pub protected_cgroups: Vec<PathBuf>,
-    /// The policy file (see `policy`); re-read when it changes.
-    pub policy: PathBuf,
-    /// Where programs, links and maps are pinned. Default /sys/fs/bpf/tether/agent.
-    #[serde(default = "default_pin_dir")]
-    pub pin_dir: PathBuf,
-    /// JSON lines, one per reported drop. Default <data_dir>/audit.jsonl.
-    pub audit_log: Option<PathBuf>,
-    /// Drops from one source are reported at most this often (all are counted). Default 1000.
-    #[serde(default = "default_audit_interval")]
-    pub audit_interval_ms: u64,
-    /// A golden manifest (`tether-agent measure`): identities whose binary is listed with its
-    /// measured sha256 are "golden" for rules that require it.
-    pub golden_manifest: Option<PathBuf>,
-    /// The node's attestation lease in the kernel: protected flows stop this long after the
-    /// agent last renewed it (it renews while the server accepts the node, every half
-    /// second). A restart within the lease keeps every allowed flow; a dead agent, or a node
-    /// the server refused, stops them when it runs out. Default 30.
-    #[serde(default = "default_lease")]
-    pub node_lease_seconds: u64,
-    /// The network namespaces that make up this node (paths such as `/run/netns/x`): their
-    /// addresses are this node's, so packets from them are judged by identity, never by
-    /// address. Default: every network namespace of the machine. The namespaces of protected
-    /// processes always count.
-    #[serde(default)]
-    pub node_network_namespaces: Vec<PathBuf>,
-    /// How many processes holding sockets each protected cgroup may have at once in the
-    /// kernel's exec table; past it, only that cgroup's new sockets fail (audited as
-    /// `map_full`). Default: the table's size shared evenly.
-    pub socket_processes_per_cgroup: Option<u64>,
-}
-
-fn default_pin_dir() -> PathBuf {
-    PathBuf::from("/sys/fs/bpf/tether/agent")
-}
-fn default_audit_interval() -> u64 {
-    1000
-}
-fn default_lease() -> u64 {
-    30
-}
 
 /// How often this node's addresses are read again.
 const ADDRS_EVERY: Duration = Duration::from_secs(2);
