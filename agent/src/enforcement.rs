@@ -15,7 +15,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use sha2::{Digest, Sha256};
 use tether_common::{
     drop_reason, key_kind, service_flags, sock_role, CidrKey, DropEvent, FlowKey, IdentityKey, RuleRef, ServiceKey,
     ServiceVal, SockState, TunnelConfig,
@@ -26,7 +25,7 @@ use crate::{
     cgroup::Cgroup,
     config::EnforcementConfig,
     ebpf::Enforcer,
-    manager::Snapshot,
+    identity::{identity_number, Snapshot},
     mesh::{self, IdentityName, LocalService, LocalView, RemoteView},
     policy::{self, Compiled, Policy, PortRange},
     process::{
@@ -58,14 +57,6 @@ pub enum EnforcementError {
 
 /// A port range becomes one kernel row per port (0 = any); wider ranges are refused.
 pub const MAX_EXPANDED: u32 = 1024;
-
-/// The kernel's number for an identity: stable across agent restarts (sockets keep the number
-/// they were stamped with), so it is derived from what it names, never from a counter.
-pub fn identity_number(spiffe_id: &str, golden: bool) -> u32 {
-    let d = Sha256::digest(format!("{spiffe_id}\0{}", u8::from(golden)).as_bytes());
-    let n = u32::from_be_bytes([d[0], d[1], d[2], d[3]]) & 0x7fff_ffff;
-    n.max(1)
-}
 
 /// The identities the node may have: every entry, with and without a golden binary; then
 /// the identities other nodes serve (tunnels), never golden here (their binaries are
@@ -782,15 +773,6 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::policy::{CidrFlow, IdentityFlow, Ipv4Net, Proto};
-
-    #[test]
-    fn identity_numbers_are_stable_nonzero_and_distinguish_golden() {
-        let a = identity_number("spiffe://e.org/web", false);
-        assert_eq!(a, identity_number("spiffe://e.org/web", false));
-        assert_ne!(a, identity_number("spiffe://e.org/web", true));
-        assert_ne!(a, 0);
-        assert!(a < 0x8000_0000);
-    }
 
     #[test]
     fn encoding_expands_ports_and_keeps_any_as_zero() {

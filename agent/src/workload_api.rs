@@ -14,7 +14,6 @@ use std::{
     task::{Context, Poll},
 };
 
-use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64URL, Engine};
 use tether_attestors::{Selector, SpiffeId};
 use tether_proto::workload::{self, spiffe_workload_api_server::SpiffeWorkloadApi};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -23,7 +22,8 @@ use tonic::{transport::server::Connected, Request, Response, Status};
 
 use crate::{
     h2_authority::FixAuthority,
-    manager::{Manager, Snapshot},
+    identity::{LocalEntry, Snapshot},
+    manager::Manager,
     process::{caller::IdentityError, pidfd::PidFd, Record},
 };
 
@@ -470,10 +470,7 @@ fn no_identity() -> Status {
 }
 
 /// The caller's entries; PermissionDenied when it has none.
-fn require_identity<'a>(
-    snapshot: &'a Snapshot,
-    selectors: &[Selector],
-) -> Result<Vec<&'a crate::manager::LocalEntry>, Status> {
+fn require_identity<'a>(snapshot: &'a Snapshot, selectors: &[Selector]) -> Result<Vec<&'a LocalEntry>, Status> {
     if !snapshot.node_attested {
         return Err(Status::permission_denied(
             "this node is not attested (its evidence was refused): no identities are issued",
@@ -497,12 +494,6 @@ fn x509_bundles(s: &Snapshot, sel: &[Selector]) -> Result<Option<workload::X509B
 fn jwt_bundles(s: &Snapshot, sel: &[Selector]) -> Result<Option<workload::JwtBundlesResponse>, Status> {
     require_identity(s, sel)?;
     Ok(Some(workload::JwtBundlesResponse { bundles: HashMap::from([(td_key(s), jwt_jwks(s))]) }))
-}
-
-/// Decodes a compact JWS's claims without verifying it (for cache expiry only).
-pub fn jwt_claims(token: &str) -> Option<serde_json::Value> {
-    let payload = token.split('.').nth(1)?;
-    serde_json::from_slice(&B64URL.decode(payload).ok()?).ok()
 }
 
 fn json_to_prost(v: &serde_json::Value) -> prost_types::Value {
@@ -649,6 +640,7 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 
 #[cfg(test)]
 mod tests {
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64URL, Engine};
     use ring::{
         rand::SystemRandom,
         signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING},
@@ -656,7 +648,7 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::*;
-    use crate::node_client::Bundle;
+    use crate::identity::Bundle;
     use crate::svid::now;
 
     struct Signer {

@@ -41,7 +41,8 @@ use tokio::sync::{watch, Notify};
 use crate::{
     config::{AgentConfig, TunnelConfig},
     ebpf::TunnelMaps,
-    manager::{Manager, Snapshot},
+    identity::Snapshot,
+    manager::Manager,
     mesh::{Capture, LocalView, RemoteView, TunnelEnds},
     svid::X509Svid,
 };
