@@ -10,7 +10,7 @@ use tokio::sync::{watch, Mutex};
 
 use crate::{
     config::AgentConfig,
-    identity::{jwt::jwt_claims, Bundle, LocalEntry, Snapshot},
+    identity::{jwt::jwt_claims, Bundle, IdentitySource, JwtFuture, LocalEntry, Snapshot},
     node_client::{NodeError, NodeSession},
     svid::{new_key, now, X509Svid},
 };
@@ -358,6 +358,21 @@ impl Manager {
         cache.retain(|_, (_, _, e)| *e > now);
         cache.insert(key, (token.clone(), now, exp));
         Ok(token)
+    }
+}
+
+/// What the Workload API serves from.
+impl IdentitySource for Manager {
+    fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        Manager::subscribe(self)
+    }
+
+    fn current(&self) -> Arc<Snapshot> {
+        Manager::current(self)
+    }
+
+    fn jwt<'a>(&'a self, entry_id: &'a str, audience: &'a [String]) -> JwtFuture<'a> {
+        Box::pin(async move { Manager::jwt(self, entry_id, audience).await.map_err(Into::into) })
     }
 }
 

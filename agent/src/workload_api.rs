@@ -22,8 +22,7 @@ use tonic::{transport::server::Connected, Request, Response, Status};
 
 use crate::{
     h2_authority::FixAuthority,
-    identity::{LocalEntry, Snapshot},
-    manager::Manager,
+    identity::{IdentitySource, LocalEntry, Snapshot},
     process::{caller::IdentityError, pidfd::PidFd, Record},
 };
 
@@ -297,12 +296,13 @@ pub fn incoming<S: SelectorSource>(
 
 pub struct WorkloadApi<S> {
     selectors: Arc<S>,
-    manager: Arc<Manager>,
+    /// The node's identities (the manager, in the agent).
+    identities: Arc<dyn IdentitySource>,
 }
 
 impl<S: SelectorSource> WorkloadApi<S> {
-    pub fn new(selectors: Arc<S>, manager: Arc<Manager>) -> Self {
-        WorkloadApi { selectors, manager }
+    pub fn new(selectors: Arc<S>, identities: Arc<dyn IdentitySource>) -> Self {
+        WorkloadApi { selectors, identities }
     }
 }
 
@@ -414,7 +414,7 @@ async fn open_stream<S: SelectorSource, T: Send + 'static, R>(
     check_header(req)?;
     let peer = conn_peer(req)?;
     let selectors = peer_selectors(&api.selectors, &peer).await?;
-    let mut rx = api.manager.subscribe();
+    let mut rx = api.identities.subscribe();
     let snapshot = rx.borrow_and_update().clone();
     let first = make(&snapshot, &selectors)?
         .ok_or_else(|| Status::unavailable("SVIDs for this caller are not issued yet; retry"))?;
@@ -552,7 +552,7 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
         }
         let selectors = caller_selectors(&self.selectors, &req).await?;
         let r = req.get_ref();
-        let snapshot = self.manager.current();
+        let snapshot = self.identities.current();
         let entries = require_identity(&snapshot, &selectors)?;
         let wanted: Vec<_> =
             entries.into_iter().filter(|e| r.spiffe_id.is_empty() || e.spiffe_id.to_string() == r.spiffe_id).collect();
@@ -566,7 +566,7 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
                 continue;
             }
             let token = self
-                .manager
+                .identities
                 .jwt(&e.id, &r.audience)
                 .await
                 .map_err(|err| Status::unavailable(format!("JWT-SVID for {}: {err}", e.spiffe_id)))?;
@@ -595,7 +595,7 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
             return Err(Status::invalid_argument("svid must be specified"));
         }
         let selectors = caller_selectors(&self.selectors, &req).await?;
-        let snapshot = self.manager.current();
+        let snapshot = self.identities.current();
         require_identity(&snapshot, &selectors)?;
         let r = req.get_ref();
         let (id, claims) = validate_jwt(&snapshot, &r.svid, &r.audience)
