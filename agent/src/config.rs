@@ -1,10 +1,15 @@
 //! tether-agent configuration (`run`): one TOML file, unknown keys refused, each value
 //! checked at start-up with an error naming the key.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::Deserialize;
 use tether_attestors::parse_trust_domain;
+use tether_attestors::tpm::device::EkAlgorithm;
 use thiserror::Error;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -45,16 +50,16 @@ pub struct AgentConfig {
     #[serde(default = "default_max_connections")]
     pub max_connections_per_uid: usize,
     /// Attest the node with its TPM (instead of a join token).
-    pub tpm: Option<crate::tpm::TpmConfig>,
+    pub tpm: Option<TpmConfig>,
     /// In-kernel enforcement on protected cgroups.
-    pub enforcement: Option<crate::enforcement::EnforcementConfig>,
+    pub enforcement: Option<EnforcementConfig>,
     /// Where container runtimes and the kubelet make their cgroups: container and
     /// Kubernetes selectors come only from there.
     #[serde(default)]
-    pub selectors: crate::process::selectors::SelectorConfig,
+    pub selectors: SelectorConfig,
     /// Mutually authenticated tunnels to protected workloads on other nodes (needs
     /// `[enforcement]`: the kernel captures the connections).
-    pub tunnel: Option<crate::tunnel::TunnelConfig>,
+    pub tunnel: Option<TunnelConfig>,
 }
 
 fn default_server_name() -> String {
@@ -67,10 +72,203 @@ fn default_max_connections() -> usize {
     64
 }
 fn default_measure_deadline() -> u64 {
-    crate::process::measure::DEFAULT_DEADLINE.as_millis() as u64
+    DEFAULT_MEASURE_DEADLINE.as_millis() as u64
 }
 fn default_max_measure() -> u64 {
-    crate::process::measure::DEFAULT_MAX_BYTES
+    DEFAULT_MAX_MEASURE_BYTES
+}
+
+// ---- The sections: each module that uses one reads it from here, so `config` depends on no
+// other part of the agent.
+
+/// Default cap: executables above this are not hashed (configurable).
+pub const DEFAULT_MAX_MEASURE_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Default time a caller waits for a measurement (configurable).
+pub const DEFAULT_MEASURE_DEADLINE: Duration = Duration::from_secs(3);
+
+/// `[tpm]` in the agent config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmConfig {
+    /// `device:/dev/tpmrm0` (default) on real hosts, `swtpm:host=H,port=P` for a software TPM.
+    #[serde(default = "default_tcti")]
+    pub tcti: String,
+    /// The endorsement key that identifies the node: "rsa" (default) or "ecc".
+    #[serde(default = "default_ek")]
+    pub ek: EkAlgorithm,
+    /// Seconds between re-attestations (a fresh quote) besides the one at each node SVID
+    /// renewal. Default 300.
+    #[serde(default = "default_reattest_interval")]
+    pub reattest_interval_seconds: u64,
+    /// The platform's TCG event log, sent with each quote when readable.
+    #[serde(default = "default_event_log")]
+    pub event_log: PathBuf,
+}
+
+fn default_tcti() -> String {
+    "device:/dev/tpmrm0".into()
+}
+fn default_ek() -> EkAlgorithm {
+    EkAlgorithm::Rsa
+}
+fn default_reattest_interval() -> u64 {
+    300
+}
+fn default_event_log() -> PathBuf {
+    PathBuf::from("/sys/kernel/security/tpm0/binary_bios_measurements")
+}
+
+/// `[enforcement]` in the agent config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnforcementConfig {
+    /// cgroup v2 directories whose processes are protected (absolute, or relative to the
+    /// cgroup2 mount). Never the root cgroup.
+    pub protected_cgroups: Vec<PathBuf>,
+    /// The policy file (see `policy`); re-read when it changes.
+    pub policy: PathBuf,
+    /// Where programs, links and maps are pinned. Default /sys/fs/bpf/tether/agent.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// JSON lines, one per reported drop. Default <data_dir>/audit.jsonl.
+    pub audit_log: Option<PathBuf>,
+    /// Drops from one source are reported at most this often (all are counted). Default 1000.
+    #[serde(default = "default_audit_interval")]
+    pub audit_interval_ms: u64,
+    /// A golden manifest (`tether-agent measure`): identities whose binary is listed with its
+    /// measured sha256 are "golden" for rules that require it.
+    pub golden_manifest: Option<PathBuf>,
+    /// The node's attestation lease in the kernel: protected flows stop this long after the
+    /// agent last renewed it (it renews while the server accepts the node, every half
+    /// second). A restart within the lease keeps every allowed flow; a dead agent, or a node
+    /// the server refused, stops them when it runs out. Default 30.
+    #[serde(default = "default_lease")]
+    pub node_lease_seconds: u64,
+    /// The network namespaces that make up this node (paths such as `/run/netns/x`): their
+    /// addresses are this node's, so packets from them are judged by identity, never by
+    /// address. Default: every network namespace of the machine. The namespaces of protected
+    /// processes always count.
+    #[serde(default)]
+    pub node_network_namespaces: Vec<PathBuf>,
+    /// How many processes holding sockets each protected cgroup may have at once in the
+    /// kernel's exec table; past it, only that cgroup's new sockets fail (audited as
+    /// `map_full`). Default: the table's size shared evenly.
+    pub socket_processes_per_cgroup: Option<u64>,
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/tether/agent")
+}
+fn default_audit_interval() -> u64 {
+    1000
+}
+fn default_lease() -> u64 {
+    30
+}
+
+/// Where container runtimes and the kubelet make their cgroups (paths relative to the
+/// cgroup2 root): `[selectors]` in the agent config.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SelectorConfig {
+    /// Roots under which a container runtime's cgroups name containers. Default: docker and
+    /// containerd with the systemd driver (`/system.slice`), docker with the cgroupfs driver
+    /// (`/docker`), rootful podman (`/machine.slice`), and the Kubernetes roots.
+    #[serde(default = "default_container_roots")]
+    pub container_roots: Vec<String>,
+    /// Roots the kubelet makes pod cgroups under. Default: `/kubepods.slice` (systemd
+    /// driver), `/kubepods` (cgroupfs driver), `/kubelet.slice/kubelet-kubepods.slice`
+    /// (a kubelet in a kind node).
+    #[serde(default = "default_kubernetes_roots")]
+    pub kubernetes_roots: Vec<String>,
+}
+
+fn default_kubernetes_roots() -> Vec<String> {
+    ["/kubepods.slice", "/kubepods", "/kubelet.slice/kubelet-kubepods.slice"].map(String::from).to_vec()
+}
+
+fn default_container_roots() -> Vec<String> {
+    let mut v: Vec<String> = ["/system.slice", "/docker", "/machine.slice"].map(String::from).to_vec();
+    v.extend(default_kubernetes_roots());
+    v
+}
+
+impl Default for SelectorConfig {
+    fn default() -> Self {
+        SelectorConfig { container_roots: default_container_roots(), kubernetes_roots: default_kubernetes_roots() }
+    }
+}
+
+impl SelectorConfig {
+    /// Every root must be an absolute cgroup path with no empty, `.` or `..` component.
+    pub fn validate(&self) -> Result<(), String> {
+        for r in self.container_roots.iter().chain(&self.kubernetes_roots) {
+            let ok =
+                r.starts_with('/') && r.len() > 1 && r[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+            if !ok {
+                return Err(format!("{r:?} is not an absolute cgroup path like /kubepods.slice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[tunnel]` in the agent config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    /// The HBONE port other nodes connect to. Default 15008.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// The capture listener's port on 127.0.0.1 of the tunnel namespace. Default 15001.
+    #[serde(default = "default_capture_port")]
+    pub capture_port: u16,
+    /// The network namespace of this node's workloads and tunnel (e.g. `/run/netns/x`).
+    /// Default: the agent's own. Workloads of other namespaces are not captured.
+    pub network_namespace: Option<PathBuf>,
+    /// The address other nodes reach the tunnel at. Default: the namespace's first
+    /// non-loopback IPv4 address.
+    pub address: Option<Ipv4Addr>,
+    /// How long to wait for another node's tunnel (and, inbound, for a local workload)
+    /// before the connection is reset. Default 2000.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Live streams are checked against policy, identities and peers at least this often
+    /// (and at once on every change). Default 1000.
+    #[serde(default = "default_recheck")]
+    pub recheck_interval_ms: u64,
+    /// One JSON line per stream and per refusal. Default <data_dir>/tunnel-streams.jsonl.
+    pub stream_log: Option<PathBuf>,
+    /// The peer query socket (who is on the other end of a tunnelled connection).
+    /// Default <data_dir>/tunnel-peers.sock.
+    pub peer_socket: Option<PathBuf>,
+    /// Worker threads of the tunnel's runtime. Default: the number of CPUs.
+    pub worker_threads: Option<usize>,
+}
+
+fn default_port() -> u16 {
+    tether_proto::hbone::DEFAULT_PORT
+}
+fn default_capture_port() -> u16 {
+    15001
+}
+fn default_connect_timeout() -> u64 {
+    2000
+}
+fn default_recheck() -> u64 {
+    1000
+}
+
+impl TunnelConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms.max(1))
+    }
+
+    /// The network namespace of the tunnel (the agent's own when none is named).
+    pub fn netns_path(&self) -> PathBuf {
+        self.network_namespace.clone().unwrap_or_else(|| PathBuf::from("/proc/self/ns/net"))
+    }
 }
 
 #[derive(Debug, Error)]

@@ -15,8 +15,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tether_common::{
     drop_reason, key_kind, service_flags, sock_role, CidrKey, DropEvent, FlowKey, IdentityKey, RuleRef, ServiceKey,
     ServiceVal, SockState, TunnelConfig,
@@ -25,8 +23,9 @@ use tokio::sync::watch;
 
 use crate::{
     cgroup::Cgroup,
+    config::EnforcementConfig,
     ebpf::Enforcer,
-    manager::Snapshot,
+    identity::{identity_number, Snapshot},
     mesh::{self, IdentityName, LocalService, LocalView, RemoteView},
     policy::{self, Compiled, Policy, PortRange},
     process::{
@@ -36,54 +35,6 @@ use crate::{
         pidfd::PidFd,
     },
 };
-
-/// `[enforcement]` in the agent config.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EnforcementConfig {
-    /// cgroup v2 directories whose processes are protected (absolute, or relative to the
-    /// cgroup2 mount). Never the root cgroup.
-    pub protected_cgroups: Vec<PathBuf>,
-    /// The policy file (see `policy`); re-read when it changes.
-    pub policy: PathBuf,
-    /// Where programs, links and maps are pinned. Default /sys/fs/bpf/tether/agent.
-    #[serde(default = "default_pin_dir")]
-    pub pin_dir: PathBuf,
-    /// JSON lines, one per reported drop. Default <data_dir>/audit.jsonl.
-    pub audit_log: Option<PathBuf>,
-    /// Drops from one source are reported at most this often (all are counted). Default 1000.
-    #[serde(default = "default_audit_interval")]
-    pub audit_interval_ms: u64,
-    /// A golden manifest (`tether-agent measure`): identities whose binary is listed with its
-    /// measured sha256 are "golden" for rules that require it.
-    pub golden_manifest: Option<PathBuf>,
-    /// The node's attestation lease in the kernel: protected flows stop this long after the
-    /// agent last renewed it (it renews while the server accepts the node, every half
-    /// second). A restart within the lease keeps every allowed flow; a dead agent, or a node
-    /// the server refused, stops them when it runs out. Default 30.
-    #[serde(default = "default_lease")]
-    pub node_lease_seconds: u64,
-    /// The network namespaces that make up this node (paths such as `/run/netns/x`): their
-    /// addresses are this node's, so packets from them are judged by identity, never by
-    /// address. Default: every network namespace of the machine. The namespaces of protected
-    /// processes always count.
-    #[serde(default)]
-    pub node_network_namespaces: Vec<PathBuf>,
-    /// How many processes holding sockets each protected cgroup may have at once in the
-    /// kernel's exec table; past it, only that cgroup's new sockets fail (audited as
-    /// `map_full`). Default: the table's size shared evenly.
-    pub socket_processes_per_cgroup: Option<u64>,
-}
-
-fn default_pin_dir() -> PathBuf {
-    PathBuf::from("/sys/fs/bpf/tether/agent")
-}
-fn default_audit_interval() -> u64 {
-    1000
-}
-fn default_lease() -> u64 {
-    30
-}
 
 /// How often this node's addresses are read again.
 const ADDRS_EVERY: Duration = Duration::from_secs(2);
@@ -106,14 +57,6 @@ pub enum EnforcementError {
 
 /// A port range becomes one kernel row per port (0 = any); wider ranges are refused.
 pub const MAX_EXPANDED: u32 = 1024;
-
-/// The kernel's number for an identity: stable across agent restarts (sockets keep the number
-/// they were stamped with), so it is derived from what it names, never from a counter.
-pub fn identity_number(spiffe_id: &str, golden: bool) -> u32 {
-    let d = Sha256::digest(format!("{spiffe_id}\0{}", u8::from(golden)).as_bytes());
-    let n = u32::from_be_bytes([d[0], d[1], d[2], d[3]]) & 0x7fff_ffff;
-    n.max(1)
-}
 
 /// The identities the node may have: every entry, with and without a golden binary; then
 /// the identities other nodes serve (tunnels), never golden here (their binaries are
@@ -830,15 +773,6 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::policy::{CidrFlow, IdentityFlow, Ipv4Net, Proto};
-
-    #[test]
-    fn identity_numbers_are_stable_nonzero_and_distinguish_golden() {
-        let a = identity_number("spiffe://e.org/web", false);
-        assert_eq!(a, identity_number("spiffe://e.org/web", false));
-        assert_ne!(a, identity_number("spiffe://e.org/web", true));
-        assert_ne!(a, 0);
-        assert!(a < 0x8000_0000);
-    }
 
     #[test]
     fn encoding_expands_ports_and_keeps_any_as_zero() {

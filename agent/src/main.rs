@@ -47,7 +47,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Executables larger than this are not hashed.
-        #[arg(long, default_value_t = measure::DEFAULT_MAX_BYTES)]
+        #[arg(long, default_value_t = tether_agent::config::DEFAULT_MAX_MEASURE_BYTES)]
         max_measure_bytes: u64,
         /// Golden manifest (`path sha256` lines) to pre-measure and compare against.
         #[arg(long)]
@@ -65,7 +65,7 @@ enum Command {
         /// Where to write the manifest (default: standard output).
         #[arg(long, short)]
         output: Option<PathBuf>,
-        #[arg(long, default_value_t = measure::DEFAULT_MAX_BYTES)]
+        #[arg(long, default_value_t = tether_agent::config::DEFAULT_MAX_MEASURE_BYTES)]
         max_measure_bytes: u64,
     },
     /// Report which BPF program and map types this kernel accepts, and the path Tether uses.
@@ -398,7 +398,7 @@ fn ps_command(
     json: bool,
     max_bytes: u64,
     manifest_path: Option<&Path>,
-    selectors: tether_agent::process::selectors::SelectorConfig,
+    selectors: tether_agent::config::SelectorConfig,
 ) -> Result<()> {
     let cg = open_cgroup(cgroup)?;
     let monitor = ebpf::Monitor::start(ebpf::load()?, ebpf::TraceScope::Off)?;

@@ -5,13 +5,13 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use tether_attestors::{Selector, SpiffeId};
 use tether_proto::node;
 use tokio::sync::{watch, Mutex};
 
 use crate::{
     config::AgentConfig,
-    node_client::{Bundle, NodeError, NodeSession},
+    identity::{jwt::jwt_claims, Bundle, IdentitySource, JwtFuture, LocalEntry, Snapshot},
+    node_client::{NodeError, NodeSession},
     svid::{new_key, now, X509Svid},
 };
 
@@ -28,82 +28,6 @@ fn node_refused(s: &tonic::Status) -> bool {
 fn server_refused(e: &NodeError) -> bool {
     matches!(e, NodeError::Status(s) if node_refused(s)
         || matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
-}
-
-/// A registration entry as the agent uses it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LocalEntry {
-    pub id: String,
-    pub spiffe_id: SpiffeId,
-    pub selectors: Vec<Selector>,
-    pub hint: String,
-    pub revision: i64,
-    /// For enforcement policy rules.
-    pub namespace: String,
-    pub labels: std::collections::BTreeMap<String, String>,
-}
-
-impl LocalEntry {
-    fn from_proto(e: &node::Entry) -> Option<Self> {
-        Some(LocalEntry {
-            id: e.id.clone(),
-            spiffe_id: SpiffeId::parse(&e.spiffe_id).ok()?,
-            selectors: e.selectors.iter().map(|s| Selector::parse(s)).collect::<Result<_, _>>().ok()?,
-            hint: e.hint.clone(),
-            revision: e.revision,
-            namespace: if e.namespace.is_empty() { "default".into() } else { e.namespace.clone() },
-            labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-        })
-    }
-}
-
-/// Everything the Workload API serves from, replaced whole on every change.
-#[derive(Clone, Debug, Default)]
-pub struct Snapshot {
-    pub entries: Vec<LocalEntry>,
-    /// By entry id; only unexpired SVIDs.
-    pub svids: HashMap<String, X509Svid>,
-    pub bundle: Bundle,
-    /// The bundle's JWT authorities, parsed (once per bundle).
-    pub jwt: Arc<crate::identity::jwt::JwtAuthorities>,
-    /// Whether the node holds a valid node SVID (attested).
-    pub node_attested: bool,
-    /// For each selector, the entries (indices into `entries`) that require it: a workload
-    /// is only checked against entries sharing at least one of its selectors.
-    by_selector: HashMap<Selector, Vec<usize>>,
-}
-
-impl Snapshot {
-    pub fn new(
-        entries: Vec<LocalEntry>,
-        svids: HashMap<String, X509Svid>,
-        bundle: Bundle,
-        node_attested: bool,
-    ) -> Self {
-        let mut by_selector: HashMap<Selector, Vec<usize>> = HashMap::new();
-        for (i, e) in entries.iter().enumerate() {
-            for s in &e.selectors {
-                by_selector.entry(s.clone()).or_default().push(i);
-            }
-        }
-        let jwt = crate::identity::jwt::JwtAuthorities::for_bundle(&bundle.trust_domain, &bundle.jwks);
-        Snapshot { entries, svids, bundle, jwt, node_attested, by_selector }
-    }
-
-    /// Entries whose selectors are all among the workload's, in a stable order.
-    pub fn matching(&self, selectors: &[Selector]) -> Vec<&LocalEntry> {
-        let mut candidates: Vec<usize> =
-            selectors.iter().filter_map(|s| self.by_selector.get(s)).flatten().copied().collect();
-        candidates.sort_unstable();
-        candidates.dedup();
-        let mut out: Vec<&LocalEntry> = candidates
-            .into_iter()
-            .map(|i| &self.entries[i])
-            .filter(|e| tether_attestors::is_subset(&e.selectors, selectors))
-            .collect();
-        out.sort_by(|a, b| a.spiffe_id.cmp(&b.spiffe_id).then(a.id.cmp(&b.id)));
-        out
-    }
 }
 
 pub struct Manager {
@@ -427,13 +351,28 @@ impl Manager {
             Some(session) => session.mint_jwt(entry_id, audience).await?,
             None => return Err(NodeError::Away),
         };
-        let exp = crate::workload_api::jwt_claims(&token).and_then(|c| c["exp"].as_i64()).unwrap_or(now);
+        let exp = jwt_claims(&token).and_then(|c| c["exp"].as_i64()).unwrap_or(now);
         let mut cache = self.jwt_cache.lock().await;
         // Audiences are chosen by workloads: drop expired tokens so the cache cannot grow
         // without bound.
         cache.retain(|_, (_, _, e)| *e > now);
         cache.insert(key, (token.clone(), now, exp));
         Ok(token)
+    }
+}
+
+/// What the Workload API serves from.
+impl IdentitySource for Manager {
+    fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        Manager::subscribe(self)
+    }
+
+    fn current(&self) -> Arc<Snapshot> {
+        Manager::current(self)
+    }
+
+    fn jwt<'a>(&'a self, entry_id: &'a str, audience: &'a [String]) -> JwtFuture<'a> {
+        Box::pin(async move { Manager::jwt(self, entry_id, audience).await.map_err(Into::into) })
     }
 }
 
@@ -458,18 +397,6 @@ impl Manager {
 mod tests {
     use super::*;
 
-    fn entry(id: &str, sel: &[&str]) -> LocalEntry {
-        LocalEntry {
-            id: id.into(),
-            spiffe_id: SpiffeId::parse(&format!("spiffe://td/{id}")).unwrap(),
-            selectors: sel.iter().map(|s| Selector::parse(s).unwrap()).collect(),
-            hint: String::new(),
-            revision: 1,
-            namespace: "default".into(),
-            labels: Default::default(),
-        }
-    }
-
     #[test]
     fn only_refusals_of_the_node_withdraw_its_identities() {
         use tether_proto::refusal::NodeRefusal;
@@ -479,25 +406,5 @@ mod tests {
         // The same words without the code are one request refused, not the node.
         assert!(!node_refused(&tonic::Status::permission_denied("node revoked: spiffe://td/n may not request x")));
         assert!(!node_refused(&tonic::Status::unavailable("node revoked: server down")));
-    }
-
-    #[test]
-    fn matching_is_subset_of_the_workloads_selectors() {
-        let snap = Snapshot::new(
-            vec![
-                entry("b", &["unix:uid:0", "cgroup:path:/a"]),
-                entry("a", &["unix:uid:0"]),
-                entry("c", &["unix:uid:1"]),
-                entry("d", &["unix:uid:0", "unix:gid:5"]),
-            ],
-            HashMap::new(),
-            Bundle::default(),
-            true,
-        );
-        let wl: Vec<Selector> =
-            ["unix:uid:0", "cgroup:path:/a", "unix:gid:0"].iter().map(|s| Selector::parse(s).unwrap()).collect();
-        let ids: Vec<&str> = snap.matching(&wl).iter().map(|e| e.id.as_str()).collect();
-        assert_eq!(ids, vec!["a", "b"], "all of an entry's selectors must match; ordered by SPIFFE ID");
-        assert!(snap.matching(&[]).is_empty());
     }
 }

@@ -2,12 +2,13 @@
 
 use std::path::Path;
 
-use tether_attestors::{join_token, pem, tpm::binding::BoundKey};
+use tether_attestors::{join_token, tpm::binding::BoundKey};
 use tether_proto::node::{self, node_client::NodeClient};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
     config::AgentConfig,
+    identity::Bundle,
     svid::{new_key, now, SvidError, X509Svid},
     tpm::NodeTpm,
 };
@@ -38,29 +39,10 @@ pub enum NodeError {
     Away,
 }
 
-/// The trust bundle: DER roots, and the JWKS for JWT authorities.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Bundle {
-    pub trust_domain: String,
-    pub x509_authorities: Vec<Vec<u8>>,
-    pub jwks: Vec<u8>,
-    pub sequence: i64,
-}
-
-impl Bundle {
-    fn from_proto(b: Option<node::Bundle>) -> Result<Self, NodeError> {
-        let b = b.ok_or(NodeError::NoBundle)?;
-        Ok(Bundle {
-            trust_domain: b.trust_domain,
-            x509_authorities: b.x509_authorities,
-            jwks: b.jwks,
-            sequence: b.sequence,
-        })
-    }
-
-    pub fn pem(&self) -> String {
-        pem::certificates(self.x509_authorities.iter().map(Vec::as_slice))
-    }
+/// The bundle the server sent with an answer (every answer that changes the node's state
+/// carries one).
+fn bundle_of(b: Option<node::Bundle>) -> Result<Bundle, NodeError> {
+    b.map(Bundle::from).ok_or(NodeError::NoBundle)
 }
 
 /// How long a TCP connection and TLS handshake to the node API may take.
@@ -267,7 +249,7 @@ impl NodeSession {
         };
         let resp = client.attest(request).await?.into_inner();
         let node_svid = X509Svid::new(&pending.key, &resp.svid_chain)?;
-        let bundle = Bundle::from_proto(resp.bundle)?;
+        let bundle = bundle_of(resp.bundle)?;
         if let Err(e) = save_node_svid(&config.data_dir, &node_svid) {
             tracing::warn!("node SVID not persisted: {e}");
         }
@@ -322,7 +304,7 @@ impl NodeSession {
             .await?
             .into_inner();
         self.node_svid = X509Svid::new(&pending.key, &resp.svid_chain)?;
-        self.bundle = Bundle::from_proto(resp.bundle)?;
+        self.bundle = bundle_of(resp.bundle)?;
         if let Err(e) = save_node_svid(&config.data_dir, &self.node_svid) {
             tracing::warn!("node SVID not persisted: {e}");
         }
@@ -333,7 +315,7 @@ impl NodeSession {
 
     pub async fn sync(&mut self) -> Result<Vec<node::Entry>, NodeError> {
         let resp = self.client.sync_entries(node::SyncRequest {}).await?.into_inner();
-        self.bundle = Bundle::from_proto(resp.bundle)?;
+        self.bundle = bundle_of(resp.bundle)?;
         Ok(resp.entries)
     }
 

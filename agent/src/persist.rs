@@ -17,7 +17,10 @@ use base64::{engine::general_purpose::STANDARD as B64, Engine};
 use serde::{Deserialize, Serialize};
 use tether_attestors::{Selector, SpiffeId};
 
-use crate::{manager::LocalEntry, node_client::Bundle, svid::X509Svid};
+use crate::{
+    identity::{Bundle, LocalEntry},
+    svid::X509Svid,
+};
 
 const BUNDLE: &str = "bundle.json";
 const IDENTITIES: &str = "identities.json";

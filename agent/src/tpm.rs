@@ -4,44 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use prost::Message;
-use serde::Deserialize;
 use tether_attestors::tpm::{
     binding::{self, BindingError, BoundKey, KeyHash},
     device::{AttestationKey, Device, DeviceError, EkAlgorithm, Endorsement, Quote},
 };
 use tether_proto::tpm as pb;
 
-/// `[tpm]` in the agent config.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TpmConfig {
-    /// `device:/dev/tpmrm0` (default) on real hosts, `swtpm:host=H,port=P` for a software TPM.
-    #[serde(default = "default_tcti")]
-    pub tcti: String,
-    /// The endorsement key that identifies the node: "rsa" (default) or "ecc".
-    #[serde(default = "default_ek")]
-    pub ek: EkAlgorithm,
-    /// Seconds between re-attestations (a fresh quote) besides the one at each node SVID
-    /// renewal. Default 300.
-    #[serde(default = "default_interval")]
-    pub reattest_interval_seconds: u64,
-    /// The platform's TCG event log, sent with each quote when readable.
-    #[serde(default = "default_event_log")]
-    pub event_log: PathBuf,
-}
-
-fn default_tcti() -> String {
-    "device:/dev/tpmrm0".into()
-}
-fn default_ek() -> EkAlgorithm {
-    EkAlgorithm::Rsa
-}
-fn default_interval() -> u64 {
-    300
-}
-fn default_event_log() -> PathBuf {
-    PathBuf::from("/sys/kernel/security/tpm0/binary_bios_measurements")
-}
+use crate::config::TpmConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TpmError {

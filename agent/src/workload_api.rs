@@ -14,7 +14,6 @@ use std::{
     task::{Context, Poll},
 };
 
-use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64URL, Engine};
 use tether_attestors::{Selector, SpiffeId};
 use tether_proto::workload::{self, spiffe_workload_api_server::SpiffeWorkloadApi};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -23,7 +22,7 @@ use tonic::{transport::server::Connected, Request, Response, Status};
 
 use crate::{
     h2_authority::FixAuthority,
-    manager::{Manager, Snapshot},
+    identity::{IdentitySource, LocalEntry, Snapshot},
     process::{caller::IdentityError, pidfd::PidFd, Record},
 };
 
@@ -297,12 +296,13 @@ pub fn incoming<S: SelectorSource>(
 
 pub struct WorkloadApi<S> {
     selectors: Arc<S>,
-    manager: Arc<Manager>,
+    /// The node's identities (the manager, in the agent).
+    identities: Arc<dyn IdentitySource>,
 }
 
 impl<S: SelectorSource> WorkloadApi<S> {
-    pub fn new(selectors: Arc<S>, manager: Arc<Manager>) -> Self {
-        WorkloadApi { selectors, manager }
+    pub fn new(selectors: Arc<S>, identities: Arc<dyn IdentitySource>) -> Self {
+        WorkloadApi { selectors, identities }
     }
 }
 
@@ -414,7 +414,7 @@ async fn open_stream<S: SelectorSource, T: Send + 'static, R>(
     check_header(req)?;
     let peer = conn_peer(req)?;
     let selectors = peer_selectors(&api.selectors, &peer).await?;
-    let mut rx = api.manager.subscribe();
+    let mut rx = api.identities.subscribe();
     let snapshot = rx.borrow_and_update().clone();
     let first = make(&snapshot, &selectors)?
         .ok_or_else(|| Status::unavailable("SVIDs for this caller are not issued yet; retry"))?;
@@ -470,10 +470,7 @@ fn no_identity() -> Status {
 }
 
 /// The caller's entries; PermissionDenied when it has none.
-fn require_identity<'a>(
-    snapshot: &'a Snapshot,
-    selectors: &[Selector],
-) -> Result<Vec<&'a crate::manager::LocalEntry>, Status> {
+fn require_identity<'a>(snapshot: &'a Snapshot, selectors: &[Selector]) -> Result<Vec<&'a LocalEntry>, Status> {
     if !snapshot.node_attested {
         return Err(Status::permission_denied(
             "this node is not attested (its evidence was refused): no identities are issued",
@@ -497,12 +494,6 @@ fn x509_bundles(s: &Snapshot, sel: &[Selector]) -> Result<Option<workload::X509B
 fn jwt_bundles(s: &Snapshot, sel: &[Selector]) -> Result<Option<workload::JwtBundlesResponse>, Status> {
     require_identity(s, sel)?;
     Ok(Some(workload::JwtBundlesResponse { bundles: HashMap::from([(td_key(s), jwt_jwks(s))]) }))
-}
-
-/// Decodes a compact JWS's claims without verifying it (for cache expiry only).
-pub fn jwt_claims(token: &str) -> Option<serde_json::Value> {
-    let payload = token.split('.').nth(1)?;
-    serde_json::from_slice(&B64URL.decode(payload).ok()?).ok()
 }
 
 fn json_to_prost(v: &serde_json::Value) -> prost_types::Value {
@@ -561,7 +552,7 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
         }
         let selectors = caller_selectors(&self.selectors, &req).await?;
         let r = req.get_ref();
-        let snapshot = self.manager.current();
+        let snapshot = self.identities.current();
         let entries = require_identity(&snapshot, &selectors)?;
         let wanted: Vec<_> =
             entries.into_iter().filter(|e| r.spiffe_id.is_empty() || e.spiffe_id.to_string() == r.spiffe_id).collect();
@@ -575,7 +566,7 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
                 continue;
             }
             let token = self
-                .manager
+                .identities
                 .jwt(&e.id, &r.audience)
                 .await
                 .map_err(|err| Status::unavailable(format!("JWT-SVID for {}: {err}", e.spiffe_id)))?;
@@ -604,7 +595,7 @@ impl<S: SelectorSource> SpiffeWorkloadApi for WorkloadApi<S> {
             return Err(Status::invalid_argument("svid must be specified"));
         }
         let selectors = caller_selectors(&self.selectors, &req).await?;
-        let snapshot = self.manager.current();
+        let snapshot = self.identities.current();
         require_identity(&snapshot, &selectors)?;
         let r = req.get_ref();
         let (id, claims) = validate_jwt(&snapshot, &r.svid, &r.audience)
@@ -649,6 +640,7 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 
 #[cfg(test)]
 mod tests {
+    use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64URL, Engine};
     use ring::{
         rand::SystemRandom,
         signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING},
@@ -656,7 +648,7 @@ mod tests {
     use serde_json::{json, Value};
 
     use super::*;
-    use crate::node_client::Bundle;
+    use crate::identity::Bundle;
     use crate::svid::now;
 
     struct Signer {

@@ -82,7 +82,11 @@ fn start_agent(rt: &tokio::runtime::Runtime, scope: &Cgroup, warm: &[&Path]) -> 
     let _enter = rt.enter();
     let mut monitor = ebpf::Monitor::start(ebpf::load()?, ebpf::TraceScope::Cgroup(scope))?;
     let mut events = monitor.take_events()?;
-    let resolver = Arc::new(Resolver::new(monitor, Measurer::new(measure::DEFAULT_MAX_BYTES), cgroup2_root()?));
+    let resolver = Arc::new(Resolver::new(
+        monitor,
+        Measurer::new(tether_agent::config::DEFAULT_MAX_MEASURE_BYTES),
+        cgroup2_root()?,
+    ));
     for path in warm {
         resolver.measurer().measure_path(path)?;
     }
@@ -139,7 +143,7 @@ pub fn run(args: &Args) -> Result<()> {
         let t = Instant::now();
         measure::sha256_reader(std::fs::File::open(&path)?)?;
         let plain = t.elapsed().as_secs_f64() * 1e3;
-        let measurer = Measurer::new(measure::DEFAULT_MAX_BYTES);
+        let measurer = Measurer::new(tether_agent::config::DEFAULT_MAX_MEASURE_BYTES);
         let t = Instant::now();
         let (id, _) = measurer.measure_path(&path)?;
         cold.push(plain, t.elapsed().as_secs_f64() * 1e3);

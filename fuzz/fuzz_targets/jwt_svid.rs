@@ -19,8 +19,8 @@ use ring::{
 };
 use serde_json::{json, Value};
 use tether_agent::{
-    manager::Snapshot,
-    workload_api::{jwt_claims, validate_jwt},
+    identity::{jwt::jwt_claims, Snapshot},
+    workload_api::validate_jwt,
 };
 use tether_attestors::SpiffeId;
 

@@ -20,7 +20,7 @@ use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use tether_agent::{manager::Snapshot, svid::now, workload_api::validate_jwt};
+use tether_agent::{identity::Snapshot, svid::now, workload_api::validate_jwt};
 use tether_attestors::{join_token, SpiffeId};
 use tether_fuzz::{CA, SERVER_NOW, TRUST_DOMAIN};
 use tether_proto::{node, tpm};

@@ -54,12 +54,12 @@ pub static CA: LazyLock<tether_server::ca::CaState> =
     LazyLock::new(|| tether_server::ca::CaState::new(TRUST_DOMAIN, SERVER_NOW, 10 * 365 * 86_400).expect("ca"));
 
 /// What an agent holds after syncing with that server: its bundle, JWT authorities included.
-pub fn agent_snapshot() -> tether_agent::manager::Snapshot {
-    let bundle = tether_agent::node_client::Bundle {
+pub fn agent_snapshot() -> tether_agent::identity::Snapshot {
+    let bundle = tether_agent::identity::Bundle {
         trust_domain: TRUST_DOMAIN.into(),
         x509_authorities: CA.x509_authorities(),
         jwks: CA.jwt_jwks().expect("jwks").to_string().into_bytes(),
         sequence: CA.sequence,
     };
-    tether_agent::manager::Snapshot::new(Vec::new(), Default::default(), bundle, true)
+    tether_agent::identity::Snapshot::new(Vec::new(), Default::default(), bundle, true)
 }

@@ -11,10 +11,11 @@ use std::{
 
 use sandbox::{cgroup2_root, require_root, CgroupGuard};
 use tether_agent::{
+    config::DEFAULT_MAX_MEASURE_BYTES,
     ebpf,
     process::{
         caller::{CallerAttestor, IdentityError, ProcessIdentity, Resolver},
-        measure::{Measurer, Outcome, Unmeasurable, DEFAULT_MAX_BYTES},
+        measure::{Measurer, Outcome, Unmeasurable},
         pidfd::PidFd,
         FileId, Origin,
     },
@@ -80,7 +81,7 @@ fn sha_selector(id: &ProcessIdentity) -> Option<String> {
 
 #[test]
 fn exec_in_test_cgroup_gets_exactly_the_expected_selectors() {
-    let w = world("identity", DEFAULT_MAX_BYTES);
+    let w = world("identity", DEFAULT_MAX_MEASURE_BYTES);
     let bin = w.binary("workload", "/usr/bin/sleep", b"");
     let child = w.spawn(Command::new(&bin).arg("30"));
     let id = w.identify_running(child.0.id(), &bin);
@@ -108,7 +109,7 @@ fn exec_in_test_cgroup_gets_exactly_the_expected_selectors() {
 
 #[test]
 fn non_root_workload_gets_its_effective_ids() {
-    let w = world("identity-uid", DEFAULT_MAX_BYTES);
+    let w = world("identity-uid", DEFAULT_MAX_MEASURE_BYTES);
     let bin = w.binary("workload", "/usr/bin/sleep", b"");
     let mut cmd = Command::new(&bin);
     cmd.arg("30");
@@ -125,7 +126,7 @@ fn non_root_workload_gets_its_effective_ids() {
 /// impostor as the first connection's peer.
 #[test]
 fn pid_reuse_never_transfers_identity() {
-    let w = world("pid-reuse", DEFAULT_MAX_BYTES);
+    let w = world("pid-reuse", DEFAULT_MAX_MEASURE_BYTES);
     let sock = w.dir.path().join("api.sock");
     let listener = UnixListener::bind(&sock).unwrap();
     let victim_bin = w.binary("victim", CLIENT, b"");
@@ -194,7 +195,7 @@ fn peer_cred_pid(s: &UnixStream) -> u32 {
 /// connection, and refuses a peer that has exec'd: see `caller_attacks.rs`.)
 #[test]
 fn the_resolver_reports_what_a_peer_runs_now() {
-    let w = world("exec-after-connect", DEFAULT_MAX_BYTES);
+    let w = world("exec-after-connect", DEFAULT_MAX_MEASURE_BYTES);
     let sock = w.dir.path().join("api.sock");
     let listener = UnixListener::bind(&sock).unwrap();
     let client = w.binary("client", CLIENT, b"");
@@ -217,7 +218,7 @@ fn the_resolver_reports_what_a_peer_runs_now() {
 
 #[test]
 fn binary_swap_changes_the_next_exec_and_keeps_running_processes() {
-    let w = world("swap", DEFAULT_MAX_BYTES);
+    let w = world("swap", DEFAULT_MAX_MEASURE_BYTES);
     let bin = w.binary("svc", "/usr/bin/sleep", b"");
     let v1 = sha256sum(&bin);
     let first = w.spawn(Command::new(&bin).arg("30"));
@@ -251,7 +252,7 @@ fn binary_swap_changes_the_next_exec_and_keeps_running_processes() {
 
 #[test]
 fn forked_children_and_threads_inherit_the_record() {
-    let w = world("fork", DEFAULT_MAX_BYTES);
+    let w = world("fork", DEFAULT_MAX_MEASURE_BYTES);
     let bin = w.binary("forker", CLIENT, b"");
     let mut cmd = Command::new(&bin);
     cmd.arg("fork-hold").stdout(Stdio::piped());
@@ -300,7 +301,7 @@ fn processes_started_before_the_agent_are_seeded() {
     std::thread::sleep(Duration::from_millis(50)); // let it exec before the programs exist
 
     let monitor = ebpf::Monitor::start(ebpf::load().unwrap(), ebpf::TraceScope::Off).unwrap();
-    let resolver = Resolver::new(monitor, Measurer::new(DEFAULT_MAX_BYTES), cgroup2_root().unwrap());
+    let resolver = Resolver::new(monitor, Measurer::new(DEFAULT_MAX_MEASURE_BYTES), cgroup2_root().unwrap());
     let id = resolver.identify(&PidFd::open(early.0.id()).unwrap()).unwrap();
     assert_eq!(id.record.origin, Origin::Seeded);
     assert_eq!(id.record.exe, Some(FileId::from_metadata(&std::fs::metadata(&bin).unwrap())));
@@ -310,7 +311,7 @@ fn processes_started_before_the_agent_are_seeded() {
 
 #[test]
 fn moving_to_another_cgroup_updates_the_record() {
-    let w = world("migrate", DEFAULT_MAX_BYTES);
+    let w = world("migrate", DEFAULT_MAX_MEASURE_BYTES);
     let other = w.cg.child("other").unwrap();
     let bin = w.binary("mover", "/usr/bin/sleep", b"");
     let child = w.spawn(Command::new(&bin).arg("30"));
@@ -337,7 +338,7 @@ fn unmeasurable_binaries_get_no_sha256_selector() {
     assert!(strings(&id).contains(&"unix:uid:0".to_string()), "the other selectors remain");
 
     // Deleted before it could be hashed.
-    let w = world("deleted", DEFAULT_MAX_BYTES);
+    let w = world("deleted", DEFAULT_MAX_MEASURE_BYTES);
     let gone = w.binary("gone", "/usr/bin/sleep", b"");
     let child = w.spawn(Command::new(&gone).arg("30"));
     let want = FileId::from_metadata(&std::fs::metadata(&gone).unwrap());
@@ -347,7 +348,7 @@ fn unmeasurable_binaries_get_no_sha256_selector() {
         monitor_has_it.then_some(())
     });
     // identify() above measured it already; a fresh resolver has not.
-    let fresh = world("deleted-fresh", DEFAULT_MAX_BYTES);
+    let fresh = world("deleted-fresh", DEFAULT_MAX_MEASURE_BYTES);
     std::fs::remove_file(&gone).unwrap();
     let id = fresh.identify(child.0.id()).unwrap();
     assert_eq!(sha_selector(&id), None);
@@ -359,7 +360,7 @@ fn unmeasurable_binaries_get_no_sha256_selector() {
 
 #[test]
 fn ps_command_lists_processes_with_selectors() {
-    let w = world("ps", DEFAULT_MAX_BYTES);
+    let w = world("ps", DEFAULT_MAX_MEASURE_BYTES);
     let bin = w.binary("listed", "/usr/bin/sleep", b"");
     let child = w.spawn(Command::new(&bin).arg("30"));
     w.identify_running(child.0.id(), &bin);

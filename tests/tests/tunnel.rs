@@ -387,7 +387,7 @@ mod rogue {
     use bytes::Bytes;
     use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName};
     use tether_agent::{
-        node_client::Bundle,
+        identity::Bundle,
         svid::{split_chain, X509Svid},
         tunnel::tls,
     };

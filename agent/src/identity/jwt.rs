@@ -1,4 +1,5 @@
-//! JWT-SVID validation against the trust domain's JWT authorities. Signatures and the
+//! JWT-SVID validation against the trust domain's JWT authorities (and [`jwt_claims`], the
+//! unverified claims of a token the server minted). Signatures and the
 //! registered claims (`exp`, `aud`) are checked by the `jsonwebtoken` crate; the checks before
 //! it exist to say precisely why a token is refused. The JWKS is parsed once per bundle
 //! ([`JwtAuthorities::parse`], held in the snapshot), not on every call.
@@ -8,6 +9,12 @@ use std::collections::HashMap;
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD as B64URL, Engine};
 use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, Validation};
 use tether_attestors::SpiffeId;
+
+/// Decodes a compact JWS's claims without verifying it (for cache expiry only).
+pub fn jwt_claims(token: &str) -> Option<serde_json::Value> {
+    let payload = token.split('.').nth(1)?;
+    serde_json::from_slice(&B64URL.decode(payload).ok()?).ok()
+}
 
 /// The JWT authorities of one trust domain, from its bundle's JWKS.
 #[derive(Clone, Default)]

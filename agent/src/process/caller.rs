@@ -21,10 +21,13 @@ use thiserror::Error;
 use super::{
     measure::{hex, Measurer, Outcome, Unmeasurable, Wait},
     pidfd::PidFd,
-    selectors::{cgroup_selectors, provenance, Selector, SelectorConfig},
+    selectors::{cgroup_selectors, provenance, Selector},
     FileId, Record,
 };
-use crate::ebpf::{EbpfError, Monitor};
+use crate::{
+    config::SelectorConfig,
+    ebpf::{EbpfError, Monitor},
+};
 
 #[derive(Debug, Error)]
 pub enum IdentityError {

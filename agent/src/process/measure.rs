@@ -28,12 +28,6 @@ use super::{
     FileId,
 };
 
-/// Default cap: executables above this are not hashed (configurable).
-pub const DEFAULT_MAX_BYTES: u64 = 512 * 1024 * 1024;
-
-/// Default time a caller waits for a measurement (configurable).
-pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(3);
-
 /// Files read at once from one device.
 pub const PER_DEVICE: usize = 2;
 /// Files read at once in all.
@@ -234,7 +228,7 @@ pub enum Wait {
 
 impl Measurer {
     pub fn new(max_bytes: u64) -> Self {
-        Self::with_deadline(max_bytes, DEFAULT_DEADLINE)
+        Self::with_deadline(max_bytes, crate::config::DEFAULT_MEASURE_DEADLINE)
     }
 
     pub fn with_deadline(max_bytes: u64, deadline: Duration) -> Self {
@@ -435,6 +429,7 @@ mod tests {
     use std::io::Write;
 
     use super::*;
+    use crate::config::DEFAULT_MAX_MEASURE_BYTES;
 
     fn temp_file(content: &[u8]) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
@@ -452,7 +447,7 @@ mod tests {
 
         // A caller that does not wait hears "pending" (unless hashing this test binary, many
         // megabytes, beat the thread that asked).
-        let m = Measurer::with_deadline(DEFAULT_MAX_BYTES, Duration::from_secs(60));
+        let m = Measurer::with_deadline(DEFAULT_MAX_MEASURE_BYTES, Duration::from_secs(60));
         let finished = m.finished();
         match m.measure_process(&me, pid, &exe, Wait::No) {
             Outcome::Unmeasurable(Unmeasurable::Pending) => {}
@@ -465,7 +460,7 @@ mod tests {
         assert_eq!(m.stats().hashed, 1);
 
         // A deadline of zero: the caller is told "overdue" at once, and the hash lands anyway.
-        let m = Measurer::with_deadline(DEFAULT_MAX_BYTES, Duration::ZERO);
+        let m = Measurer::with_deadline(DEFAULT_MAX_MEASURE_BYTES, Duration::ZERO);
         let mut finished = m.finished();
         match m.measure_process(&me, pid, &exe, Wait::Deadline) {
             Outcome::Unmeasurable(Unmeasurable::Overdue { deadline_ms: 0 }) => assert_eq!(m.stats().overdue, 1),
@@ -492,7 +487,7 @@ mod tests {
     #[test]
     fn measures_once_per_identity() {
         let (_d, path) = temp_file(b"abc");
-        let m = Measurer::new(DEFAULT_MAX_BYTES);
+        let m = Measurer::new(DEFAULT_MAX_MEASURE_BYTES);
         let (id, first) = m.measure_path(&path).unwrap();
         let (_, second) = m.measure_path(&path).unwrap();
         assert_eq!(first, second);
@@ -517,15 +512,18 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(10));
         std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"v2").unwrap();
         assert_eq!(
-            measure_open_file(&file, &recorded, DEFAULT_MAX_BYTES),
+            measure_open_file(&file, &recorded, DEFAULT_MAX_MEASURE_BYTES),
             Outcome::Unmeasurable(Unmeasurable::Changed)
         );
         let now = FileId::from_metadata(&file.metadata().unwrap());
         std::fs::remove_file(&path).unwrap();
-        assert_eq!(measure_open_file(&file, &now, DEFAULT_MAX_BYTES), Outcome::Unmeasurable(Unmeasurable::Deleted));
+        assert_eq!(
+            measure_open_file(&file, &now, DEFAULT_MAX_MEASURE_BYTES),
+            Outcome::Unmeasurable(Unmeasurable::Deleted)
+        );
         let other = FileId { ino: now.ino + 1, ..now };
         assert_eq!(
-            measure_open_file(&file, &other, DEFAULT_MAX_BYTES),
+            measure_open_file(&file, &other, DEFAULT_MAX_MEASURE_BYTES),
             Outcome::Unmeasurable(Unmeasurable::NotExecutedFile)
         );
     }

@@ -15,8 +15,9 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
 pub use tether_attestors::{Selector, SelectorError};
+
+use crate::config::SelectorConfig;
 
 fn is_hex_id(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
@@ -25,53 +26,6 @@ fn is_hex_id(s: &str) -> bool {
 /// Container runtimes recognisable from their cgroup names.
 const RUNTIME_PREFIXES: &[(&str, &str)] =
     &[("docker-", "docker"), ("cri-containerd-", "containerd"), ("crio-", "cri-o"), ("libpod-", "podman")];
-
-/// Where container runtimes and the kubelet make their cgroups (paths relative to the
-/// cgroup2 root): `[selectors]` in the agent config.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct SelectorConfig {
-    /// Roots under which a container runtime's cgroups name containers. Default: docker and
-    /// containerd with the systemd driver (`/system.slice`), docker with the cgroupfs driver
-    /// (`/docker`), rootful podman (`/machine.slice`), and the Kubernetes roots.
-    #[serde(default = "default_container_roots")]
-    pub container_roots: Vec<String>,
-    /// Roots the kubelet makes pod cgroups under. Default: `/kubepods.slice` (systemd
-    /// driver), `/kubepods` (cgroupfs driver), `/kubelet.slice/kubelet-kubepods.slice`
-    /// (a kubelet in a kind node).
-    #[serde(default = "default_kubernetes_roots")]
-    pub kubernetes_roots: Vec<String>,
-}
-
-fn default_kubernetes_roots() -> Vec<String> {
-    ["/kubepods.slice", "/kubepods", "/kubelet.slice/kubelet-kubepods.slice"].map(String::from).to_vec()
-}
-
-fn default_container_roots() -> Vec<String> {
-    let mut v: Vec<String> = ["/system.slice", "/docker", "/machine.slice"].map(String::from).to_vec();
-    v.extend(default_kubernetes_roots());
-    v
-}
-
-impl Default for SelectorConfig {
-    fn default() -> Self {
-        SelectorConfig { container_roots: default_container_roots(), kubernetes_roots: default_kubernetes_roots() }
-    }
-}
-
-impl SelectorConfig {
-    /// Every root must be an absolute cgroup path with no empty, `.` or `..` component.
-    pub fn validate(&self) -> Result<(), String> {
-        for r in self.container_roots.iter().chain(&self.kubernetes_roots) {
-            let ok =
-                r.starts_with('/') && r.len() > 1 && r[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
-            if !ok {
-                return Err(format!("{r:?} is not an absolute cgroup path like /kubepods.slice"));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// Who made the components of a cgroup path: the first `system` components were each made in
 /// a directory only root can write; `delegated_to` owns the directory where the rest was made.

@@ -237,7 +237,7 @@ fn authorise(shared: &Shared, conn: &Conn, node: &str, orig: SocketAddrV4) -> Re
     if svc.spiffe_id != conn.dst {
         return Err(format!("{orig} is {}, not {}", svc.spiffe_id, conn.dst));
     }
-    let src_number = crate::enforcement::identity_number(&conn.src, false);
+    let src_number = crate::identity::identity_number(&conn.src, false);
     if !local.allows(src_number, svc.identity, orig.port()) {
         return Err(format!("policy: no rule allows {} to {} on port {}", conn.src, svc.spiffe_id, orig.port()));
     }

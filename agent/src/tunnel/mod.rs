@@ -36,75 +36,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Deserialize;
 use tokio::sync::{watch, Notify};
 
 use crate::{
-    config::AgentConfig,
+    config::{AgentConfig, TunnelConfig},
     ebpf::TunnelMaps,
-    manager::{Manager, Snapshot},
+    identity::Snapshot,
+    manager::Manager,
     mesh::{Capture, LocalView, RemoteView, TunnelEnds},
     svid::X509Svid,
 };
 use streams::{Direction, Parties, Streams};
 
 pub use peer_query::answer as peer_answer;
-
-/// `[tunnel]` in the agent config.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TunnelConfig {
-    /// The HBONE port other nodes connect to. Default 15008.
-    #[serde(default = "default_port")]
-    pub port: u16,
-    /// The capture listener's port on 127.0.0.1 of the tunnel namespace. Default 15001.
-    #[serde(default = "default_capture_port")]
-    pub capture_port: u16,
-    /// The network namespace of this node's workloads and tunnel (e.g. `/run/netns/x`).
-    /// Default: the agent's own. Workloads of other namespaces are not captured.
-    pub network_namespace: Option<PathBuf>,
-    /// The address other nodes reach the tunnel at. Default: the namespace's first
-    /// non-loopback IPv4 address.
-    pub address: Option<Ipv4Addr>,
-    /// How long to wait for another node's tunnel (and, inbound, for a local workload)
-    /// before the connection is reset. Default 2000.
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout_ms: u64,
-    /// Live streams are checked against policy, identities and peers at least this often
-    /// (and at once on every change). Default 1000.
-    #[serde(default = "default_recheck")]
-    pub recheck_interval_ms: u64,
-    /// One JSON line per stream and per refusal. Default <data_dir>/tunnel-streams.jsonl.
-    pub stream_log: Option<PathBuf>,
-    /// The peer query socket (who is on the other end of a tunnelled connection).
-    /// Default <data_dir>/tunnel-peers.sock.
-    pub peer_socket: Option<PathBuf>,
-    /// Worker threads of the tunnel's runtime. Default: the number of CPUs.
-    pub worker_threads: Option<usize>,
-}
-
-fn default_port() -> u16 {
-    tether_proto::hbone::DEFAULT_PORT
-}
-fn default_capture_port() -> u16 {
-    15001
-}
-fn default_connect_timeout() -> u64 {
-    2000
-}
-fn default_recheck() -> u64 {
-    1000
-}
-
-impl TunnelConfig {
-    pub fn connect_timeout(&self) -> Duration {
-        Duration::from_millis(self.connect_timeout_ms.max(1))
-    }
-
-    fn netns_path(&self) -> PathBuf {
-        self.network_namespace.clone().unwrap_or_else(|| PathBuf::from("/proc/self/ns/net"))
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {

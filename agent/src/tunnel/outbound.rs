@@ -93,7 +93,7 @@ async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddrV4) {
     let Some((svc, peer_node)) = remote.service(*orig.ip(), orig.port()) else {
         return refuse("no destination: no Tether node serves it any more", tcp);
     };
-    let dst_number = crate::enforcement::identity_number(&svc.spiffe_id, false);
+    let dst_number = crate::identity::identity_number(&svc.spiffe_id, false);
     if dst_number != conn.dst_identity {
         return refuse("destination changed since connect", tcp);
     }

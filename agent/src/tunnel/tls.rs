@@ -26,7 +26,7 @@ use tether_attestors::SpiffeId;
 use tether_proto::hbone::{self, NodeProof};
 use x509_parser::prelude::*;
 
-use crate::{node_client::Bundle, svid::X509Svid};
+use crate::{identity::Bundle, svid::X509Svid};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
