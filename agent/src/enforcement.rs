@@ -213,23 +213,6 @@ fn mtime(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
-fn reason_name(r: u32) -> &'static str {
-    match r {
-        drop_reason::NO_IDENTITY => "no_identity",
-        drop_reason::STALE_SOCKET => "stale_socket",
-        drop_reason::NODE_UNATTESTED => "node_unattested",
-        drop_reason::POLICY => "policy",
-        drop_reason::UNAUTHENTICATED_PEER => "unauthenticated_peer",
-        drop_reason::MAP_FULL => "map_full",
-        drop_reason::IPV6 => "ipv6_not_enforced",
-        drop_reason::RAW_SOCKET => "raw_socket",
-        drop_reason::ICMP_SOCKET => "icmp_socket",
-        drop_reason::PROTOCOL => "protocol_not_enforced",
-        drop_reason::UNSTAMPED_SOCKET => "unstamped_socket",
-        _ => "unknown",
-    }
-}
-
 fn ip(a: u32) -> String {
     std::net::Ipv4Addr::from(u32::from_be(a)).to_string()
 }
@@ -667,7 +650,7 @@ impl Enforcement {
         for (reason, n) in counts.iter().enumerate().skip(1) {
             text.push_str(&format!(
                 "tether_enforcement_drops_total{{reason=\"{}\"}} {n}\n",
-                reason_name(reason as u32)
+                drop_reason::name(reason as u32)
             ));
         }
         text.push_str(&format!("tether_enforcement_identities {}\n", self.pushed.identities.len()));
@@ -698,7 +681,7 @@ impl Enforcement {
             let line = serde_json::json!({
                 "time": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
                 "verdict": "drop",
-                "reason": reason_name(e.reason),
+                "reason": drop_reason::name(e.reason),
                 "direction": if e.direction == tether_common::direction::INGRESS { "ingress" } else { "egress" },
                 "src_identity": name(e.src_identity),
                 "dst_identity": name(e.dst_identity),

@@ -37,7 +37,7 @@ use tether_agent::{
     ebpf::{Enforcer, Floor},
     process::FileId,
 };
-use tether_common::{CidrKey, FlowKey, IdentityKey, RuleRef};
+use tether_common::{drop_reason, CidrKey, FlowKey, IdentityKey, RuleRef};
 
 use crate::report::Metric;
 
@@ -366,7 +366,8 @@ struct Sample {
     overflows: u64,
     /// Packets or flows Tether dropped in this arm besides the refused connects (the measured
     /// flows are all allowed: any is a fault).
-    unexpected_drops: u64,
+    /// Drops of the allowed flows, by reason.
+    unexpected_drops: [u64; drop_reason::COUNT as usize],
 }
 
 fn measure(w: &World, arm: Arm, args: &Args) -> Result<Sample> {
@@ -406,11 +407,11 @@ fn measure(w: &World, arm: Arm, args: &Args) -> Result<Sample> {
     Ok(s)
 }
 
-/// Flows and packets Tether has dropped so far (0 for the other arms).
-fn drops(a: &Attached) -> Result<u64> {
+/// Flows and packets Tether has dropped so far, by reason (none for the other arms).
+fn drops(a: &Attached) -> Result<[u64; drop_reason::COUNT as usize]> {
     Ok(match a {
-        Attached::Tether(e) => e.drop_counts()?.iter().sum(),
-        _ => 0,
+        Attached::Tether(e) => e.drop_counts()?,
+        _ => [0; drop_reason::COUNT as usize],
     })
 }
 
@@ -469,7 +470,7 @@ pub fn run(args: &Args) -> Result<()> {
     let mut bulk = [tether_metric("B2", "bulk throughput", "MB/s"), floor_metric("B2", "bulk throughput", "MB/s")];
     // Latency: lower is better, so the target is a ratio at most 1.2.
     let mut refusal = Metric::new("B3", "refused connect latency, tether vs deny-only connect4".into(), "us");
-    let (mut leaked, mut overflows, mut unexpected_drops) = (0usize, 0u64, 0u64);
+    let (mut leaked, mut overflows, mut unexpected_drops) = (0usize, 0u64, [0u64; drop_reason::COUNT as usize]);
 
     // Warm-up: page cache, socket slabs, the bench binary.
     measure(&w, Arm::Tether, &Args { connects: args.connects / 5, exchanges: 1000, bulk_bytes: 1 << 24, ..*args })?;
@@ -496,7 +497,9 @@ pub fn run(args: &Args) -> Result<()> {
         refusal.push(floor.refusal_us.context("floor refusal")?, tether.refusal_us.context("tether refusal")?);
         leaked += floor.leaked + tether.leaked;
         overflows += none.overflows + floor.overflows + tether.overflows;
-        unexpected_drops += tether.unexpected_drops;
+        for (sum, n) in unexpected_drops.iter_mut().zip(tether.unexpected_drops) {
+            *sum += n;
+        }
     }
     let mut per_op = Vec::new();
     for (mode, what, ops) in [("connect", "connect", args.connects), ("rr", "request/response", args.exchanges)] {
@@ -537,7 +540,15 @@ pub fn run(args: &Args) -> Result<()> {
     if overflows > 0 {
         println!("warning: {overflows} listen queue overflows during the run (SYN retransmits distort the rates)");
     }
-    println!("B1-B2      packets of the allowed flows that Tether dropped: {unexpected_drops}");
+    let by_reason: Vec<String> = (0..drop_reason::COUNT)
+        .filter(|r| unexpected_drops[*r as usize] > 0)
+        .map(|r| format!("{} {}", drop_reason::name(r), unexpected_drops[r as usize]))
+        .collect();
+    let unexpected_drops: u64 = unexpected_drops.iter().sum();
+    println!(
+        "B1-B2      packets of the allowed flows that Tether dropped: {unexpected_drops}{}",
+        if by_reason.is_empty() { String::new() } else { format!(" ({})", by_reason.join(", ")) }
+    );
     println!(
         "{}",
         serde_json::json!({"bench": "B1-B2", "metric": "allowed_flow_drops", "unit": "count", "value": unexpected_drops})

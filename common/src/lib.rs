@@ -526,6 +526,24 @@ pub mod drop_reason {
     /// attached; it carries nothing until the agent stamps it.
     pub const UNSTAMPED_SOCKET: u32 = 11;
     pub const COUNT: u32 = 12;
+
+    /// The name the audit log and metrics give a reason.
+    pub fn name(r: u32) -> &'static str {
+        match r {
+            NO_IDENTITY => "no_identity",
+            STALE_SOCKET => "stale_socket",
+            NODE_UNATTESTED => "node_unattested",
+            POLICY => "policy",
+            UNAUTHENTICATED_PEER => "unauthenticated_peer",
+            MAP_FULL => "map_full",
+            IPV6 => "ipv6_not_enforced",
+            RAW_SOCKET => "raw_socket",
+            ICMP_SOCKET => "icmp_socket",
+            PROTOCOL => "protocol_not_enforced",
+            UNSTAMPED_SOCKET => "unstamped_socket",
+            _ => "unknown",
+        }
+    }
 }
 
 pub mod direction {
