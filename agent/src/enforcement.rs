@@ -62,51 +62,62 @@ pub const MAX_EXPANDED: u32 = 1024;
 /// the identities other nodes serve (tunnels), never golden here (their binaries are
 /// measured on their nodes), unless this node serves the same SPIFFE ID.
 fn identity_table(snapshot: &Snapshot, remote: &RemoteView) -> Result<Vec<policy::IdentityInfo>, EnforcementError> {
-    let mut out = local_identity_table(snapshot)?;
-    let mut seen: HashMap<u32, String> = out.iter().map(|i| (i.id, display_name(&i.spiffe_id, i.golden))).collect();
+    let mut table = IdentityTable::default();
+    table.add_local(snapshot)?;
     for r in &remote.identities {
-        let id = identity_number(&r.spiffe_id, false);
-        let name = display_name(&r.spiffe_id, false);
-        match seen.get(&id) {
-            Some(other) if *other == name => continue,
-            Some(other) => return Err(EnforcementError::Collision { a: other.clone(), b: name }),
-            None => {}
-        }
-        seen.insert(id, name);
-        out.push(policy::IdentityInfo {
-            id,
+        table.add(policy::IdentityInfo {
+            id: identity_number(&r.spiffe_id, false),
             spiffe_id: r.spiffe_id.clone(),
             namespace: if r.namespace.is_empty() { "default".into() } else { r.namespace.clone() },
             labels: r.labels.clone(),
             golden: false,
-        });
+        })?;
     }
-    Ok(out)
+    Ok(table.out)
 }
 
 fn local_identity_table(snapshot: &Snapshot) -> Result<Vec<policy::IdentityInfo>, EnforcementError> {
-    let mut out: Vec<policy::IdentityInfo> = Vec::new();
-    let mut seen: HashMap<u32, String> = HashMap::new();
-    for e in &snapshot.entries {
-        for golden in [false, true] {
-            let id = identity_number(&e.spiffe_id.to_string(), golden);
-            let name = display_name(&e.spiffe_id.to_string(), golden);
-            match seen.get(&id) {
-                Some(other) if *other == name => continue,
-                Some(other) => return Err(EnforcementError::Collision { a: other.clone(), b: name }),
-                None => {}
-            }
-            seen.insert(id, name);
-            out.push(policy::IdentityInfo {
-                id,
-                spiffe_id: e.spiffe_id.to_string(),
-                namespace: e.namespace.clone(),
-                labels: e.labels.clone(),
-                golden,
-            });
+    let mut table = IdentityTable::default();
+    table.add_local(snapshot)?;
+    Ok(table.out)
+}
+
+/// Identities by number, each number naming one identity: the same identity again is
+/// skipped, another identity with the same number is an error.
+#[derive(Default)]
+struct IdentityTable {
+    out: Vec<policy::IdentityInfo>,
+    seen: HashMap<u32, String>,
+}
+
+impl IdentityTable {
+    fn add(&mut self, info: policy::IdentityInfo) -> Result<(), EnforcementError> {
+        let name = display_name(&info.spiffe_id, info.golden);
+        match self.seen.get(&info.id) {
+            Some(other) if *other == name => return Ok(()),
+            Some(other) => return Err(EnforcementError::Collision { a: other.clone(), b: name }),
+            None => {}
         }
+        self.seen.insert(info.id, name);
+        self.out.push(info);
+        Ok(())
     }
-    Ok(out)
+
+    /// Every entry of the node, with and without a golden binary.
+    fn add_local(&mut self, snapshot: &Snapshot) -> Result<(), EnforcementError> {
+        for e in &snapshot.entries {
+            for golden in [false, true] {
+                self.add(policy::IdentityInfo {
+                    id: identity_number(&e.spiffe_id.to_string(), golden),
+                    spiffe_id: e.spiffe_id.to_string(),
+                    namespace: e.namespace.clone(),
+                    labels: e.labels.clone(),
+                    golden,
+                })?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How audit lines and logs name an identity.

@@ -102,23 +102,8 @@ pub fn client(mode: &str, addr: SocketAddrV4, count: u64) -> Result<()> {
                 s.read_exact(&mut b)?;
             }
         }
-        "bulk" => {
-            let mut s = TcpStream::connect(addr).context("connect")?;
-            let buf = vec![7u8; 256 * 1024];
-            let mut left = count;
-            while left > 0 {
-                let n = left.min(buf.len() as u64) as usize;
-                s.write_all(&buf[..n])?;
-                left -= n as u64;
-            }
-            s.shutdown(std::net::Shutdown::Write)?;
-            // The server answers with the byte count it read: all of it arrived.
-            let mut got = String::new();
-            s.read_to_string(&mut got)?;
-            if got.trim().parse::<u64>().ok() != Some(count) {
-                bail!("bulk: server read {got:?} bytes of {count}");
-            }
-        }
+        // The server answers with the byte count it read: all of it arrived.
+        "bulk" => crate::procs::send_counted(addr, count)?,
         other => bail!("unknown mode {other}"),
     }
     println!("{}", start.elapsed().as_nanos());

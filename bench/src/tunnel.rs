@@ -94,27 +94,8 @@ pub fn client(mode: &str, addr: SocketAddrV4, a: u64, b: u64) -> Result<()> {
         "bulk" => {
             let streams = a.max(1);
             let per = b / streams;
-            let threads: Vec<_> = (0..streams)
-                .map(|_| {
-                    std::thread::spawn(move || -> Result<()> {
-                        let mut s = TcpStream::connect(addr).context("connect")?;
-                        let buf = vec![7u8; 256 * 1024];
-                        let mut left = per;
-                        while left > 0 {
-                            let n = left.min(buf.len() as u64) as usize;
-                            s.write_all(&buf[..n])?;
-                            left -= n as u64;
-                        }
-                        s.shutdown(std::net::Shutdown::Write)?;
-                        let mut got = String::new();
-                        s.read_to_string(&mut got)?;
-                        if got.trim().parse::<u64>().ok() != Some(per) {
-                            bail!("bulk: the server read {got:?} of {per} bytes");
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
+            let threads: Vec<_> =
+                (0..streams).map(|_| std::thread::spawn(move || crate::procs::send_counted(addr, per))).collect();
             for t in threads {
                 t.join().map_err(|_| anyhow::anyhow!("a bulk stream panicked"))??;
             }
