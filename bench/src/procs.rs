@@ -82,6 +82,27 @@ pub fn percentile(xs: &[f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Sends `bytes` on a new connection to `addr`, half-closes, and checks the count the
+/// server answers with: every byte arrived.
+pub fn send_counted(addr: std::net::SocketAddrV4, bytes: u64) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| anyhow::anyhow!("connect {addr}: {e}"))?;
+    let buf = vec![7u8; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut got = String::new();
+    s.read_to_string(&mut got)?;
+    if got.trim().parse::<u64>().ok() != Some(bytes) {
+        bail!("bulk: the server read {got:?} of {bytes} bytes");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,25 +124,4 @@ mod tests {
         assert_eq!(percentile(&xs, 0.5), 51.0);
         assert_eq!(percentile(&xs, 0.99), 99.0);
     }
-}
-
-/// Sends `bytes` on a new connection to `addr`, half-closes, and checks the count the
-/// server answers with: every byte arrived.
-pub fn send_counted(addr: std::net::SocketAddrV4, bytes: u64) -> Result<()> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| anyhow::anyhow!("connect {addr}: {e}"))?;
-    let buf = vec![7u8; 256 * 1024];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        s.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    s.shutdown(std::net::Shutdown::Write)?;
-    let mut got = String::new();
-    s.read_to_string(&mut got)?;
-    if got.trim().parse::<u64>().ok() != Some(bytes) {
-        bail!("bulk: the server read {got:?} of {bytes} bytes");
-    }
-    Ok(())
 }
