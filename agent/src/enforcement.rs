@@ -207,7 +207,7 @@ pub struct Enforcement {
 struct Scan {
     identities: Vec<(IdentityKey, u32)>,
     /// The protected processes, with the pidfd they were identified through and the
-    /// protected cgroup they are under.
+    /// protected cgroup they are under (first scan only).
     processes: Vec<(u32, PidFd, crate::process::Record, u64)>,
     /// Their network namespaces.
     namespaces: BTreeMap<u64, crate::netns::Netns>,
@@ -338,6 +338,9 @@ impl Enforcement {
 
     /// Every process in the protected cgroups, identified from its kernel record.
     fn scan(&self, snapshot: &Snapshot, resolver: &Resolver) -> Scan {
+        // The processes themselves are kept only for the one look at sockets made before
+        // enforcement, at start-up.
+        let want_processes = !self.pushed.preexisting_done;
         let mut out: HashMap<IdentityKey, u32> = HashMap::new();
         let mut scan = Scan::default();
         // Per namespace, its TCP listeners (read once per pass).
@@ -350,30 +353,32 @@ impl Enforcement {
                 }
                 let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else { continue };
                 for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                    if let Some(ns) = crate::netns::of_process(pid) {
-                        scan.namespaces.entry(ns.inode).or_insert(ns);
+                    let netns = crate::netns::of_process(pid);
+                    if let Some(ns) = &netns {
+                        scan.namespaces.entry(ns.inode).or_insert_with(|| ns.clone());
                     }
                     let Ok(pidfd) = PidFd::open(pid) else { continue };
                     // Not waiting for a binary being hashed: this process is picked up on
                     // the round after its measurement finishes (or its deadline passes).
-                    let id = match resolver.identify_with(&pidfd, Wait::No) {
-                        Ok(id) => id,
-                        Err(_) => {
-                            // Its sockets are still judged from the kernel's record: stamping
-                            // needs no measurement.
-                            if let Ok(Some(record)) = resolver.record(&pidfd) {
-                                scan.processes.push((pid, pidfd, record, cg.id));
-                            }
-                            continue;
+                    let identified = resolver.identify_with(&pidfd, Wait::No);
+                    if want_processes {
+                        // Stamping its sockets needs only the kernel's record, not the
+                        // measurement.
+                        let record = match &identified {
+                            Ok(id) => Some(id.record.clone()),
+                            Err(_) => resolver.record(&pidfd).ok().flatten(),
+                        };
+                        if let Some(record) = record {
+                            scan.processes.push((pid, pidfd, record, cg.id));
                         }
-                    };
+                    }
+                    let Ok(id) = identified else { continue };
                     let Some(key) = key_of(&id) else { continue };
-                    scan.processes.push((pid, pidfd, id.record.clone(), cg.id));
                     let Some(entry) = snapshot.matching(&id.selectors).into_iter().next() else { continue };
                     let number = identity_number(&entry.spiffe_id.to_string(), self.golden(&id));
                     out.insert(key, number);
                     if self.mesh.is_some() {
-                        if let Some(ns) = crate::netns::of_process(pid) {
+                        if let Some(ns) = &netns {
                             let table = listeners
                                 .entry(ns.inode)
                                 .or_insert_with(|| crate::netns::tcp_listeners(pid).unwrap_or_default());

@@ -24,10 +24,10 @@ fn node_refused(s: &tonic::Status) -> bool {
 }
 
 /// Whether the server answered and refused the node's credentials (its node SVID, join
-/// token or TPM evidence), as opposed to being unreachable or not proving its own identity.
+/// token or TPM evidence; typed refusals included, which are PermissionDenied), as opposed to
+/// being unreachable or not proving its own identity.
 fn server_refused(e: &NodeError) -> bool {
-    matches!(e, NodeError::Status(s) if node_refused(s)
-        || matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
+    matches!(e, NodeError::Status(s) if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
 }
 
 pub struct Manager {

@@ -25,7 +25,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -113,13 +113,7 @@ pub fn client(mode: &str, addr: SocketAddrV4, count: u64) -> Result<()> {
 /// A server: accept-and-close (connect), echo (rr), sink (bulk) or count (refused: prints
 /// "accepted" per connection that reached it). Says "ready" once listening.
 pub fn server(mode: &str, addr: SocketAddrV4) -> Result<()> {
-    // A deep backlog: the default (128) overflows under the connect loop and adds 1 s SYN
-    // retransmits to whichever arm it happens in.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&SocketAddr::V4(addr).into())?;
-    socket.listen(4096)?;
-    let l: TcpListener = socket.into();
+    let l = crate::procs::listen_deep(addr)?;
     println!("ready");
     std::io::stdout().flush()?;
     for conn in l.incoming() {

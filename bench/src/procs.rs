@@ -103,6 +103,16 @@ pub fn send_counted(addr: std::net::SocketAddrV4, bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// A TCP listener on `addr` with a deep backlog: the default (128) overflows under a connect
+/// loop and adds 1 s SYN retransmits to whichever arm it happens in.
+pub fn listen_deep(addr: std::net::SocketAddrV4) -> Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&std::net::SocketAddr::V4(addr).into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Instant,
@@ -139,11 +139,7 @@ pub fn client(mode: &str, addr: SocketAddrV4, a: u64, b: u64) -> Result<()> {
 /// The server: per connection, echo single bytes until EOF, or (after the first read of
 /// more than one byte) sink everything and answer with the count. Says `ready`.
 pub fn server(addr: SocketAddrV4) -> Result<()> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&SocketAddr::V4(addr).into())?;
-    socket.listen(4096)?;
-    let l: TcpListener = socket.into();
+    let l = crate::procs::listen_deep(addr)?;
     println!("ready");
     std::io::stdout().flush()?;
     for conn in l.incoming() {

@@ -109,11 +109,11 @@ impl Host {
         std::fs::read_to_string(self.dir.join("data/audit.jsonl")).unwrap_or_default()
     }
 
-    pub fn start_agent(&mut self) {
-        let _ = std::fs::remove_file(self.dir.join("agent.sock"));
+    /// `tether-agent run` on this host's config, logging to the next `agent-N.log`.
+    fn spawn_agent(&mut self) -> std::process::Child {
         self.starts += 1;
         let log = std::fs::File::create(self.dir.join(format!("agent-{}.log", self.starts))).unwrap();
-        let child = Command::new(crate::agent_bin())
+        Command::new(crate::agent_bin())
             .arg("run")
             .arg("-c")
             .arg(self.dir.join("agent.toml"))
@@ -121,7 +121,12 @@ impl Host {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap();
+            .unwrap()
+    }
+
+    pub fn start_agent(&mut self) {
+        let _ = std::fs::remove_file(self.dir.join("agent.sock"));
+        let child = self.spawn_agent();
         self.agent = Some(KillOnDrop(child));
         let sock = self.dir.join("agent.sock");
         wait_for(&format!("agent {}", self.name), || sock.exists().then_some(()));
@@ -129,17 +134,7 @@ impl Host {
 
     /// Starts an agent that is expected to fail, and waits for it to exit (30 s at most).
     pub fn run_agent_to_exit(&mut self) -> std::process::ExitStatus {
-        self.starts += 1;
-        let log = std::fs::File::create(self.dir.join(format!("agent-{}.log", self.starts))).unwrap();
-        let mut child = Command::new(crate::agent_bin())
-            .arg("run")
-            .arg("-c")
-            .arg(self.dir.join("agent.toml"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut child = self.spawn_agent();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -250,7 +245,33 @@ pub fn world_with(a: HostOptions) -> World {
     World { plane, a, b }
 }
 
+/// web and db registered on host A, A's policy in place, its agent running, db serving 5432
+/// and both identities published (web's through a warm-up process: the agent publishes an
+/// identity within its scan interval after an exec, and a connect before that is refused).
+pub struct WebDb {
+    pub web: CgroupGuard,
+    pub db: CgroupGuard,
+    pub server: Workload,
+    pub warm: Workload,
+}
+
 impl World {
+    /// Sets up [`WebDb`] on host A with `policy`.
+    pub fn web_and_db(&mut self, policy: &str) -> WebDb {
+        let (web, db) = (self.a.root.child("web").unwrap(), self.a.root.child("db").unwrap());
+        self.register(&self.a, &web, "spiffe://example.org/web");
+        self.register(&self.a, &db, "spiffe://example.org/db");
+        self.a.policy(policy);
+        self.a.start_agent();
+        let server = self.a.spawn(&db, &["serve", "5432"]);
+        server.wait_line("listening");
+        self.a.wait_identity("spiffe://example.org/db");
+        let warm = self.a.spawn(&web, &["serve", "7001"]);
+        warm.wait_line("listening");
+        self.a.wait_identity("spiffe://example.org/web");
+        WebDb { web, db, server, warm }
+    }
+
     /// An entry for `spiffe_id` under `host`'s node: the workload in `cg`, as root, running
     /// the network workload binary.
     pub fn register(&self, host: &Host, cg: &CgroupGuard, spiffe_id: &str) {

@@ -69,6 +69,16 @@ pub fn mesh(names: [&'static str; 3]) -> Mesh {
 }
 
 impl Mesh {
+    /// `policy` on every host, then every host's agent.
+    pub fn start_agents(&mut self, policy: &str) {
+        for h in &self.hosts {
+            h.policy(policy);
+        }
+        for h in &mut self.hosts {
+            h.start_agent();
+        }
+    }
+
     /// An entry under `host`'s node for the network workload binary in `cg`; its id.
     pub fn register(&self, host: usize, cg: &sandbox::CgroupGuard, spiffe_id: &str, extra: &[&str]) -> String {
         let h = &self.hosts[host];

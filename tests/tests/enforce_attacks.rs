@@ -10,7 +10,7 @@ use std::{
 
 use sandbox::CgroupGuard;
 use tether_tests::{
-    hosts::{flow_bin, world, world_with, Host, HostOptions, Workload, World, A_ADDR},
+    hosts::{flow_bin, world, world_with, Host, HostOptions, WebDb, Workload, A_ADDR},
     wait_for,
 };
 
@@ -45,30 +45,6 @@ from = { spiffe_id = "spiffe://example.org/web" }
 to = { spiffe_id = "spiffe://example.org/db" }
 ports = [5432]
 "#;
-
-/// web and db registered on A, the policy in place, A's agent running, db serving 5432 and
-/// both identities published.
-struct WebDb {
-    web: CgroupGuard,
-    db: CgroupGuard,
-    server: Workload,
-    _warm: Workload,
-}
-
-fn web_and_db(w: &mut World, policy: &str) -> WebDb {
-    let (web, db) = (w.a.root.child("web").unwrap(), w.a.root.child("db").unwrap());
-    w.register(&w.a, &web, "spiffe://example.org/web");
-    w.register(&w.a, &db, "spiffe://example.org/db");
-    w.a.policy(policy);
-    w.a.start_agent();
-    let server = w.a.spawn(&db, &["serve", "5432"]);
-    server.wait_line("listening");
-    w.a.wait_identity("spiffe://example.org/db");
-    let warm = w.a.spawn(&web, &["serve", "7001"]);
-    warm.wait_line("listening");
-    w.a.wait_identity("spiffe://example.org/web");
-    WebDb { web, db, server, _warm: warm }
-}
 
 fn wait_audit(h: &Host, needle: &str) -> String {
     wait_for(&format!("an audit line with {needle}"), || {
@@ -127,7 +103,7 @@ fn ports_cannot_be_squatted_from_another_namespace() {
     let policy = format!(
         "{WEB_TO_DB}\n[[rule]]\nname = \"web-to-cache\"\nfrom = {{ spiffe_id = \"spiffe://example.org/web\" }}\nto = {{ spiffe_id = \"spiffe://example.org/cache\" }}\nports = [6000]\n"
     );
-    let WebDb { web, db, server, _warm } = web_and_db(&mut w, &policy);
+    let WebDb { web, db, server, warm: _warm } = w.web_and_db(&policy);
     let db_6000 = w.a.spawn(&db, &["serve", "6000"]);
     db_6000.wait_line("listening");
 
@@ -170,7 +146,7 @@ fn ports_cannot_be_squatted_from_another_namespace() {
 fn tables_cannot_be_filled_to_deny_other_workloads() {
     let mut w = world_with(HostOptions { extra_roots: 1, enforcement: "socket_processes_per_cgroup = 64\n".into() });
     let rogue = w.a.root.child("rogue").unwrap();
-    let WebDb { web, db, server, _warm } = web_and_db(&mut w, WEB_TO_DB);
+    let WebDb { web, db, server, warm: _warm } = w.web_and_db(WEB_TO_DB);
 
     // 16,383 UDP binds by a process without identity, in db's protected subtree.
     let out = w.a.run(&rogue, &["udp-fill", "16383"]);
@@ -286,7 +262,7 @@ fn assert_flow_runs(server: &Workload, what: &str) {
 #[test]
 fn a_dead_agent_lets_the_lease_run_out() {
     let mut w = world_with(HostOptions { enforcement: "node_lease_seconds = 4\n".into(), ..Default::default() });
-    let WebDb { web, server, db: _db, _warm } = web_and_db(&mut w, WEB_TO_DB);
+    let WebDb { web, server, db: _db, warm: _warm } = w.web_and_db(WEB_TO_DB);
     let flow = w.a.spawn(&web, &["send", "127.0.0.1", "5432", "long", "100000", "100"]);
     flow.wait_line("connected");
     assert_flow_runs(&server, "before");
@@ -307,7 +283,7 @@ fn a_dead_agent_lets_the_lease_run_out() {
 #[test]
 fn an_evicted_node_loses_its_flows_at_once() {
     let mut w = world_with(HostOptions { enforcement: "node_lease_seconds = 300\n".into(), ..Default::default() });
-    let WebDb { web, server, db: _db, _warm } = web_and_db(&mut w, WEB_TO_DB);
+    let WebDb { web, server, db: _db, warm: _warm } = w.web_and_db(WEB_TO_DB);
     let flow = w.a.spawn(&web, &["send", "127.0.0.1", "5432", "long", "100000", "100"]);
     flow.wait_line("connected");
     assert_flow_runs(&server, "before");
@@ -324,7 +300,7 @@ fn an_evicted_node_loses_its_flows_at_once() {
 #[test]
 fn an_agent_restarted_on_a_banned_node_ends_the_lease() {
     let mut w = world_with(HostOptions { enforcement: "node_lease_seconds = 300\n".into(), ..Default::default() });
-    let WebDb { web, server, db: _db, _warm } = web_and_db(&mut w, WEB_TO_DB);
+    let WebDb { web, server, db: _db, warm: _warm } = w.web_and_db(WEB_TO_DB);
     let flow = w.a.spawn(&web, &["send", "127.0.0.1", "5432", "long", "100000", "100"]);
     flow.wait_line("connected");
     w.a.kill_agent();
@@ -343,7 +319,7 @@ fn an_agent_restarted_on_a_banned_node_ends_the_lease() {
 #[test]
 fn policy_changes_and_withdrawn_identities_cut_established_flows() {
     let mut w = world();
-    let WebDb { web, server, db: _db, _warm } = web_and_db(&mut w, WEB_TO_DB);
+    let WebDb { web, server, db: _db, warm: _warm } = w.web_and_db(WEB_TO_DB);
     let flow = w.a.spawn(&web, &["send", "127.0.0.1", "5432", "long", "100000", "100"]);
     flow.wait_line("connected");
     assert_flow_runs(&server, "allowed");
@@ -371,7 +347,7 @@ fn policy_changes_and_withdrawn_identities_cut_established_flows() {
 #[test]
 fn allowed_connections_close_cleanly() {
     let mut w = world();
-    let WebDb { web, server, db: _db, _warm } = web_and_db(&mut w, WEB_TO_DB);
+    let WebDb { web, server, db: _db, warm: _warm } = w.web_and_db(WEB_TO_DB);
     let churn = w.a.spawn(&web, &["churn", "127.0.0.1", "5432", "2000"]);
     let done = churn.wait_line("done");
     assert!(done.contains(" fail 0"), "{done}");

@@ -6,7 +6,7 @@ use std::{process::Command, time::Duration};
 
 use sandbox::CgroupGuard;
 use tether_tests::{
-    hosts::{world, Host, Workload, World, A_ADDR, B_ADDR},
+    hosts::{world, Host, WebDb, Workload, A_ADDR, B_ADDR},
     wait_for,
 };
 
@@ -150,31 +150,6 @@ fn flows_between_identities_and_hosts_follow_policy() {
     w.a.kill_agent();
 }
 
-/// Host A with web and db registered, A's policy, its agent, db serving on 5432, and both
-/// identities published (web's through a warm-up process: the agent publishes an identity
-/// within its scan interval after an exec, and a connect before that is refused).
-struct Node {
-    web: CgroupGuard,
-    _db: CgroupGuard,
-    server: Workload,
-    _warm: Workload,
-}
-
-fn web_and_db(w: &mut World) -> Node {
-    let (web, db) = (w.a.root.child("web").unwrap(), w.a.root.child("db").unwrap());
-    w.register(&w.a, &web, "spiffe://example.org/web");
-    w.register(&w.a, &db, "spiffe://example.org/db");
-    w.a.policy(POLICY_A);
-    w.a.start_agent();
-    let server = w.a.spawn(&db, &["serve", "5432"]);
-    server.wait_line("listening");
-    w.a.wait_identity("spiffe://example.org/db");
-    let warm = w.a.spawn(&web, &["serve", "7001"]);
-    warm.wait_line("listening");
-    w.a.wait_identity("spiffe://example.org/web");
-    Node { web, _db: db, server, _warm: warm }
-}
-
 /// `POLICY_A`, plus web -> db:6000: the flow the reload test switches on and off.
 fn policy_a_with_6000() -> String {
     format!(
@@ -186,7 +161,7 @@ fn policy_a_with_6000() -> String {
 fn restart_under_attack_and_reload_under_traffic() {
     let mut w = world();
     let rogue = w.a.root.child("rogue").unwrap();
-    let Node { web, _db, server, _warm } = web_and_db(&mut w);
+    let WebDb { web, db: _db, server, warm: _warm } = w.web_and_db(POLICY_A);
     let db_6000 = w.a.spawn(&_db, &["serve", "6000"]);
     db_6000.wait_line("listening");
     // A long-lived allowed flow (one line every 20 ms) and new allowed connections in a loop,
@@ -249,7 +224,7 @@ fn restart_under_attack_and_reload_under_traffic() {
 #[test]
 fn former_identities_do_not_survive_exec_or_pid_reuse() {
     let mut w = world();
-    let Node { web, _db, server, _warm } = web_and_db(&mut w);
+    let WebDb { web, db: _db, server, warm: _warm } = w.web_and_db(POLICY_A);
 
     // Exec after connect: web connects (allowed), writes, then execs a shell that keeps the
     // socket and writes again. The shell is not web: its bytes must not arrive.

@@ -33,12 +33,7 @@ fn bulk_both_ways_many_streams_source_identity_and_only_tls_on_the_wire() {
     let api = m.hosts[1].root.child("api").unwrap();
     m.register(0, &web, WEB, &[]);
     m.register(1, &api, API, &[]);
-    for h in &m.hosts {
-        h.policy(POLICY);
-    }
-    for h in &mut m.hosts {
-        h.start_agent();
-    }
+    m.start_agents(POLICY);
     const REPLY: u64 = 3 << 20;
     let bulk = m.hosts[1].spawn(&api, &["bulk-serve", "8443", &REPLY.to_string()]);
     bulk.wait_line("listening");
@@ -140,12 +135,7 @@ fn pair(web_extra: &[&str], api_extra: &[&str]) -> Pair {
     let api = m.hosts[1].root.child("api").unwrap();
     m.register(0, &web, WEB, web_extra);
     m.register(1, &api, API, api_extra);
-    for h in &m.hosts {
-        h.policy(POLICY);
-    }
-    for h in &mut m.hosts {
-        h.start_agent();
-    }
+    m.start_agents(POLICY);
     let echo = m.hosts[1].spawn(&api, &["echo-serve", "8443", &m.peer_socket(1)]);
     echo.wait_line("listening");
     m.hosts[1].wait_identity(API);
@@ -302,12 +292,7 @@ fn revocation_reaches_live_streams_within_the_bound() {
     m.register(0, &web_a, WEB, &[]);
     let web_c_entry = m.register(2, &web_c, WEB, &[]);
     m.register(1, &api, API, &[]);
-    for h in &m.hosts {
-        h.policy(POLICY);
-    }
-    for h in &mut m.hosts {
-        h.start_agent();
-    }
+    m.start_agents(POLICY);
     let echo = m.hosts[1].spawn(&api, &["echo-serve", "8443"]);
     echo.wait_line("listening");
     m.hosts[1].wait_identity(API);
@@ -486,12 +471,7 @@ fn tunnel_clients_the_receiver_must_refuse() {
         &[&format!("cgroup:path:{}", tether_tests::hosts::rel(&rogue_cg)), "unix:uid:0"],
         &["--x509-ttl", "10"],
     );
-    for h in &m.hosts {
-        h.policy(POLICY);
-    }
-    for h in &mut m.hosts {
-        h.start_agent();
-    }
+    m.start_agents(POLICY);
     let echo = m.hosts[1].spawn(&api, &["echo-serve", "8443"]);
     echo.wait_line("listening");
     m.hosts[1].wait_identity(API);
