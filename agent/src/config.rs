@@ -245,6 +245,11 @@ pub struct TunnelConfig {
     pub peer_socket: Option<PathBuf>,
     /// Worker threads of the tunnel's runtime. Default: the number of CPUs.
     pub worker_threads: Option<usize>,
+    /// Connections to one (source, destination, node) the pool spreads concurrent streams
+    /// over: a new one is made while every open one carries a stream, up to this many.
+    /// One connection's TLS runs on one core; several let busy streams use several.
+    /// Default: the number of CPUs, at most 8.
+    pub connections_per_peer: Option<usize>,
 }
 
 fn default_port() -> u16 {
@@ -263,6 +268,12 @@ fn default_recheck() -> u64 {
 impl TunnelConfig {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms.max(1))
+    }
+
+    /// See [`TunnelConfig::connections_per_peer`].
+    pub fn connections_per_peer(&self) -> usize {
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        self.connections_per_peer.unwrap_or(cpus.min(8)).max(1)
     }
 
     /// The network namespace of the tunnel (the agent's own when none is named).

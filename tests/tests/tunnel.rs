@@ -116,6 +116,29 @@ fn bulk_both_ways_many_streams_source_identity_and_only_tls_on_the_wire() {
     }
     let metrics = std::fs::read_to_string(m.hosts[0].dir.join("data/tunnel-metrics.prom")).unwrap_or_default();
     assert!(metrics.contains("tether_tunnel_streams_total{direction=\"outbound\",reason=\"closed\"}"), "{metrics}");
+    // The streams one after another shared one connection; the 100 at once were spread
+    // over more (one TLS connection runs on one core), never over more than
+    // `connections_per_peer` (default: the CPUs, at most 8) for this one pair.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) as u64;
+    let dialled = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("tether_tunnel_connections_total{event=\"outbound\"} "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no outbound connection count: {metrics}"))
+    };
+    // The metrics file is rewritten every recheck interval (1 s).
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    let mut metrics = metrics;
+    while cpus > 1 && dialled(&metrics) < 2 && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        metrics = std::fs::read_to_string(m.hosts[0].dir.join("data/tunnel-metrics.prom")).unwrap_or_default();
+    }
+    let dialled = dialled(&metrics);
+    assert!(dialled <= cpus, "{dialled} connections for one pair, more than {cpus}");
+    if cpus > 1 {
+        assert!(dialled > 1, "100 concurrent streams all on one connection: {metrics}");
+    }
 }
 
 /// a (web) and b (api, echoing on 8443/9443) with `POLICY` on both, agents started, both

@@ -318,7 +318,7 @@ pub async fn start(
             config.stream_log.clone().unwrap_or_else(|| data.join("tunnel-streams.jsonl")),
             data.join("tunnel-metrics.prom"),
         ),
-        pool: pool::Pool::default(),
+        pool: pool::Pool::new(config.connections_per_peer()),
         snapshot,
         local: ends.local,
         remote: ends.remote.subscribe(),

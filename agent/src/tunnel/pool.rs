@@ -1,14 +1,20 @@
-//! Outbound TLS connections to other nodes' tunnels, pooled: one HTTP/2 connection per
-//! (source workload SVID, destination workload, destination node) carries every stream
+//! Outbound TLS connections to other nodes' tunnels, pooled per (source workload SVID,
+//! destination workload, destination node): HTTP/2 connections multiplex the streams
 //! between them. The server presents the destination *workload's* SVID, so connections are
 //! per destination identity too (as ztunnel's pool is). A source SVID that rotated gets a
 //! new connection for new streams; the old one keeps its streams until they end.
+//!
+//! One connection's TLS and framing run on one core. A key holds up to
+//! `connections_per_peer` connections: a stream takes the connection carrying the fewest
+//! streams, and a new one is dialled only while every open one carries at least one, so
+//! a single stream (or a quiet key) costs one handshake, and concurrent busy streams spread
+//! over cores.
 
 use std::{
     collections::HashMap,
     net::SocketAddrV4,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
 };
@@ -37,9 +43,32 @@ pub struct Conn {
     pub proof: (http::HeaderValue, http::HeaderValue),
     pub node: String,
     dead: Arc<AtomicBool>,
+    /// Streams using it now (held by [`Slot`]s).
+    active: AtomicUsize,
+}
+
+/// A stream's claim on a pooled connection, released when dropped.
+pub struct Slot(Arc<Conn>);
+
+impl std::ops::Deref for Slot {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.0
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Conn {
+    fn claim(self: &Arc<Self>) -> Slot {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        Slot(self.clone())
+    }
+
     pub fn sender(&self) -> SendRequest<Bytes> {
         self.send.clone()
     }
@@ -84,11 +113,12 @@ impl DialError {
     }
 }
 
-#[derive(Default)]
 pub struct Pool {
-    conns: Mutex<HashMap<Key, Arc<Conn>>>,
-    /// One dial at a time per key: a burst of streams makes one connection.
+    conns: Mutex<HashMap<Key, Vec<Arc<Conn>>>>,
+    /// One dial at a time per key: a burst of streams makes one connection at a time.
     dialing: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    /// Connections per key at most.
+    per_key: usize,
 }
 
 /// HTTP/2 windows: large enough for a stream to fill a fast link (the default 64 KiB caps
@@ -100,7 +130,12 @@ pub const MAX_FRAME: u32 = 64 << 10;
 pub const MAX_STREAMS: u32 = 1000;
 
 impl Pool {
-    /// A live connection for (`svid`, `dst`) to `endpoint` of `node`, made if needed.
+    pub fn new(per_key: usize) -> Pool {
+        Pool { conns: Mutex::default(), dialing: Mutex::default(), per_key: per_key.max(1) }
+    }
+
+    /// A live connection for (`svid`, `dst`) to `endpoint` of `node`, made if needed (see
+    /// the module's text for which), claimed for one stream.
     pub async fn get(
         &self,
         shared: &Shared,
@@ -108,26 +143,47 @@ impl Pool {
         dst: &str,
         node: &str,
         endpoint: SocketAddrV4,
-    ) -> Result<Arc<Conn>, DialError> {
+    ) -> Result<Slot, DialError> {
         let key = Key { src: svid.spiffe_id.to_string(), dst: dst.to_owned(), endpoint };
         let leaf = svid.chain.first().cloned().unwrap_or_default();
         let usable = |c: &Conn| c.leaf == leaf && c.node == node && !c.dead.load(Ordering::Relaxed);
-        if let Some(c) = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(&key).filter(|c| usable(c)) {
-            return Ok(c.clone());
+        // The least busy usable connection, claimed, unless it is busy and another may be made.
+        let pick = |may_dial: bool| {
+            let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+            let list = conns.entry(key.clone()).or_default();
+            list.retain(|c| !c.dead.load(Ordering::Relaxed));
+            let count = list.iter().filter(|c| usable(c)).count();
+            let best = list.iter().filter(|c| usable(c)).min_by_key(|c| c.active.load(Ordering::Relaxed))?;
+            if may_dial && best.active.load(Ordering::Relaxed) > 0 && count < self.per_key {
+                return None;
+            }
+            Some(best.claim())
+        };
+        if let Some(slot) = pick(true) {
+            return Ok(slot);
         }
         let gate = self.dialing.lock().unwrap_or_else(|p| p.into_inner()).entry(key.clone()).or_default().clone();
         let _one = gate.lock().await;
-        if let Some(c) = self.conns.lock().unwrap_or_else(|p| p.into_inner()).get(&key).filter(|c| usable(c)) {
-            return Ok(c.clone());
+        if let Some(slot) = pick(true) {
+            return Ok(slot);
         }
-        let conn = Arc::new(dial(shared, svid, dst, node, endpoint).await?);
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).insert(key, conn.clone());
-        Ok(conn)
+        let conn = match dial(shared, svid, dst, node, endpoint).await {
+            Ok(c) => Arc::new(c),
+            // A busy connection is better than none when another could not be made.
+            Err(e) => return pick(false).ok_or(e),
+        };
+        let slot = conn.claim();
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().push(conn);
+        Ok(slot)
     }
 
     /// Forgets connections `keep` refuses (their streams go on; no new ones use them).
     pub fn retain(&self, keep: impl Fn(&str, &str, &Conn) -> bool) {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).retain(|k, c| keep(&k.src, &k.dst, c));
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, list) in conns.iter_mut() {
+            list.retain(|c| keep(&k.src, &k.dst, c));
+        }
+        conns.retain(|_, list| !list.is_empty());
     }
 }
 
@@ -185,5 +241,12 @@ async fn dial(
     });
     shared.streams.connection("outbound");
     tracing::info!(%endpoint, src = %svid.spiffe_id, dst, node, "tunnel connection established");
-    Ok(Conn { send, leaf: svid.chain.first().cloned().unwrap_or_default(), proof, node: node.to_owned(), dead })
+    Ok(Conn {
+        send,
+        leaf: svid.chain.first().cloned().unwrap_or_default(),
+        proof,
+        node: node.to_owned(),
+        dead,
+        active: AtomicUsize::new(0),
+    })
 }
