@@ -4,7 +4,9 @@
 //! Every socket of a protected cgroup carries a [`SockState`] (socket storage, cloned onto
 //! accepted sockets): its creator's record key and exec, and the verdict of its connection
 //! with the epoch it was decided at.
-//! - `cgroup/sock_create` stamps the socket, and refuses what no hook could judge (IPv6, raw
+//! - `cgroup/sock_create` stamps the socket when its creator has an identity (others are
+//!   stamped at their first bind, or at a connect or send by a process with an identity, so
+//!   a refused process allocates nothing), and refuses what no hook could judge (IPv6, raw
 //!   and ICMP sockets, protocols other than TCP and UDP).
 //! - `cgroup/connect4` and `cgroup/sendmsg4` judge the destination: a socket of this network
 //!   namespace (found by the kernel's own socket lookup, never by port) by identity, anything
@@ -803,17 +805,45 @@ fn try_sock_create(ctx: &SockContext) -> Result<(), Denial> {
     if refused != 0 {
         return Err(Denial::new(refused, direction::EGRESS));
     }
+    // SAFETY: for cgroup/sock programs the ctx is the socket.
+    match unsafe { stamp(ctx.sock as *mut c_void, false) } {
+        Err(reason) => Err(Denial::new(reason, direction::EGRESS)),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Gives a socket with no state yet the state of the process running this hook: its
+/// record's key and exec. Sockets are stamped when made, by a creator with an identity;
+/// the others (no identity yet, or made before enforcement was attached) when first used:
+/// at bind (`always`: a server whose identity comes later must be reachable then), at
+/// connect or unconnected send (only a process with an identity, so each refused connect
+/// of a process without one allocates nothing). A stamped socket's identity is looked up
+/// again at every epoch, so it follows its stamper's identity from then on.
+/// Err: the drop reason (this root's exec quota is used up, or no storage could be made).
+///
+/// # Safety
+/// `sk` must be a socket pointer the verifier accepts for `bpf_sk_storage_get`.
+#[inline(always)]
+unsafe fn stamp(sk: *mut c_void, always: bool) -> Result<Option<*mut SockState>, u32> {
     let mut state = current_state();
+    if !always {
+        if state.key_valid != key_kind::RECORD {
+            return Ok(None);
+        }
+        // SAFETY: presence only.
+        if unsafe { IDENTITIES.get(state.key) }.is_none() {
+            return Ok(None);
+        }
+    }
     if state.key_valid != 0 && register_exec(state.tgid, state.exec_ktime_ns).is_err() {
         // This root's quota is used up: its new sockets fail, nobody else's.
-        return Err(Denial::new(drop_reason::MAP_FULL, direction::EGRESS));
+        return Err(drop_reason::MAP_FULL);
     }
-    // SAFETY: for cgroup/sock programs the ctx is the socket.
-    let slot = unsafe { SOCK_STATE.get_or_insert(ctx.sock as *mut c_void, &mut state) }
-        .ok_or(Denial::new(drop_reason::MAP_FULL, direction::EGRESS))?;
-    // SAFETY: valid for this run.
-    unsafe { *slot = state };
-    Ok(())
+    // SAFETY: as the caller promised. An existing state is kept (never overwritten).
+    match unsafe { SOCK_STATE.get_or_insert(sk, &mut state) } {
+        Some(slot) => Ok(Some(slot)),
+        None => Err(drop_reason::MAP_FULL),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -865,9 +895,22 @@ fn try_addr(ctx: &SockAddrContext, cfg: &EnforceConfig, connect: bool) -> Result
         return Err(d);
     }
     // SAFETY: `sk` is the sock_addr program's socket.
-    let Some(state) = (unsafe { SOCK_STATE.get(sk as *mut c_void) }) else {
-        d.reason = drop_reason::UNSTAMPED_SOCKET;
-        return Err(d);
+    let state = match unsafe { SOCK_STATE.get(sk as *mut c_void) } {
+        Some(state) => state,
+        // First use of a socket whose creator had no identity (or that predates
+        // enforcement): stamped for this caller if it has one.
+        // SAFETY: as above.
+        None => match unsafe { stamp(sk as *mut c_void, false) } {
+            Ok(Some(state)) => state,
+            Ok(None) => {
+                d.reason = drop_reason::NO_IDENTITY;
+                return Err(d);
+            }
+            Err(reason) => {
+                d.reason = reason;
+                return Err(d);
+            }
+        },
     };
     // SAFETY: valid for this run; copied out.
     let s = unsafe { *state };
@@ -955,6 +998,10 @@ fn try_capture(
     daddr: u32,
     dport_be: u16,
 ) -> Capture {
+    // No tunnel on this node: nothing to look up.
+    if TUNNEL_CONFIG.get(0).is_none_or(|tc| tc.enabled == 0) {
+        return Capture::NotTunnelled;
+    }
     // SAFETY: presence, copied out at once.
     let Some(svc) = (unsafe { TUNNEL_SERVICES.get(ServiceKey { addr: daddr, port: dport_be, _pad: 0 }) }).copied()
     else {
@@ -1079,6 +1126,10 @@ fn publish_capture(ctx: &SkBuffContext, sk: *mut bpf_sock, state: *mut SockState
 /// Never refuses (getpeername hooks may not).
 #[cgroup_sock_addr(getpeername4)]
 pub fn enforce_getpeername4(ctx: SockAddrContext) -> i32 {
+    // No tunnel on this node: no socket was captured (every accept() runs this hook).
+    if TUNNEL_CONFIG.get(0).is_none_or(|tc| tc.enabled == 0) {
+        return ALLOW;
+    }
     // SAFETY: the sock_addr program's socket (never null).
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk } as *mut c_void;
     // SAFETY: the program's socket; the value is copied out at once.
@@ -1095,16 +1146,32 @@ pub fn enforce_getpeername4(ctx: SockAddrContext) -> i32 {
 // ---------------------------------------------------------------------------------------
 // cgroup/post_bind4
 
-/// A bound socket is a server: the connections it accepts come in. Never refuses.
+/// A bound socket is a server: the connections it accepts come in. A socket not stamped
+/// yet is stamped for the binding process, identity or not (its identity may come later).
+/// Refuses only when this root's exec quota is used up.
 #[cgroup_sock(post_bind4)]
 pub fn enforce_post_bind4(ctx: SockContext) -> i32 {
+    let sk = ctx.sock as *mut c_void;
     // SAFETY: for cgroup/sock programs the ctx is the socket.
-    if let Some(state) = unsafe { SOCK_STATE.get(ctx.sock as *mut c_void) } {
-        // SAFETY: valid for this run. A later connect makes it outbound again.
-        unsafe {
-            if (*state).role == sock_role::NEW {
-                (*state).role = sock_role::INBOUND;
+    let state = match unsafe { SOCK_STATE.get(sk) } {
+        Some(state) => state,
+        // SAFETY: as above.
+        None => match unsafe { stamp(sk, true) } {
+            Ok(Some(state)) => state,
+            Ok(None) => return ALLOW,
+            Err(reason) => {
+                let mut d = Denial::new(reason, direction::INGRESS);
+                d.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+                // SAFETY: plain helper call.
+                record_drop(&d, unsafe { bpf_get_current_cgroup_id() }, config().audit_interval_ns);
+                return DENY;
             }
+        },
+    };
+    // SAFETY: valid for this run. A later connect makes it outbound again.
+    unsafe {
+        if (*state).role == sock_role::NEW {
+            (*state).role = sock_role::INBOUND;
         }
     }
     ALLOW
@@ -1224,29 +1291,42 @@ fn try_ingress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
         return Ok(());
     };
     // SAFETY: a full socket.
+    let (sk_state, sk_proto) = unsafe { ((*sk).state, (*sk).protocol) };
+    // A closed TCP socket takes nothing in (TCP discards what reaches it): the late packets
+    // of a connection closing on another CPU are no flow to judge.
+    if sk_proto == IPPROTO_TCP && sk_state == TCP_CLOSE {
+        return Ok(());
+    }
+    // SAFETY: a full socket.
     let Some(state) = (unsafe { SOCK_STATE.get(sk as *mut c_void) }) else {
         d.reason = drop_reason::UNSTAMPED_SOCKET;
         return Err(d);
     };
-    let connected = has_one_peer(sk);
+    let connected = sk_state != TCP_LISTEN && sk_state != TCP_CLOSE;
+    // Per packet, only the fields the verdict needs are read.
     // SAFETY: valid for this run.
-    let s = unsafe { *state };
+    let (tunnel, epoch, verdict, role) = unsafe { ((*state).tunnel, (*state).epoch, (*state).verdict, (*state).role) };
     // A captured connection's peer is the local tunnel listener: its reset (the tunnel
     // stream closed, e.g. revoked) always reaches the application, so it never hangs.
-    if connected && s.tunnel != tunnel_state::NONE && is_rst(ctx) {
+    if connected && tunnel != tunnel_state::NONE && is_rst(ctx) {
         return Ok(());
     }
-    if connected && s.epoch == cfg.epoch {
-        if s.verdict == 0 {
+    if connected && epoch == cfg.epoch {
+        if verdict == 0 {
             return Ok(());
         }
-        return Err(Denial { reason: s.verdict, direction: direction::INGRESS, src: s.src, dst: s.dst, ..d });
+        // SAFETY: valid for this run.
+        let (src, dst) = unsafe { ((*state).src, (*state).dst) };
+        return Err(Denial { reason: verdict, direction: direction::INGRESS, src, dst, ..d });
     }
-    // An unconnected socket that never bound is a UDP client: what comes back to its port
-    // was asked for by its own sends (judged at sendmsg).
-    if !connected && s.role == sock_role::NEW {
+    // An unconnected UDP socket that never bound is a client: what comes back to its port
+    // was asked for by its own sends (judged at sendmsg). A TCP listener judges its SYNs,
+    // bound or not (listen() without bind() binds no hook sees).
+    if !connected && role == sock_role::NEW && sk_proto != IPPROTO_TCP {
         return Ok(());
     }
+    // SAFETY: valid for this run.
+    let s = unsafe { *state };
     // Not IPv4 TCP/UDP (or too short to tell): not ours to judge.
     let Some(tuple) = parse_ipv4(ctx) else {
         return Ok(());
@@ -1254,8 +1334,7 @@ fn try_ingress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
     // A listener judges each SYN; what completes a handshake (or is stray) reaches a
     // connection only if the kernel holds a request, or a SYN cookie, made for an allowed SYN
     // of that very tuple: the connection's socket is cloned with the verdict kept below.
-    // SAFETY: a full socket.
-    if tuple.proto == IPPROTO_TCP && unsafe { (*sk).state } == TCP_LISTEN && !is_syn(ctx) {
+    if tuple.proto == IPPROTO_TCP && sk_state == TCP_LISTEN && !is_syn(ctx) {
         return Ok(());
     }
     d.tuple = tuple;
@@ -1325,10 +1404,8 @@ pub fn enforce_egress(ctx: SkBuffContext) -> i32 {
 /// are dropped: a connection established under one identity does not carry the next image's
 /// traffic.
 fn try_egress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
-    let mut d = Denial::new(0, direction::EGRESS);
     if !lease_holds(cfg) {
-        d.reason = drop_reason::NODE_UNATTESTED;
-        return Err(d);
+        return Err(Denial::new(drop_reason::NODE_UNATTESTED, direction::EGRESS));
     }
     // Request sockets (SYN-ACK) and timewait sockets (closing ACKs) carry no data.
     let Some(sk) = skb_fullsock(ctx) else {
@@ -1336,14 +1413,13 @@ fn try_egress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
     };
     // SAFETY: a full socket.
     let Some(state) = (unsafe { SOCK_STATE.get(sk as *mut c_void) }) else {
-        d.reason = drop_reason::UNSTAMPED_SOCKET;
-        return Err(d);
+        return Err(Denial::new(drop_reason::UNSTAMPED_SOCKET, direction::EGRESS));
     };
-    // SAFETY: valid for this run.
-    let s = unsafe { *state };
-    d.tgid = s.tgid;
     if !creator_may_send(state) {
-        d.reason = drop_reason::STALE_SOCKET;
+        // SAFETY: valid for this run.
+        let s = unsafe { *state };
+        let mut d = Denial::new(drop_reason::STALE_SOCKET, direction::EGRESS);
+        d.tgid = s.tgid;
         d.src = identity_of(&s);
         return Err(d);
     }
@@ -1351,15 +1427,24 @@ fn try_egress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
         // Unconnected UDP: every destination was judged at sendmsg.
         return Ok(());
     }
-    if s.tunnel == tunnel_state::PENDING {
+    // Per packet, only the fields the verdict needs are read.
+    // SAFETY: valid for this run.
+    let (tunnel, epoch, verdict) = unsafe { ((*state).tunnel, (*state).epoch, (*state).verdict) };
+    if tunnel == tunnel_state::PENDING {
         publish_capture(ctx, sk, state);
     }
-    if s.epoch == cfg.epoch {
-        if s.verdict == 0 {
+    if epoch == cfg.epoch {
+        if verdict == 0 {
             return Ok(());
         }
-        return Err(Denial { reason: s.verdict, src: s.src, dst: s.dst, ..d });
+        // SAFETY: valid for this run.
+        let (src, dst, tgid) = unsafe { ((*state).src, (*state).dst, (*state).tgid) };
+        return Err(Denial { reason: verdict, src, dst, tgid, ..Denial::new(0, direction::EGRESS) });
     }
+    // SAFETY: valid for this run.
+    let s = unsafe { *state };
+    let mut d = Denial::new(0, direction::EGRESS);
+    d.tgid = s.tgid;
     // SAFETY: a full socket; addresses and ports in network order.
     let (local_addr, local_port, peer_addr, peer_port, proto) =
         unsafe { ((*sk).src_ip4, ((*sk).src_port as u16).to_be(), (*sk).dst_ip4, (*sk).dst_port, (*sk).protocol) };

@@ -351,7 +351,7 @@ struct Sample {
 
 fn measure(w: &World, arm: Arm, args: &Args) -> Result<Sample> {
     let net = Net::new()?;
-    let attached = w.attach(arm)?;
+    let mut attached = w.attach(arm)?;
     let at = |port| SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
     let remote = SocketAddrV4::new(REMOTE_ADDR, PORT_REMOTE);
     // Servers after the programs: their sockets are stamped and their ports recorded.
@@ -373,6 +373,9 @@ fn measure(w: &World, arm: Arm, args: &Args) -> Result<Sample> {
         ..Sample::default()
     };
     let drops_before_refusals = drops(&attached)?;
+    if drops_before_refusals.iter().any(|n| *n > 0) {
+        print_drop_events(&mut attached);
+    }
     if arm != Arm::None {
         let ns = run_client(node, &w.rogue, "refused", at(PORT_REFUSED), u64::from(args.refusals))?;
         s.refusal_us = Some(ns / 1e3 / f64::from(args.refusals));
@@ -384,6 +387,31 @@ fn measure(w: &World, arm: Arm, args: &Args) -> Result<Sample> {
     drop((s_connect, s_rr, s_bulk, s_remote, s_refused));
     w.detach(attached)?;
     Ok(s)
+}
+
+/// The first drop events of allowed flows (what to look at when there are any; the audit
+/// interval reports the first drop of each source and reason).
+fn print_drop_events(a: &mut Attached) {
+    let Attached::Tether(e) = a else { return };
+    let Ok(mut events) = e.take_drop_events() else { return };
+    let got = tokio::runtime::Handle::current()
+        .block_on(async { tokio::time::timeout(Duration::from_millis(200), events.next_batch()).await });
+    for ev in got.ok().and_then(|r| r.ok()).unwrap_or_default().iter().take(8) {
+        let t = ev.tuple;
+        println!(
+            "  drop: {} {} {}:{} -> {}:{} proto {} src {} dst {} tgid {}",
+            drop_reason::name(ev.reason),
+            if ev.direction == tether_common::direction::INGRESS { "ingress" } else { "egress" },
+            Ipv4Addr::from(u32::from_be(t.saddr)),
+            u16::from_be(t.sport),
+            Ipv4Addr::from(u32::from_be(t.daddr)),
+            u16::from_be(t.dport),
+            t.proto,
+            ev.src_identity,
+            ev.dst_identity,
+            ev.tgid
+        );
+    }
 }
 
 /// Flows and packets Tether has dropped so far, by reason (none for the other arms).

@@ -159,8 +159,9 @@ fn tables_cannot_be_filled_to_deny_other_workloads() {
     assert!(out.contains("sent"), "{out}");
     server.wait_line("data after-fill");
 
-    // Churn in the other protected cgroup: 200 processes, each with a socket, against a
-    // quota of 64. Past it, that cgroup's sockets fail; web's do not.
+    // Churn in the other protected cgroup: 200 processes, each with a bound socket (bind
+    // stamps even without identity), against a quota of 64. Past it, that cgroup's binds
+    // fail; web's sockets do not.
     let churner = w.a.extra_roots[0].child("churn").unwrap();
     let out = w.a.run(&churner, &["socket-churn", "200"]);
     let fail: u64 = out.split_whitespace().nth(4).and_then(|n| n.parse().ok()).unwrap_or(0);

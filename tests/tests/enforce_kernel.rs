@@ -4,7 +4,7 @@
 //! the receiver (what it accepted and read).
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
     os::fd::AsFd,
     path::{Path, PathBuf},
@@ -88,8 +88,20 @@ impl Server {
         Self::start_with(cg, ns.command(NET), addr)
     }
 
+    /// A listener that never called bind() (the kernel picked its port at listen()).
+    fn start_unbound(cg: &CgroupGuard) -> Server {
+        let mut cmd = Command::new(NET);
+        cmd.arg("listen-unbound");
+        Self::spawn(cg, cmd)
+    }
+
     fn start_with(cg: &CgroupGuard, mut cmd: Command, addr: &str) -> Server {
-        cmd.args(["listen", "0", addr]).stdout(Stdio::piped());
+        cmd.args(["listen", "0", addr]);
+        Self::spawn(cg, cmd)
+    }
+
+    fn spawn(cg: &CgroupGuard, mut cmd: Command) -> Server {
+        cmd.stdout(Stdio::piped());
         cg.place(&mut cmd).unwrap();
         let mut child = cmd.spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -339,6 +351,47 @@ async fn identities_policy_and_generations() {
     drop((a, b));
     e.detach_all(&pins.0.clone()).unwrap();
     assert!(!pins.0.exists());
+}
+
+/// Sockets are stamped when a process with an identity makes them, else when first used:
+/// a socket made while its process had no identity is refused at connect (allocating
+/// nothing), and judged by the identity the process holds at a later connect; a listener
+/// that never called bind() (no bind hook runs) judges its handshakes like any other.
+#[tokio::test]
+async fn sockets_made_before_an_identity_and_unbound_listeners_are_judged() {
+    let w = World::new("enforce-lazy");
+    let pins = PinGuard::new("lazy");
+    let mut e = w.enforcer(&pins);
+    let without_client_net: Vec<_> = w.identities().into_iter().filter(|(_, id)| *id != CLIENT_NET).collect();
+    e.set_identities(&without_client_net).unwrap();
+    let mut a = Server::start(&w.srv_a);
+    e.load_policy(&[flow(CLIENT_NET, SRV_A, a.port, TCP)], &[], &[]).unwrap();
+
+    let mut cmd = Command::new(NET);
+    cmd.args(["connect-when-told", &a.port.to_string()]).stdin(Stdio::piped()).stdout(Stdio::piped());
+    w.client.place(&mut cmd).unwrap();
+    let mut child = cmd.spawn().unwrap();
+    let mut told = child.stdin.take().unwrap();
+    let mut said = BufReader::new(child.stdout.take().unwrap()).lines();
+    let _child = KillOnDrop(child);
+    let mut next = || said.next().expect("the client said nothing more").unwrap();
+    assert_eq!(next(), "socket");
+    writeln!(told, "go").unwrap();
+    assert_eq!(next(), format!("connect-error {}", libc::EPERM), "connect without an identity");
+    e.set_identities(&w.identities()).unwrap();
+    writeln!(told, "go").unwrap();
+    assert_eq!(next(), "connected", "the same socket, once its process has an identity");
+    assert_eq!(a.accepts(Duration::from_millis(300)), 1);
+
+    let mut u = Server::start_unbound(&w.srv_a);
+    e.load_policy(&[flow(CLIENT, SRV_A, 0, TCP)], &[], &[]).unwrap();
+    assert!(connect_here(u.port).is_err(), "an unprotected peer completed a handshake with the unbound listener");
+    assert_eq!(u.accepts(Duration::from_millis(300)), 0, "the unbound listener accepted an unprotected peer");
+    connect_from(&w.client, u.port).expect("CLIENT -> the unbound listener is allowed");
+    assert_eq!(u.accepts(Duration::from_millis(300)), 1);
+
+    drop((a, u));
+    e.detach_all(&pins.0.clone()).unwrap();
 }
 
 /// (c) A connection made under one identity does not carry traffic after its process execs.

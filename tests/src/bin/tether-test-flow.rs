@@ -15,8 +15,9 @@
 //! - `icmp-echo ADDR TEXT`: an ICMP echo with TEXT as payload through a datagram ("ping")
 //!   socket: `reply`, `no-reply` or `socket-error ERRNO`.
 //! - `udp-fill N`: binds N UDP sockets to port 0 (each closed after): `done ok N fail M`.
-//! - `socket-churn N`: N child processes (forked) each make one TCP socket and exit:
-//!   `done ok N fail M` (fail: socket() refused).
+//! - `socket-churn N`: N child processes (forked) each make one TCP socket, bind it to
+//!   port 0 (a bind stamps the socket even for a process without identity) and exit:
+//!   `done ok N fail M` (fail: socket() or bind() refused).
 //! - `bind-hold PORT MILLIS`: binds a TCP listener on 0.0.0.0:PORT, says `bound` or
 //!   `bind-error ERRNO`, holds it MILLIS ms.
 //!
@@ -211,13 +212,20 @@ fn udp_fill(n: u64) {
 fn socket_churn(n: u64) {
     let (mut ok, mut fail) = (0u64, 0u64);
     for _ in 0..n {
-        // SAFETY: the child only calls socket(2) and _exit, async-signal-safe.
+        // SAFETY: the child only calls socket(2), bind(2) and _exit, async-signal-safe.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
-            // SAFETY: as above.
+            // SAFETY: as above; an all-zero sockaddr_in is 0.0.0.0:0 once the family is set.
             unsafe {
                 let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                libc::_exit(if fd < 0 { 1 } else { 0 });
+                if fd < 0 {
+                    libc::_exit(1);
+                }
+                let mut addr: libc::sockaddr_in = std::mem::zeroed();
+                addr.sin_family = libc::AF_INET as libc::sa_family_t;
+                let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                let bound = libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len);
+                libc::_exit(if bound < 0 { 1 } else { 0 });
             }
         }
         let mut status = 0;

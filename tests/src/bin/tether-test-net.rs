@@ -4,22 +4,73 @@
 //!   Prints `port N` once, then
 //!   `accept` for each connection, `data <line>` for each line received and `eof` when a
 //!   peer closes.
+//! - `listen-unbound`: as `listen`, on a socket that calls listen() without bind() (the
+//!   kernel picks the port; no bind hook runs).
 //! - `udp-send <port> <text>`: one unconnected `sendto` (never bound first, so no bind hook
 //!   runs) to 127.0.0.1; prints `sent` or `error <errno>`.
+//! - `connect-when-told <port>`: makes a TCP socket and prints `socket`; then for each line
+//!   on stdin connects it to 127.0.0.1:port, printing `connected` (and exiting) or
+//!   `connect-error <errno>`.
 
 use std::{
     io::{BufRead, BufReader},
     net::TcpListener,
+    os::fd::FromRawFd,
 };
 
 fn listen(port: u16, addr: &str) {
-    let listener = match TcpListener::bind((addr, port)) {
-        Ok(l) => l,
+    match TcpListener::bind((addr, port)) {
+        Ok(l) => serve(l),
         Err(e) => {
             println!("bind-error {}", e.raw_os_error().unwrap_or(0));
             std::process::exit(1);
         }
+    }
+}
+
+fn listen_unbound() {
+    // SAFETY: plain socket calls; the fd is owned by the listener made from it.
+    let listener = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 || libc::listen(fd, 16) != 0 {
+            println!("listen-error {}", std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            std::process::exit(1);
+        }
+        TcpListener::from_raw_fd(fd)
     };
+    serve(listener)
+}
+
+fn connect_when_told(port: u16) {
+    // SAFETY: plain socket calls on a sockaddr_in built here.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        println!("socket-error {}", std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        std::process::exit(1);
+    }
+    println!("socket");
+    for _ in std::io::stdin().lines() {
+        // SAFETY: as above.
+        let rc = unsafe {
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as libc::sa_family_t;
+            addr.sin_port = port.to_be();
+            addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+            libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            println!("connected");
+            return;
+        }
+        println!("connect-error {}", std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+}
+
+fn serve(listener: TcpListener) {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     println!("port {port}");
     for conn in listener.incoming() {
@@ -73,8 +124,13 @@ fn main() {
     match (args.get(1).map(String::as_str), port(2)) {
         (Some("listen"), Some(p)) => listen(p, args.get(3).map(String::as_str).unwrap_or("127.0.0.1")),
         (Some("udp-send"), Some(p)) => udp_send(p, args.get(3).map(String::as_str).unwrap_or("x")),
+        (Some("listen-unbound"), _) => listen_unbound(),
+        (Some("connect-when-told"), Some(p)) => connect_when_told(p),
         _ => {
-            eprintln!("usage: tether-test-net listen <port> [<addr>] | udp-send <port> <text>");
+            eprintln!(
+                "usage: tether-test-net listen <port> [<addr>] | listen-unbound | udp-send <port> <text> | \
+                 connect-when-told <port>"
+            );
             std::process::exit(2);
         }
     }
