@@ -419,6 +419,7 @@ fn register_exec(tgid: u32, exec: u64) -> Result<(), ()> {
         let slot = EXEC_GEN.get_ptr_mut(tgid).ok_or(())?;
         // SAFETY: valid for this run.
         unsafe { (*slot).exec = exec };
+        move_exec_epoch();
         return Ok(());
     }
     let root = current_root();
@@ -471,18 +472,12 @@ fn identity_cached(state: *mut SockState, cfg: &EnforceConfig) -> u32 {
     id
 }
 
-/// The creator still runs the image that made the socket: it may start flows.
+/// The creator still runs the image that made the socket (and has not exited): it may start
+/// flows. `exec_seen` (EXEC_EPOCH + 1 when the creator was last found running that image)
+/// saves the lookup while no exec table entry changed: an exec or exit of any process
+/// holding sockets moves the epoch.
 #[inline(always)]
-fn creator_is_current(state: &SockState) -> bool {
-    // SAFETY: the value is copied out at once.
-    matches!(unsafe { EXEC_GEN.get(state.tgid) }, Some(e) if e.exec == state.exec_ktime_ns)
-}
-
-/// The creator still runs, or exited, in the image that made the socket: the socket may
-/// carry packets (an exited creator's sockets drain and close). Looked up only when an exec
-/// table entry changed since the socket's last check (`exec_seen` is that EXEC_EPOCH + 1).
-#[inline(always)]
-fn creator_may_send(state: *mut SockState) -> bool {
+fn creator_is_current(state: *mut SockState) -> bool {
     let epoch = exec_epoch();
     // SAFETY: the socket's own storage, valid for this run.
     let s = unsafe { &mut *state };
@@ -490,12 +485,26 @@ fn creator_may_send(state: *mut SockState) -> bool {
         return true;
     }
     // SAFETY: the value is copied out at once.
-    let ok = matches!(unsafe { EXEC_GEN.get(s.tgid) }, Some(e) if e.exec & !EXEC_GEN_EXITED == s.exec_ktime_ns);
+    let ok = matches!(unsafe { EXEC_GEN.get(s.tgid) }, Some(e) if e.exec == s.exec_ktime_ns);
     if ok {
         // Read before the lookup: an exec after it moves the epoch past what is kept here.
         s.exec_seen = epoch.wrapping_add(1);
     }
     ok
+}
+
+/// The creator still runs, or exited, in the image that made the socket: the socket may
+/// carry packets (an exited creator's sockets drain and close). Only a running creator is
+/// remembered in `exec_seen` (see [`creator_is_current`]): an exited one's sockets look it
+/// up at each packet of their short tail.
+#[inline(always)]
+fn creator_may_send(state: *mut SockState) -> bool {
+    if creator_is_current(state) {
+        return true;
+    }
+    // SAFETY: the socket's own storage, valid for this run; the value is copied out at once.
+    let s = unsafe { &*state };
+    matches!(unsafe { EXEC_GEN.get(s.tgid) }, Some(e) if e.exec == s.exec_ktime_ns | EXEC_GEN_EXITED)
 }
 
 #[inline(always)]
@@ -830,14 +839,23 @@ unsafe fn stamp(sk: *mut c_void, always: bool) -> Result<Option<*mut SockState>,
         if state.key_valid != key_kind::RECORD {
             return Ok(None);
         }
-        // SAFETY: presence only.
-        if unsafe { IDENTITIES.get(state.key) }.is_none() {
+        // SAFETY: the value is copied out at once.
+        let Some(identity) = (unsafe { IDENTITIES.get(state.key) }).map(|v| v.identity) else {
             return Ok(None);
-        }
+        };
+        // Kept for this epoch, as identity_cached would.
+        state.id = identity;
+        state.id_epoch = config().epoch;
     }
-    if state.key_valid != 0 && register_exec(state.tgid, state.exec_ktime_ns).is_err() {
-        // This root's quota is used up: its new sockets fail, nobody else's.
-        return Err(drop_reason::MAP_FULL);
+    // Read before the exec table is: an exec or exit after it moves the epoch past this.
+    let epoch = exec_epoch();
+    if state.key_valid != 0 {
+        if register_exec(state.tgid, state.exec_ktime_ns).is_err() {
+            // This root's quota is used up: its new sockets fail, nobody else's.
+            return Err(drop_reason::MAP_FULL);
+        }
+        // The stamping process runs this very exec: what creator_is_current would find.
+        state.exec_seen = epoch.wrapping_add(1);
     }
     // SAFETY: as the caller promised. An existing state is kept (never overwritten).
     match unsafe { SOCK_STATE.get_or_insert(sk, &mut state) } {
@@ -912,15 +930,13 @@ fn try_addr(ctx: &SockAddrContext, cfg: &EnforceConfig, connect: bool) -> Result
             }
         },
     };
-    // SAFETY: valid for this run; copied out.
-    let s = unsafe { *state };
     let src = identity_cached(state, cfg);
     d.src = src;
     if src == 0 {
         d.reason = drop_reason::NO_IDENTITY;
         return Err(d);
     }
-    if !creator_is_current(&s) {
+    if !creator_is_current(state) {
         d.reason = drop_reason::STALE_SOCKET;
         return Err(d);
     }

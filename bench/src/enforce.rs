@@ -424,7 +424,7 @@ fn drops(a: &Attached) -> Result<[u64; drop_reason::COUNT as usize]> {
 
 /// Total BPF nanoseconds per operation (`mode`: a connect, or a request/response
 /// exchange), over every program, for `arm`, with stats on.
-fn bpf_ns_per_op(w: &World, arm: Arm, mode: &str, ops: u32) -> Result<(f64, Vec<(String, f64)>)> {
+fn bpf_ns_per_op(w: &World, arm: Arm, mode: &str, ops: u32) -> Result<(f64, Vec<(String, f64, f64)>)> {
     let net = Net::new()?;
     let attached = w.attach(arm)?;
     let port = if mode == "rr" { PORT_RR } else { PORT_CONNECT };
@@ -441,12 +441,13 @@ fn bpf_ns_per_op(w: &World, arm: Arm, mode: &str, ops: u32) -> Result<(f64, Vec<
     drop(server);
     w.detach(attached)?;
     let n = f64::from(ops);
-    let rows: Vec<(String, f64)> = per_program
+    // (program, ns per operation, runs per operation)
+    let rows: Vec<(String, f64, f64)> = per_program
         .into_iter()
         .filter(|(_, _, count)| *count > 0)
-        .map(|(name, time, _)| (name, time.as_nanos() as f64 / n))
+        .map(|(name, time, count)| (name, time.as_nanos() as f64 / n, count as f64 / n))
         .collect();
-    Ok((rows.iter().map(|(_, ns)| ns).sum(), rows))
+    Ok((rows.iter().map(|(_, ns, _)| ns).sum(), rows))
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -530,13 +531,13 @@ pub fn run(args: &Args) -> Result<()> {
     for (what, arm, total, rows) in &per_op {
         let bench = if *what == "connect" { "B1" } else { "B2" };
         println!("{bench}         BPF ns per {what}, {arm:<6} (all hooks, both ends): {total:>8.0} ns");
-        for (name, ns) in rows {
-            println!("             {name:<24} {ns:>8.0} ns per {what}");
+        for (name, ns, runs) in rows {
+            println!("             {name:<24} {ns:>8.0} ns per {what} ({runs:.1} runs)");
         }
         println!(
             "{}",
             serde_json::json!({"bench": bench, "metric": format!("bpf_ns_per_{what} {arm}"), "unit": "ns", "value": total,
-                "programs": rows.iter().map(|(n, ns)| serde_json::json!({"program": n, "ns": ns})).collect::<Vec<_>>()})
+                "programs": rows.iter().map(|(n, ns, runs)| serde_json::json!({"program": n, "ns": ns, "runs": runs})).collect::<Vec<_>>()})
         );
     }
     println!("B3         connections that reached the listener from the process without identity: {leaked}");
