@@ -424,7 +424,10 @@ fn drops(a: &Attached) -> Result<[u64; drop_reason::COUNT as usize]> {
 
 /// Total BPF nanoseconds per operation (`mode`: a connect, or a request/response
 /// exchange), over every program, for `arm`, with stats on.
-fn bpf_ns_per_op(w: &World, arm: Arm, mode: &str, ops: u32) -> Result<(f64, Vec<(String, f64, f64)>)> {
+/// Per program: its name, nanoseconds per operation, runs per operation.
+type ProgramCost = (String, f64, f64);
+
+fn bpf_ns_per_op(w: &World, arm: Arm, mode: &str, ops: u32) -> Result<(f64, Vec<ProgramCost>)> {
     let net = Net::new()?;
     let attached = w.attach(arm)?;
     let port = if mode == "rr" { PORT_RR } else { PORT_CONNECT };
@@ -441,8 +444,7 @@ fn bpf_ns_per_op(w: &World, arm: Arm, mode: &str, ops: u32) -> Result<(f64, Vec<
     drop(server);
     w.detach(attached)?;
     let n = f64::from(ops);
-    // (program, ns per operation, runs per operation)
-    let rows: Vec<(String, f64, f64)> = per_program
+    let rows: Vec<ProgramCost> = per_program
         .into_iter()
         .filter(|(_, _, count)| *count > 0)
         .map(|(name, time, count)| (name, time.as_nanos() as f64 / n, count as f64 / n))
