@@ -1221,15 +1221,36 @@ fn parse_ipv4(ctx: &SkBuffContext) -> Option<TupleKey> {
     })
 }
 
-/// The TCP header's SYN flag (the packet is IPv4 TCP).
+const TCP_FLAG_SYN: u8 = 0x02;
+
+/// [`parse_ipv4`] and the TCP flags (0 for UDP), in one read for the common header without
+/// IP options (an IPv4 header of 20 bytes and the TCP header to its flags: 34 bytes). Flags
+/// that cannot be read are taken as a SYN's (the packet is judged).
 #[inline(always)]
-fn is_syn(ctx: &SkBuffContext) -> bool {
-    let Ok(vihl) = ctx.load::<u8>(0) else {
-        return true;
-    };
-    let ihl = ((vihl & 0x0f) as usize) * 4;
-    // Unreadable flags are judged as a SYN would be.
-    ctx.load::<u8>(ihl + 13).map(|flags| flags & 0x02 != 0).unwrap_or(true)
+fn parse_headers(ctx: &SkBuffContext) -> Option<(TupleKey, u8)> {
+    if let Ok(h) = ctx.load::<[u8; 34]>(0) {
+        if h[0] == 0x45 {
+            let proto = h[9] as u32;
+            if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+                return None;
+            }
+            let tuple = TupleKey {
+                saddr: u32::from_ne_bytes([h[12], h[13], h[14], h[15]]),
+                daddr: u32::from_ne_bytes([h[16], h[17], h[18], h[19]]),
+                sport: u16::from_ne_bytes([h[20], h[21]]),
+                dport: u16::from_ne_bytes([h[22], h[23]]),
+                proto,
+            };
+            return Some((tuple, if proto == IPPROTO_TCP { h[33] } else { 0 }));
+        }
+    }
+    // IP options, or a packet shorter than 34 bytes (UDP).
+    let tuple = parse_ipv4(ctx)?;
+    if tuple.proto != IPPROTO_TCP {
+        return Some((tuple, 0));
+    }
+    let ihl = ctx.load::<u8>(0).map(|v| ((v & 0x0f) as usize) * 4).unwrap_or(0);
+    Some((tuple, ctx.load::<u8>(ihl + 13).unwrap_or(TCP_FLAG_SYN)))
 }
 
 /// The TCP header's RST flag (the packet is IPv4 TCP).
@@ -1341,18 +1362,18 @@ fn try_ingress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
     if !connected && role == sock_role::NEW && sk_proto != IPPROTO_TCP {
         return Ok(());
     }
-    // SAFETY: valid for this run.
-    let s = unsafe { *state };
     // Not IPv4 TCP/UDP (or too short to tell): not ours to judge.
-    let Some(tuple) = parse_ipv4(ctx) else {
+    let Some((tuple, tcp_flags)) = parse_headers(ctx) else {
         return Ok(());
     };
     // A listener judges each SYN; what completes a handshake (or is stray) reaches a
     // connection only if the kernel holds a request, or a SYN cookie, made for an allowed SYN
     // of that very tuple: the connection's socket is cloned with the verdict kept below.
-    if tuple.proto == IPPROTO_TCP && sk_state == TCP_LISTEN && !is_syn(ctx) {
+    if tuple.proto == IPPROTO_TCP && sk_state == TCP_LISTEN && tcp_flags & TCP_FLAG_SYN == 0 {
         return Ok(());
     }
+    // SAFETY: valid for this run.
+    let s = unsafe { *state };
     d.tuple = tuple;
     let ctxp = ctx.skb.skb as *mut c_void;
     let own = identity_cached(state, cfg);
