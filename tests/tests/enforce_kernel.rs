@@ -394,6 +394,32 @@ async fn sockets_made_before_an_identity_and_unbound_listeners_are_judged() {
     e.detach_all(&pins.0.clone()).unwrap();
 }
 
+/// A socket outlives its creator only to drain: a child that inherited it connects while
+/// the creator runs, and is refused (`stale_socket`) once the creator has exited.
+#[tokio::test]
+async fn a_socket_whose_creator_exited_starts_no_connection() {
+    let w = World::new("enforce-orphan");
+    let pins = PinGuard::new("orphan");
+    let mut e = w.enforcer(&pins);
+    let mut events = e.take_drop_events().unwrap();
+    let mut a = Server::start(&w.srv_a);
+    e.load_policy(&[flow(CLIENT_NET, SRV_A, a.port, TCP)], &[], &[]).unwrap();
+    let port = a.port.to_string();
+    let from_child = |mode: &[&str]| {
+        let mut cmd = Command::new(NET);
+        cmd.args(["connect-from-child", &port]).args(mode);
+        String::from_utf8_lossy(&w.client.run(&mut cmd).unwrap().stdout).trim().to_owned()
+    };
+    assert_eq!(from_child(&[]), "child connected", "the creator still runs");
+    assert_eq!(a.accepts(Duration::from_millis(300)), 1);
+    assert_eq!(from_child(&["creator-exits"]), format!("child connect-error {}", libc::EPERM));
+    events_until(&mut events, |e| e.reason == drop_reason::STALE_SOCKET).await;
+    assert_eq!(a.accepts(Duration::from_millis(300)), 1, "the orphaned socket's connection arrived");
+
+    drop(a);
+    e.detach_all(&pins.0.clone()).unwrap();
+}
+
 /// (c) A connection made under one identity does not carry traffic after its process execs.
 #[tokio::test]
 async fn exec_after_connect_loses_the_connection() {

@@ -11,6 +11,9 @@
 //! - `connect-when-told <port>`: makes a TCP socket and prints `socket`; then for each line
 //!   on stdin connects it to 127.0.0.1:port, printing `connected` (and exiting) or
 //!   `connect-error <errno>`.
+//! - `connect-from-child <port> [creator-exits]`: makes a TCP socket, forks; the child
+//!   connects it to 127.0.0.1:port (after this process exited, with `creator-exits`) and
+//!   prints `child connected` or `child connect-error <errno>`.
 
 use std::{
     io::{BufRead, BufReader},
@@ -50,23 +53,65 @@ fn connect_when_told(port: u16) {
     }
     println!("socket");
     for _ in std::io::stdin().lines() {
-        // SAFETY: as above.
-        let rc = unsafe {
-            let mut addr: libc::sockaddr_in = std::mem::zeroed();
-            addr.sin_family = libc::AF_INET as libc::sa_family_t;
-            addr.sin_port = port.to_be();
-            addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
-            libc::connect(
-                fd,
-                (&addr as *const libc::sockaddr_in).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            println!("connected");
-            return;
+        match connect_fd(fd, port) {
+            0 => {
+                println!("connected");
+                return;
+            }
+            e => println!("connect-error {e}"),
         }
-        println!("connect-error {}", std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+}
+
+/// Connects `fd` to 127.0.0.1:`port`: 0 or the errno.
+fn connect_fd(fd: i32, port: u16) -> i32 {
+    // SAFETY: a sockaddr_in built here, a plain connect.
+    let rc = unsafe {
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_port = port.to_be();
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        libc::connect(fd, (&addr as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as libc::socklen_t)
+    };
+    if rc == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
+}
+
+/// A socket made here, connected by a forked child once this process has exited (`exits`)
+/// or while it still runs.
+fn connect_from_child(port: u16, exits: bool) {
+    use std::io::Write;
+    // SAFETY: plain socket and process calls; the child only connects, prints and exits.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            println!("socket-error {}", std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            std::process::exit(1);
+        }
+        let parent = libc::getpid();
+        let _ = std::io::stdout().flush();
+        let child = libc::fork();
+        if child == 0 {
+            if exits {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                while libc::getppid() == parent && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+            match connect_fd(fd, port) {
+                0 => println!("child connected"),
+                e => println!("child connect-error {e}"),
+            }
+            let _ = std::io::stdout().flush();
+            libc::_exit(0);
+        }
+        if !exits {
+            let mut status = 0;
+            libc::waitpid(child, &mut status, 0);
+        }
     }
 }
 
@@ -126,10 +171,13 @@ fn main() {
         (Some("udp-send"), Some(p)) => udp_send(p, args.get(3).map(String::as_str).unwrap_or("x")),
         (Some("listen-unbound"), _) => listen_unbound(),
         (Some("connect-when-told"), Some(p)) => connect_when_told(p),
+        (Some("connect-from-child"), Some(p)) => {
+            connect_from_child(p, args.get(3).is_some_and(|a| a == "creator-exits"))
+        }
         _ => {
             eprintln!(
                 "usage: tether-test-net listen <port> [<addr>] | listen-unbound | udp-send <port> <text> | \
-                 connect-when-told <port>"
+                 connect-when-told <port> | connect-from-child <port> [creator-exits]"
             );
             std::process::exit(2);
         }
