@@ -247,7 +247,7 @@ impl Enforcement {
             protected = cgroups.len(),
             pin_dir = %config.pin_dir.display(),
             lease_seconds = config.node_lease_seconds,
-            "enforcement active through cgroup hooks (sock_create, connect4, sendmsg4, post_bind4, getpeername4, \
+            "enforcement active through cgroup hooks (sock_create, connect4, sendmsg4, post_bind4, getpeername4 with tunnel capture, \
              cgroup_skb ingress/egress) and tp_btf process records; BPF LSM hooks are not used{}",
             if support.bpf_lsm { " (this kernel would allow them)" } else { " (this kernel refuses them)" }
         );

@@ -552,7 +552,8 @@ async fn takeover_after_the_agent_dies() {
     let first = e.pinned_links().unwrap();
     // Dropped without detaching: every fd of the first agent is closed, as on kill -9.
     drop(e);
-    assert_eq!(first.len(), 4 + 7, "4 process links and 7 cgroup links pinned: {first:?}");
+    // Seven hooks but getpeername4, which only a node with tunnel capture attaches.
+    assert_eq!(first.len(), 4 + 6, "4 process links and 6 cgroup links pinned: {first:?}");
 
     // No agent: the policy still holds, and a process started now is still identified (the
     // pinned exec program keeps writing records).

@@ -170,6 +170,8 @@ pub struct Enforcer {
     drop_events: Option<RingBuf<MapData>>,
     tunnel_services: HashMap<MapData, ServiceKey, ServiceVal>,
     tunnel_config: Array<MapData, TunnelConfig>,
+    /// The cgroups enforced on (hooks attached later go to them).
+    protected: Vec<Cgroup>,
     _loaded: Loaded,
 }
 
@@ -228,21 +230,17 @@ impl Enforcer {
             // Empty once every pin in it was dropped above.
             let _ = fs::remove_dir(&dir);
         }
+        // getpeername4 only serves captured sockets: attached when capture is enabled (see
+        // set_tunnel_config), now if the pinned configuration already captures, and kept
+        // (updated above) where a previous agent had it.
+        let capture_on = {
+            let map = ebpf.map(maps::TUNNEL_CONFIG).ok_or(EbpfError::Missing(maps::TUNNEL_CONFIG))?;
+            let config: Array<&MapData, TunnelConfig> =
+                Array::try_from(map).map_err(map_err(maps::TUNNEL_CONFIG, "open"))?;
+            config.get(&0, 0).is_ok_and(|c| c.enabled != 0)
+        };
         for cg in protected {
-            let dir = links.join(cg.id.to_string());
-            fs::create_dir_all(&dir)
-                .map_err(|source| EbpfError::Io { op: "creating a cgroup's link directory", source })?;
-            let cgroup_dir =
-                File::open(&cg.path).map_err(|source| EbpfError::Io { op: "opening the cgroup", source })?;
-            for (name, hook) in HOOKS {
-                let pin = dir.join(name);
-                if pin.exists() {
-                    continue; // taken over above
-                }
-                attach_hook(ebpf, name, hook, &cgroup_dir)?
-                    .pin(&pin)
-                    .map_err(|e| EbpfError::Io { op: "pinning a cgroup link", source: std::io::Error::other(e) })?;
-            }
+            attach_missing(ebpf, &links, cg, |name| capture_on || name != programs::GETPEERNAME4)?;
             tracing::info!(cgroup_id = cg.id, cgroup = %cg.path.display(), "enforcing");
         }
 
@@ -305,6 +303,7 @@ impl Enforcer {
             drop_events: Some(drop_events),
             tunnel_services,
             tunnel_config,
+            protected: protected.to_vec(),
             _loaded: loaded,
         };
         // The exec table shared evenly by the protected cgroups and the catch-all.
@@ -453,8 +452,17 @@ impl Enforcer {
         Ok(true)
     }
 
-    /// Where connect() captures remote workloads to (or nothing, `enabled == 0`).
+    /// Where connect() captures remote workloads to (or nothing, `enabled == 0`). Enabling
+    /// attaches `cgroup/getpeername4` (which shows a captured socket what it dialled) to the
+    /// protected cgroups first, so no socket is captured before its hook runs; without
+    /// capture, accept() runs no such hook.
     pub fn set_tunnel_config(&mut self, config: TunnelConfig) -> Result<(), EbpfError> {
+        if config.enabled != 0 {
+            let links = self.pin_dir.join(LAYOUT).join("links");
+            for cg in &self.protected {
+                attach_missing(&mut self._loaded.ebpf, &links, cg, |name| name == programs::GETPEERNAME4)?;
+            }
+        }
         self.tunnel_config.set(0, config, 0).map_err(map_err(maps::TUNNEL_CONFIG, "set"))
     }
 
@@ -766,6 +774,23 @@ pub(super) fn load_hook(ebpf: &mut Ebpf, name: &'static str, hook: Hook) -> Resu
 fn prog_fd<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<BorrowedFd<'a>, EbpfError> {
     let prog = ebpf.program(name).ok_or(EbpfError::Missing(name))?;
     Ok(prog.fd().map_err(program_err(name, "fd"))?.as_fd())
+}
+
+/// Attaches and pins, on `cg`, each hook `which` takes that is not pinned there yet.
+fn attach_missing(ebpf: &mut Ebpf, links: &Path, cg: &Cgroup, which: impl Fn(&str) -> bool) -> Result<(), EbpfError> {
+    let dir = links.join(cg.id.to_string());
+    fs::create_dir_all(&dir).map_err(|source| EbpfError::Io { op: "creating a cgroup's link directory", source })?;
+    let cgroup_dir = File::open(&cg.path).map_err(|source| EbpfError::Io { op: "opening the cgroup", source })?;
+    for (name, hook) in HOOKS {
+        let pin = dir.join(name);
+        if !which(name) || pin.exists() {
+            continue;
+        }
+        attach_hook(ebpf, name, hook, &cgroup_dir)?
+            .pin(&pin)
+            .map_err(|e| EbpfError::Io { op: "pinning a cgroup link", source: std::io::Error::other(e) })?;
+    }
+    Ok(())
 }
 
 /// A new cgroup link (`BPF_LINK_CREATE`; the kernel runs it alongside other programs on the
