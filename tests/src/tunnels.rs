@@ -108,6 +108,17 @@ impl Mesh {
         });
     }
 
+    /// The agent and stream logs of hosts a and b, for a failure message.
+    pub fn logs(&self) -> String {
+        format!(
+            "A:\n{}\n{}\nB:\n{}\n{}",
+            self.hosts[0].log(),
+            self.stream_log(0),
+            self.hosts[1].log(),
+            self.stream_log(1)
+        )
+    }
+
     pub fn stream_log(&self, host: usize) -> String {
         std::fs::read_to_string(self.hosts[host].dir.join("data/tunnel-streams.jsonl")).unwrap_or_default()
     }

@@ -99,7 +99,7 @@ fn bulk_both_ways_many_streams_source_identity_and_only_tls_on_the_wire() {
     let started = Instant::now();
     let out = m.hosts[0].run(&web, &["bulk-many", ADDRS[1], "8444", "100", "65536", "65536"]);
     eprintln!("100 streams in {:?}", started.elapsed());
-    assert!(out.contains("done ok 100 fail 0"), "{out}\nA:\n{}\nB:\n{}", m.hosts[0].log(), m.hosts[1].log());
+    assert!(out.contains("done ok 100 fail 0"), "{out}\n{}", m.logs());
 
     // Every stream is logged with identities, nodes, destination, bytes, duration, reason.
     let log = m.stream_log(1);
@@ -185,14 +185,7 @@ fn a_long_lived_stream_survives_svid_rotation_on_both_ends() {
             .into_iter()
             .find(|l| l.starts_with("held") || l.starts_with("broken") || l.starts_with("connect-error"))
     });
-    assert!(
-        held.starts_with("held"),
-        "{held}\nA:\n{}\n{}\nB:\n{}\n{}",
-        m.hosts[0].log(),
-        m.stream_log(0),
-        m.hosts[1].log(),
-        m.stream_log(1)
-    );
+    assert!(held.starts_with("held"), "{held}\n{}", m.logs());
     assert!(
         !hold.lines().iter().any(|l| l.starts_with("broken")) && field(&held, 1).parse::<u32>().unwrap() > 50,
         "{:?}\nA:\n{}",
@@ -253,14 +246,7 @@ fn refused_flows_never_reach_the_destination() {
     };
     // The allowed flow works (so the refusals below are refusals, not a broken tunnel).
     let out = send(0, &web, "8443", "allowed");
-    assert!(
-        out.contains("sent"),
-        "{out}\nA:\n{}\n{}\nB:\n{}\n{}",
-        m.hosts[0].log(),
-        m.stream_log(0),
-        m.hosts[1].log(),
-        m.stream_log(1)
-    );
+    assert!(out.contains("sent"), "{out}\n{}", m.logs());
     echo.wait_line("data allowed");
     // 1. The source's policy does not allow it: refused at connect() on a, nothing opened.
     let out = send(0, &web2, "8443", "web2");

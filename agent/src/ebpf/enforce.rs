@@ -112,7 +112,8 @@ const HOOKS: [(&str, Hook); 7] = [
     (programs::POST_BIND4, Hook::Sock),
     (programs::SKB_EGRESS, Hook::SkbEgress),
     (programs::SKB_INGRESS, Hook::SkbIngress),
-    // Before connect4 captures anything, so a captured socket always shows what it dialled.
+    // Attached only with tunnel capture, before any socket is captured (see
+    // Enforcer::set_tunnel_config), so a captured socket always shows what it dialled.
     (programs::GETPEERNAME4, Hook::SockAddr),
     (programs::SENDMSG4, Hook::SockAddr),
     (programs::CONNECT4_ENFORCE, Hook::SockAddr),

@@ -150,7 +150,7 @@ impl Pool {
         // The least busy usable connection, claimed, unless it is busy and another may be made.
         let pick = |may_dial: bool| {
             let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-            let list = conns.entry(key.clone()).or_default();
+            let list = conns.get_mut(&key)?;
             list.retain(|c| !c.dead.load(Ordering::Relaxed));
             let count = list.iter().filter(|c| usable(c)).count();
             let best = list.iter().filter(|c| usable(c)).min_by_key(|c| c.active.load(Ordering::Relaxed))?;

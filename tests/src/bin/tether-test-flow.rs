@@ -58,12 +58,22 @@ fn connect(addr: &str, port: &str, timeout: Duration) -> std::io::Result<TcpStre
     TcpStream::connect_timeout(&sa, timeout)
 }
 
+/// A listener on 0.0.0.0:`port`, announced with `listening` (or `bind-error ERRNO`).
+fn listening(port: &str) -> Option<TcpListener> {
+    match TcpListener::bind(format!("0.0.0.0:{port}")) {
+        Ok(l) => {
+            say("listening");
+            Some(l)
+        }
+        Err(e) => {
+            say(&format!("bind-error {}", errno(&e)));
+            None
+        }
+    }
+}
+
 fn serve(port: &str) {
-    let listener = match TcpListener::bind(format!("0.0.0.0:{port}")) {
-        Ok(l) => l,
-        Err(e) => return say(&format!("bind-error {}", errno(&e))),
-    };
-    say("listening");
+    let Some(listener) = listening(port) else { return };
     for conn in listener.incoming().flatten() {
         say("accept");
         std::thread::spawn(move || {
@@ -312,11 +322,7 @@ fn gen_sha(n: u64) -> String {
 }
 
 fn bulk_serve(port: &str, reply: u64) {
-    let listener = match TcpListener::bind(format!("0.0.0.0:{port}")) {
-        Ok(l) => l,
-        Err(e) => return say(&format!("bind-error {}", errno(&e))),
-    };
-    say("listening");
+    let Some(listener) = listening(port) else { return };
     for conn in listener.incoming().flatten() {
         std::thread::spawn(move || {
             let mut conn = conn;
@@ -378,11 +384,7 @@ fn bulk_many(addr: &str, port: &str, n: u64, bytes: u64, reply: u64) {
 }
 
 fn echo_serve(port: &str, peer_socket: Option<&str>) {
-    let listener = match TcpListener::bind(format!("0.0.0.0:{port}")) {
-        Ok(l) => l,
-        Err(e) => return say(&format!("bind-error {}", errno(&e))),
-    };
-    say("listening");
+    let Some(listener) = listening(port) else { return };
     for conn in listener.incoming().flatten() {
         say("accept");
         if let (Some(sock), Ok(peer), Ok(local)) = (peer_socket, conn.peer_addr(), conn.local_addr()) {

@@ -63,14 +63,21 @@ fn connect_when_told(port: u16) {
     }
 }
 
+/// 127.0.0.1:`port`.
+fn loopback(port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
+        sin_zero: [0; 8],
+    }
+}
+
 /// Connects `fd` to 127.0.0.1:`port`: 0 or the errno.
 fn connect_fd(fd: i32, port: u16) -> i32 {
+    let addr = loopback(port);
     // SAFETY: a sockaddr_in built here, a plain connect.
     let rc = unsafe {
-        let mut addr: libc::sockaddr_in = std::mem::zeroed();
-        addr.sin_family = libc::AF_INET as libc::sa_family_t;
-        addr.sin_port = port.to_be();
-        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
         libc::connect(fd, (&addr as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as libc::socklen_t)
     };
     if rc == 0 {
@@ -140,12 +147,7 @@ fn udp_send(port: u16, text: &str) {
         if fd < 0 {
             -1
         } else {
-            let addr = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: port.to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
-                sin_zero: [0; 8],
-            };
+            let addr = loopback(port);
             libc::sendto(
                 fd,
                 text.as_ptr().cast(),
