@@ -1356,16 +1356,40 @@ fn try_ingress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
         let (src, dst) = unsafe { ((*state).src, (*state).dst) };
         return Err(Denial { reason: verdict, direction: direction::INGRESS, src, dst, ..d });
     }
-    // An unconnected UDP socket that never bound is a client: what comes back to its port
-    // was asked for by its own sends (judged at sendmsg). A TCP listener judges its SYNs,
-    // bound or not (listen() without bind() binds no hook sees).
-    if !connected && role == sock_role::NEW && sk_proto != IPPROTO_TCP {
-        return Ok(());
-    }
     // Not IPv4 TCP/UDP (or too short to tell): not ours to judge.
     let Some((tuple, tcp_flags)) = parse_headers(ctx) else {
         return Ok(());
     };
+    // SAFETY: the program's own skb.
+    let via_loopback = unsafe { (*ctx.skb.skb).ingress_ifindex } == LOOPBACK_IFINDEX;
+    // An unconnected UDP socket that never bound is a client: what reaches its port can only
+    // be a reply, so it is taken only from a source the socket's identity may send to (judged
+    // as its sends were at sendmsg). Per datagram, as its peers vary. (A TCP listener judges
+    // its SYNs below, bound or not: listen() without bind() binds no hook sees.)
+    if !connected && role == sock_role::NEW && sk_proto != IPPROTO_TCP {
+        d.tuple = tuple;
+        let own = identity_cached(state, cfg);
+        d.dst = own;
+        let verdict = if own == 0 {
+            Err((drop_reason::NO_IDENTITY, 0))
+        } else if is_local(tuple.saddr) && !via_loopback {
+            // Another namespace of this node: its processes are not identified by address.
+            Err((drop_reason::UNAUTHENTICATED_PEER, 0))
+        } else {
+            judge_outbound(ctx.skb.skb as *mut c_void, cfg, own, tuple.proto, tuple.saddr, tuple.sport)
+        };
+        return match verdict {
+            Ok(_) => Ok(()),
+            // A sender without identity (any host, or a local process) at an address and
+            // port this socket may not send to: no reply to anything it was allowed to send.
+            Err((reason, peer)) => {
+                d.reason =
+                    if reason == drop_reason::POLICY && peer == 0 { drop_reason::UNAUTHENTICATED_PEER } else { reason };
+                d.src = peer;
+                Err(d)
+            }
+        };
+    }
     // A listener judges each SYN; what completes a handshake (or is stray) reaches a
     // connection only if the kernel holds a request, or a SYN cookie, made for an allowed SYN
     // of that very tuple: the connection's socket is cloned with the verdict kept below.
@@ -1392,8 +1416,6 @@ fn try_ingress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
         if dst == 0 {
             Err((drop_reason::NO_IDENTITY, 0))
         } else {
-            // SAFETY: the program's own skb.
-            let via_loopback = unsafe { (*ctx.skb.skb).ingress_ifindex } == LOOPBACK_IFINDEX;
             judge_inbound(ctxp, cfg, dst, tuple.proto, tuple.saddr, tuple.sport, tuple.daddr, tuple.dport, via_loopback)
                 .map(|src| (src, dst))
         }

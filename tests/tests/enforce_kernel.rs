@@ -305,6 +305,30 @@ async fn identities_policy_and_generations() {
     assert_eq!(&buf[..n], b"hello");
     assert_eq!(udp_send(sink_port.wrapping_add(1)), format!("error {}", libc::EPERM), "another port");
 
+    // That socket never bound, so what reaches its port can only be a reply: it is taken
+    // from the destination it was allowed to send to, and not from another local socket (a
+    // process without identity that read the port from /proc/net/udp).
+    let mut cmd = Command::new(NET);
+    cmd.args(["udp-ask", &sink_port.to_string(), "query", "1500"]).stdout(Stdio::piped());
+    w.client.place(&mut cmd).unwrap();
+    let mut asker = KillOnDrop(cmd.spawn().unwrap());
+    let (n, asker_addr) = sink.recv_from(&mut buf).expect("the query arrived");
+    assert_eq!(&buf[..n], b"query");
+    let intruder = UdpSocket::bind("127.0.0.1:0").unwrap();
+    intruder.send_to(b"forged", asker_addr).unwrap();
+    sink.send_to(b"answer", asker_addr).unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(asker.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(out.contains(&format!("reply {sink_port} answer")), "the reply was not received: {out}");
+    assert!(!out.contains("forged"), "a datagram from a local process without identity was received: {out}");
+    let ev = events_until(&mut events, |e| {
+        e.reason == drop_reason::UNAUTHENTICATED_PEER && u16::from_be(e.tuple.dport) == asker_addr.port()
+    })
+    .await;
+    let ev = ev.iter().rev().find(|e| e.reason == drop_reason::UNAUTHENTICATED_PEER).unwrap();
+    assert_eq!(u16::from_be(ev.tuple.sport), intruder.local_addr().unwrap().port());
+    assert_eq!((ev.direction, ev.dst_identity), (direction::INGRESS, CLIENT_NET));
+
     // An unattested node lets nothing through, whatever the policy: no new connection, and
     // established ones stop carrying data.
     let mut cmd = Command::new("timeout");

@@ -8,6 +8,9 @@
 //!   kernel picks the port; no bind hook runs).
 //! - `udp-send <port> <text>`: one unconnected `sendto` (never bound first, so no bind hook
 //!   runs) to 127.0.0.1; prints `sent` or `error <errno>`.
+//! - `udp-ask <port> <text> <ms>`: as `udp-send`, then prints `reply <port> <text>` for each
+//!   datagram the same socket receives within `ms` milliseconds (the sender's port), then
+//!   `done`.
 //! - `connect-when-told <port>`: makes a TCP socket and prints `socket`; then for each line
 //!   on stdin connects it to 127.0.0.1:port, printing `connected` (and exiting) or
 //!   `connect-error <errno>`.
@@ -140,10 +143,12 @@ fn serve(listener: TcpListener) {
     }
 }
 
-fn udp_send(port: u16, text: &str) {
+/// Sends `text` from a new unconnected UDP socket that never bound; returns the socket.
+fn udp_send(port: u16, text: &str) -> i32 {
     // SAFETY: plain socket calls on a sockaddr_in built here.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    // SAFETY: as above.
     let rc = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
         if fd < 0 {
             -1
         } else {
@@ -163,6 +168,44 @@ fn udp_send(port: u16, text: &str) {
         std::process::exit(1);
     }
     println!("sent");
+    fd
+}
+
+fn udp_ask(port: u16, text: &str, ms: u64) {
+    let fd = udp_send(port, text);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+    let timeout = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
+    // SAFETY: a timeval built here for the socket made above.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        );
+    }
+    while std::time::Instant::now() < deadline {
+        let mut buf = [0u8; 256];
+        // SAFETY: an all-zero sockaddr_in is valid; the buffers outlive the call.
+        let mut from: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: as above.
+        let n = unsafe {
+            libc::recvfrom(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&mut from as *mut libc::sockaddr_in).cast(),
+                &mut len,
+            )
+        };
+        if n > 0 {
+            println!("reply {} {}", u16::from_be(from.sin_port), String::from_utf8_lossy(&buf[..n as usize]));
+        }
+    }
+    println!("done");
 }
 
 fn main() {
@@ -170,7 +213,14 @@ fn main() {
     let port = |i: usize| args.get(i).and_then(|p| p.parse::<u16>().ok());
     match (args.get(1).map(String::as_str), port(2)) {
         (Some("listen"), Some(p)) => listen(p, args.get(3).map(String::as_str).unwrap_or("127.0.0.1")),
-        (Some("udp-send"), Some(p)) => udp_send(p, args.get(3).map(String::as_str).unwrap_or("x")),
+        (Some("udp-send"), Some(p)) => {
+            udp_send(p, args.get(3).map(String::as_str).unwrap_or("x"));
+        }
+        (Some("udp-ask"), Some(p)) => udp_ask(
+            p,
+            args.get(3).map(String::as_str).unwrap_or("x"),
+            args.get(4).and_then(|m| m.parse().ok()).unwrap_or(1000),
+        ),
         (Some("listen-unbound"), _) => listen_unbound(),
         (Some("connect-when-told"), Some(p)) => connect_when_told(p),
         (Some("connect-from-child"), Some(p)) => {
@@ -179,6 +229,7 @@ fn main() {
         _ => {
             eprintln!(
                 "usage: tether-test-net listen <port> [<addr>] | listen-unbound | udp-send <port> <text> | \
+                 udp-ask <port> <text> <ms> | \
                  connect-when-told <port> | connect-from-child <port> [creator-exits]"
             );
             std::process::exit(2);
