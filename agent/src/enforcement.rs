@@ -209,6 +209,9 @@ struct Scan {
     /// The protected processes, with the pidfd they were identified through and the
     /// protected cgroup they are under (first scan only).
     processes: Vec<(u32, PidFd, crate::process::Record, u64)>,
+    /// Later scans: the processes whose identity is published by this round (not yet in the
+    /// kernel), as `processes`.
+    newly_identified: Vec<(u32, PidFd, crate::process::Record, u64)>,
     /// Their network namespaces.
     namespaces: BTreeMap<u64, crate::netns::Netns>,
     /// Their TCP listeners (only looked for when a tunnel runs).
@@ -361,14 +364,15 @@ impl Enforcement {
                     // Not waiting for a binary being hashed: this process is picked up on
                     // the round after its measurement finishes (or its deadline passes).
                     let identified = resolver.identify_with(&pidfd, Wait::No);
+                    let mut pidfd = Some(pidfd);
                     if want_processes {
                         // Stamping its sockets needs only the kernel's record, not the
                         // measurement.
                         let record = match &identified {
                             Ok(id) => Some(id.record.clone()),
-                            Err(_) => resolver.record(&pidfd).ok().flatten(),
+                            Err(_) => pidfd.as_ref().and_then(|p| resolver.record(p).ok().flatten()),
                         };
-                        if let Some(record) = record {
+                        if let (Some(record), Some(pidfd)) = (record, pidfd.take()) {
                             scan.processes.push((pid, pidfd, record, cg.id));
                         }
                     }
@@ -377,6 +381,9 @@ impl Enforcement {
                     let Some(entry) = snapshot.matching(&id.selectors).into_iter().next() else { continue };
                     let number = identity_number(&entry.spiffe_id.to_string(), self.golden(&id));
                     out.insert(key, number);
+                    if let Some(pidfd) = pidfd.filter(|_| !self.pushed.identities.iter().any(|(k, _)| *k == key)) {
+                        scan.newly_identified.push((pid, pidfd, id.record.clone(), cg.id));
+                    }
                     if self.mesh.is_some() {
                         if let Some(ns) = &netns {
                             let table = listeners
@@ -443,7 +450,12 @@ impl Enforcement {
     /// stamped as their holder's (the holder's identity then decides, as for any socket it
     /// makes); connected ones stay unstamped and are reported: their connections were never
     /// judged. Every one is written to the audit log.
-    fn stamp_preexisting(&mut self, processes: &[(u32, PidFd, crate::process::Record, u64)]) {
+    ///
+    /// With `only_listeners`, for processes whose identity is being published: a TCP listener
+    /// made with listen() and no bind() while its process had no identity was stamped by no
+    /// hook (socket() stamps only for an identity; bind() stamps always, but none ran), so
+    /// nothing could reach it. It is stamped as its holder's now.
+    fn stamp_preexisting(&mut self, processes: &[(u32, PidFd, crate::process::Record, u64)], only_listeners: bool) {
         for (pid, pidfd, record, root) in processes {
             let Some(exe) = record.exe else { continue };
             let state = SockState {
@@ -460,6 +472,9 @@ impl Enforcement {
                     _ => continue,
                 }
                 let listening = crate::netns::sockopt(&held.fd, libc::SO_ACCEPTCONN) == Some(1);
+                if only_listeners && !listening {
+                    continue;
+                }
                 let udp = crate::netns::sockopt(&held.fd, libc::SO_TYPE) == Some(libc::SOCK_DGRAM);
                 let connected = {
                     // SAFETY: an all-zero sockaddr_in to fill; the length says how much.
@@ -487,7 +502,7 @@ impl Enforcement {
                 };
                 let line = serde_json::json!({
                     "time": SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
-                    "event": "socket_made_before_enforcement",
+                    "event": if only_listeners { "listener_made_before_identity" } else { "socket_made_before_enforcement" },
                     "pid": pid,
                     "fd": held.number,
                     "listening": listening,
@@ -573,8 +588,10 @@ impl Enforcement {
             self.pushed.identities = ids;
         }
         if !self.pushed.preexisting_done {
-            self.stamp_preexisting(&scan.processes);
+            self.stamp_preexisting(&scan.processes, false);
             self.pushed.preexisting_done = true;
+        } else if !scan.newly_identified.is_empty() {
+            self.stamp_preexisting(&scan.newly_identified, true);
         }
         if self.mesh.is_some() {
             let local: std::collections::HashSet<u32> = local_identity_table(snapshot)?.iter().map(|i| i.id).collect();

@@ -257,3 +257,39 @@ fn former_identities_do_not_survive_exec_or_pid_reuse() {
     assert_eq!(std::fs::read_to_string(&out_file).unwrap().trim(), "refused");
     assert!(!server.lines().iter().any(|l| l.contains("impostor")));
 }
+
+/// A TCP listener made with listen() and no bind() while its process had no identity yet is
+/// stamped by no hook (socket() stamps only for a process with an identity, and no bind()
+/// ran), so nothing could ever reach it. When the identity is published, the agent stamps
+/// it as its holder's: allowed clients reach it; a process without identity still does not.
+#[test]
+fn a_listener_made_before_its_identity_serves_once_it_has_one() {
+    let mut w = world();
+    let policy = format!(
+        "{POLICY_A}\n[[rule]]\nname = \"web-to-late\"\nfrom = {{ spiffe_id = \"spiffe://example.org/web\" }}\nto = {{ spiffe_id = \"spiffe://example.org/late\" }}\n"
+    );
+    let WebDb { web, db: _db, server: _server, warm: _warm } = w.web_and_db(&policy);
+    let (late, rogue) = (w.a.root.child("late").unwrap(), w.a.root.child("rogue").unwrap());
+    let listener = w.a.spawn(&late, &["serve-unbound"]);
+    let port = listener.wait_line("listening ").trim_start_matches("listening ").to_owned();
+    // No identity yet: nothing may reach it (web's connect finds no protected listener there,
+    // and no address rule allows the port).
+    let out = w.a.run(&web, &["send", "127.0.0.1", &port, "too-early", "1", "0"]);
+    assert!(out.contains("connect-error 1"), "reached a listener without identity: {out}");
+
+    w.register(&w.a, &late, "spiffe://example.org/late");
+    w.a.wait_identity("spiffe://example.org/late");
+    let out = wait_for("web to reach the listener once it has an identity", || {
+        let out = w.a.run(&web, &["send", "127.0.0.1", &port, "web-late", "1", "0"]);
+        out.contains("sent").then_some(out)
+    });
+    assert!(out.contains("connected"), "{out}");
+    listener.wait_line("data web-late");
+    assert!(w.a.audit().contains("\"event\":\"listener_made_before_identity\""), "{}", w.a.audit());
+    // Stamped as its holder's, not opened: a process without identity is still refused.
+    let out = w.a.run(&rogue, &["send", "127.0.0.1", &port, "rogue-late", "1", "0"]);
+    assert!(out.contains("connect-error 1"), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    let got: Vec<String> = listener.lines().into_iter().filter(|l| l.starts_with("data ")).collect();
+    assert_eq!(got, vec!["data web-late"]);
+}

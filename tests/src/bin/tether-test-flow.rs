@@ -3,6 +3,8 @@
 //!
 //! - `serve PORT`: listens on 0.0.0.0:PORT; `listening`, then `accept` per connection and
 //!   `data LINE` per line received.
+//! - `serve-unbound`: as `serve`, on a socket that calls listen() without bind() (the kernel
+//!   picks the port; no bind hook runs): `listening PORT`, then as `serve`.
 //! - `send ADDR PORT TAG COUNT INTERVAL_MS`: connects (2 s timeout): `connected` or
 //!   `connect-error ERRNO`; then COUNT lines (`TAG`, or `TAG-i` when COUNT > 1), `sent` after
 //!   each, `write-error ERRNO` if one fails.
@@ -73,7 +75,26 @@ fn listening(port: &str) -> Option<TcpListener> {
 }
 
 fn serve(port: &str) {
-    let Some(listener) = listening(port) else { return };
+    if let Some(listener) = listening(port) {
+        accept_lines(listener);
+    }
+}
+
+fn serve_unbound() {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls; the fd is owned by the listener made from it.
+    let listener = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 || libc::listen(fd, 16) != 0 {
+            return say(&format!("listen-error {}", errno(&std::io::Error::last_os_error())));
+        }
+        TcpListener::from_raw_fd(fd)
+    };
+    say(&format!("listening {}", listener.local_addr().map(|a| a.port()).unwrap_or(0)));
+    accept_lines(listener);
+}
+
+fn accept_lines(listener: TcpListener) {
     for conn in listener.incoming().flatten() {
         say("accept");
         std::thread::spawn(move || {
@@ -471,6 +492,7 @@ fn main() {
     let n = |i: usize| a(i).parse::<u64>().unwrap_or(0);
     match a(0) {
         "serve" => serve(a(1)),
+        "serve-unbound" => serve_unbound(),
         "send" => send(a(1), a(2), a(3), n(4), Duration::from_millis(n(5))),
         "churn" => churn(a(1), a(2), n(3)),
         "exec-after-connect" => exec_after_connect(a(1), a(2), args.get(3..).unwrap_or_default()),
