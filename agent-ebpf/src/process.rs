@@ -19,7 +19,10 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::warn;
-use tether_common::{record_flags, ExecEvent, FileKey, KernelOffsets, Measurement, ProcRecord, TraceFilter, COMM_LEN};
+use tether_common::{
+    peer_creds, record_flags, ExecEvent, FileKey, KernelOffsets, Measurement, PeerQuery, ProcRecord, TraceFilter,
+    COMM_LEN,
+};
 
 /// Filled in by the agent from the running kernel's BTF before load.
 #[unsafe(no_mangle)]
@@ -48,6 +51,17 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     cgroup_kn: 0,
     kernfs_node_id: 0,
     valid: 0,
+    sock_cookie: 0,
+    sock_peer_pid: 0,
+    sock_peer_cred: 0,
+    pid_tasks: 0,
+    task_pid_links: 0,
+    task_real_cred: 0,
+    peer_valid: 0,
+    task_signal: 0,
+    signal_thread_head: 0,
+    task_thread_node: 0,
+    threads_valid: 0,
 };
 
 /// Task storage (BPF_MAP_TYPE_TASK_STORAGE), which aya-ebpf 0.2 has no wrapper for. The
@@ -127,6 +141,10 @@ static EXEC_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 #[map]
 static TRACE_FILTER: Array<TraceFilter> = Array::with_max_entries(1, 0);
+
+/// The agent's question to [`check_peer_creds`], and its answer.
+#[map]
+static PEER_QUERY: Array<PeerQuery> = Array::with_max_entries(1, 0);
 
 #[inline(always)]
 fn offsets() -> KernelOffsets {
@@ -372,4 +390,92 @@ pub extern "C" fn seed_tasks(ctx: *mut c_void) -> i32 {
     // SAFETY: trusted iterator argument.
     unsafe { TASK_RECORDS.get_or_insert(task, &mut record) };
     0
+}
+
+/// `PIDTYPE_TGID` in `enum pid_type`: `pid.tasks[PIDTYPE_TGID]` lists the thread group
+/// leader, linked through its `pid_links[PIDTYPE_TGID]` (an `hlist_node`, 16 bytes).
+const PIDTYPE_TGID: u32 = 1;
+/// Threads compared before the answer is UNKNOWN (fail closed).
+const MAX_THREADS: u32 = 512;
+
+/// `iter/unix`, run by the agent for one of its accepted Workload API sockets (named by its
+/// cookie in PEER_QUERY): does a live thread of the process that connected still hold the
+/// credentials object it connected with? The socket keeps a reference to that object
+/// (`sk_peer_cred`, taken at connect), so its address is not reused while the socket lives;
+/// an exec always installs a new one (and kills every other thread), so after an exec no
+/// thread holds it. This is what tells "exec'd after connect()" from "exec'd before" when
+/// the agent's accept comes after both.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/unix")]
+pub extern "C" fn check_peer_creds(ctx: *mut c_void) -> i32 {
+    // struct bpf_iter__unix { struct bpf_iter_meta *meta; struct unix_sock *unix_sk; uid_t uid; }
+    // SAFETY: the iterator context has this layout; the verifier checks the access.
+    let sk: *const u8 = unsafe { *(ctx as *const *const u8).add(1) };
+    if sk.is_null() {
+        return 0;
+    }
+    let off = offsets();
+    let Some(query) = PEER_QUERY.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: the map's single slot, valid for this run.
+    let want = unsafe { (*query).cookie };
+    if want == 0 || off.peer_valid == 0 {
+        return 0;
+    }
+    // `struct unix_sock` starts with its `struct sock`, which starts with `sock_common`.
+    if read::<u64>(sk, off.sock_cookie) != Some(want) {
+        return 0;
+    }
+    let verdict = peer_verdict(sk, &off);
+    // SAFETY: as above.
+    unsafe { (*query).verdict = verdict };
+    0
+}
+
+#[inline(always)]
+fn peer_verdict(sk: *const u8, off: &KernelOffsets) -> u32 {
+    let (Some(cred), Some(pid)) = (read::<*const u8>(sk, off.sock_peer_cred), read::<*const u8>(sk, off.sock_peer_pid))
+    else {
+        return peer_creds::UNKNOWN;
+    };
+    if cred.is_null() || pid.is_null() {
+        return peer_creds::UNKNOWN;
+    }
+    let Some(first) = read::<*const u8>(pid, off.pid_tasks + 8 * PIDTYPE_TGID) else {
+        return peer_creds::UNKNOWN;
+    };
+    if first.is_null() {
+        return peer_creds::EXITED;
+    }
+    let leader = first.wrapping_sub((off.task_pid_links + 16 * PIDTYPE_TGID) as usize);
+    if read::<*const u8>(leader, off.task_real_cred) == Some(cred) {
+        return peer_creds::HELD;
+    }
+    if off.threads_valid == 0 {
+        return peer_creds::CHANGED;
+    }
+    // Threads may hold credentials objects of their own (a setuid applied thread by
+    // thread): any live one holding the object the peer connected with will do.
+    let Some(signal) = read::<*const u8>(leader, off.task_signal) else {
+        return peer_creds::UNKNOWN;
+    };
+    let head = signal.wrapping_add(off.signal_thread_head as usize);
+    let Some(mut node) = read::<*const u8>(head, 0) else {
+        return peer_creds::UNKNOWN;
+    };
+    for _ in 0..MAX_THREADS {
+        if node == head || node.is_null() {
+            return peer_creds::CHANGED;
+        }
+        let thread = node.wrapping_sub(off.task_thread_node as usize);
+        if read::<*const u8>(thread, off.task_real_cred) == Some(cred) {
+            return peer_creds::HELD;
+        }
+        match read::<*const u8>(node, 0) {
+            Some(next) => node = next,
+            None => return peer_creds::UNKNOWN,
+        }
+    }
+    peer_creds::UNKNOWN
 }

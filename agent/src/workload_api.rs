@@ -39,6 +39,10 @@ pub trait SelectorSource: Send + Sync + 'static {
     fn identify_fast(&self, _pidfd: &PidFd) -> Option<(Record, Vec<Selector>)> {
         None
     }
+    /// Whether the process at the other end of `socket` (accepted here) still holds the
+    /// credentials it connected with: one of [`tether_common::peer_creds`] (UNKNOWN when
+    /// that cannot be told).
+    fn peer_creds(&self, socket: std::os::fd::BorrowedFd<'_>) -> u32;
 }
 
 impl SelectorSource for crate::process::caller::Resolver {
@@ -50,6 +54,12 @@ impl SelectorSource for crate::process::caller::Resolver {
     }
     fn identify_fast(&self, pidfd: &PidFd) -> Option<(Record, Vec<Selector>)> {
         self.identify_cached(pidfd).map(|id| (id.record, id.selectors))
+    }
+    fn peer_creds(&self, socket: std::os::fd::BorrowedFd<'_>) -> u32 {
+        self.peer_creds(socket).unwrap_or_else(|e| {
+            tracing::warn!("checking a Workload API caller's credentials since its connect: {e}");
+            tether_common::peer_creds::UNKNOWN
+        })
     }
 }
 
@@ -219,8 +229,33 @@ impl Conn {
                         )))
                     }
                     Some(slot) => match source.record(&pidfd) {
+                        // The record is the process now; the kernel's reference to the
+                        // credentials it connected with tells whether it is still what
+                        // connected (an exec keeping uid and gid changes no id, but always
+                        // the credentials object). Read the record again after that check:
+                        // an exec completing in between is seen there.
                         Some(accepted) if accepted.euid == uid && accepted.egid == gid => {
-                            Ok(Arc::new(ConnPeer { pidfd, accepted, _slot: slot }))
+                            match source.peer_creds(stream.as_fd()) {
+                                tether_common::peer_creds::HELD
+                                    if source.record(&pidfd).is_some_and(|now| same_process(&now, &accepted)) =>
+                                {
+                                    Ok(Arc::new(ConnPeer { pidfd, accepted, _slot: slot }))
+                                }
+                                verdict => {
+                                    let why = match verdict {
+                                        tether_common::peer_creds::EXITED => "it has exited",
+                                        tether_common::peer_creds::HELD | tether_common::peer_creds::CHANGED => {
+                                            "its credentials changed between its connect and the accept (it \
+                                             exec'd or changed ids since it connected)"
+                                        }
+                                        _ => "whether it still runs what connected cannot be told",
+                                    };
+                                    tracing::warn!(pid = accepted.tgid, verdict, "caller not identified: {why}");
+                                    Err(Status::permission_denied(format!(
+                                        "caller could not be identified when it connected: {why}"
+                                    )))
+                                }
+                            }
                         }
                         Some(r) => {
                             tracing::warn!(

@@ -9,6 +9,8 @@ pub const COMM_LEN: usize = 16;
 
 /// Names of the maps in the eBPF object, as the agent looks them up.
 pub mod maps {
+    /// Array with one [`super::PeerQuery`] at index 0 (the `iter/unix` program's question).
+    pub const PEER_QUERY: &str = "PEER_QUERY";
     /// RingBuf of [`super::ExecEvent`].
     pub const EXEC_EVENTS: &str = "EXEC_EVENTS";
     /// Array with one [`super::TraceFilter`] at index 0.
@@ -91,6 +93,8 @@ pub mod programs {
     pub const CGROUP_ATTACH: &str = "cgroup_attach_task";
     /// `iter/task`: seeds records of processes that predate the programs.
     pub const SEED_TASKS: &str = "seed_tasks";
+    /// `iter/unix`: answers a [`super::PeerQuery`].
+    pub const PEER_CREDS: &str = "check_peer_creds";
     // Enforcement programs, attached to protected cgroups.
     pub const SOCK_CREATE: &str = "enforce_sock_create";
     pub const CONNECT4_ENFORCE: &str = "enforce_connect4";
@@ -141,6 +145,52 @@ pub struct KernelOffsets {
     pub kernfs_node_id: u32,
     /// 1 when every offset above was found.
     pub valid: u32,
+    // For the Workload API's check that a caller still holds the credentials it connected
+    // with (the `iter/unix` program): `sock_common.skc_cookie`, `sock.sk_peer_pid`,
+    // `sock.sk_peer_cred`, `pid.tasks`, `task_struct.pid_links`, `task_struct.real_cred`.
+    pub sock_cookie: u32,
+    pub sock_peer_pid: u32,
+    pub sock_peer_cred: u32,
+    pub pid_tasks: u32,
+    pub task_pid_links: u32,
+    pub task_real_cred: u32,
+    /// 1 when the six offsets above were found.
+    pub peer_valid: u32,
+    // The thread list: `task_struct.signal`, `signal_struct.thread_head`,
+    // `task_struct.thread_node` (Linux 6.7+).
+    pub task_signal: u32,
+    pub signal_thread_head: u32,
+    pub task_thread_node: u32,
+    /// 1 when the three offsets above were found (else only the thread group leader is
+    /// compared).
+    pub threads_valid: u32,
+}
+
+/// The question the agent puts to the `iter/unix` program about one of its accepted Unix
+/// sockets (by socket cookie), and the answer it writes back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerQuery {
+    pub cookie: u64,
+    /// One of [`peer_creds`]; 0 while no socket with that cookie was seen.
+    pub verdict: u32,
+    pub _pad: u32,
+}
+
+/// Whether the process at the other end of a Unix socket still holds the credentials it
+/// connected with. The kernel keeps, on the accepted socket, a reference to the credentials
+/// object the peer had at connect(); every exec (and every credential change) gives a
+/// process a new one, and a kept reference keeps the old object alive, so its address cannot
+/// be reused while the socket lives.
+pub mod peer_creds {
+    /// A live thread of the peer still has them: no exec and no credential change since.
+    pub const HELD: u32 = 1;
+    /// None of its threads has them: it exec'd (or changed credentials) after connecting.
+    pub const CHANGED: u32 = 2;
+    /// The peer process is gone.
+    pub const EXITED: u32 = 3;
+    /// Not decidable (no peer recorded, too many threads to walk, offsets unknown).
+    pub const UNKNOWN: u32 = 4;
 }
 
 /// A file's identity as the kernel sees it: device, inode and a change indicator (ctime).
@@ -588,6 +638,7 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceVal {}
     unsafe impl aya::Pod for super::TunnelConfig {}
     unsafe impl aya::Pod for super::TunnelSock {}
+    unsafe impl aya::Pod for super::PeerQuery {}
     unsafe impl aya::Pod for super::TunnelConn {}
     // SAFETY: all of these are repr(C) with no implicit padding and every bit pattern valid.
     unsafe impl aya::Pod for super::KernelOffsets {}

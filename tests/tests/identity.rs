@@ -377,3 +377,50 @@ fn ps_command_lists_processes_with_selectors() {
     assert_eq!(rows[0]["record"]["origin"], "seeded");
     assert_eq!(rows[0]["measurement"]["state"], "measured");
 }
+
+/// How the Workload API's accept judges the peer of `stream`: `Ok(())` or the refusal.
+fn accept_verdict(w: &World, stream: UnixStream) -> Result<(), String> {
+    use tonic::transport::server::Connected;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _in_runtime = rt.enter();
+    stream.set_nonblocking(true).unwrap();
+    let stream = tokio::net::UnixStream::from_std(stream).unwrap();
+    let limits = tether_agent::workload_api::ConnLimits::new(64);
+    let conn = tether_agent::workload_api::Conn::accept(stream, &w.resolver, &limits).expect("not closed at once");
+    conn.connect_info().0.map(|_| ()).map_err(|s| s.message().to_owned())
+}
+
+/// A Workload API connection's caller is fixed at accept, from the kernel's record then. A
+/// process that connects and then execs another program keeping its uid and gid (a victim's
+/// binary), before the agent accepts, has the new program's record by the accept: it is
+/// told apart by the credentials the kernel kept on the socket at connect (every exec makes
+/// new ones), and refused. A caller still running what connected is accepted however late
+/// the accept, including one whose connecting thread has credentials of its own.
+#[test]
+fn an_exec_between_connect_and_accept_lends_nothing() {
+    let w = world("caller-exec-before-accept", DEFAULT_MAX_MEASURE_BYTES);
+    let path = w.dir.path().join("api.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let socket = path.to_str().unwrap();
+    let victim = w.binary("victim", CLIENT, b"victim");
+
+    // Connect, then exec the victim's binary; accept only once the exec has happened.
+    let attacker = w.spawn(Command::new(CLIENT).args(["connect-exec", socket, victim.to_str().unwrap(), "hold", "30"]));
+    w.identify_running(attacker.0.id(), &victim);
+    let (stream, _) = listener.accept().unwrap();
+    let refused = accept_verdict(&w, stream).expect_err("the exec'd process was taken for what connected");
+    assert!(refused.contains("its credentials changed between its connect and the accept"), "{refused}");
+
+    // Connected and still running the same program: accepted after a delay.
+    let holder = w.spawn(Command::new(CLIENT).args(["connect-hold", socket]));
+    let (stream, _) = listener.accept().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    accept_verdict(&w, stream).expect("a caller unchanged since its connect");
+    drop(holder);
+
+    // Connected from a thread whose credentials are its own (not the leader's).
+    let threaded = w.spawn(Command::new(CLIENT).args(["connect-thread-hold", socket]));
+    let (stream, _) = listener.accept().unwrap();
+    accept_verdict(&w, stream).expect("a caller whose connecting thread has credentials of its own");
+    drop(threaded);
+}

@@ -60,7 +60,7 @@ pub const EXEC_TABLE: u64 = 65536;
 pub(super) const LAYOUT: &str = "v2";
 
 /// Maps pinned under the pin directory: shared by every load on it, kept across agents.
-const PINNED_MAPS: [&str; 24] = [
+pub(super) const PINNED_MAPS: [&str; 24] = [
     maps::TASK_RECORDS,
     // Not read by enforcement yet; pinned so that a `Monitor::open_pinned` publishes
     // measurements where the pinned programs can see them.

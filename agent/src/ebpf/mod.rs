@@ -77,7 +77,38 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
                 (ts, ts + 8)
             }
         };
+    // The peer-credentials check (Workload API) and its thread walk: found or reported
+    // missing (the check then fails closed), never a reason not to load.
+    let peer = [
+        btf.member_offset("sock_common", "skc_cookie"),
+        btf.member_offset("sock", "sk_peer_pid"),
+        btf.member_offset("sock", "sk_peer_cred"),
+        btf.member_offset("pid", "tasks"),
+        btf.member_offset("task_struct", "pid_links"),
+        btf.member_offset("task_struct", "real_cred"),
+    ];
+    let threads = [
+        btf.member_offset("task_struct", "signal"),
+        btf.member_offset("signal_struct", "thread_head"),
+        btf.member_offset("task_struct", "thread_node"),
+    ];
+    let peer_valid = peer.iter().all(Result::is_ok);
+    let threads_valid = threads.iter().all(Result::is_ok);
+    let [sock_cookie, sock_peer_pid, sock_peer_cred, pid_tasks, task_pid_links, task_real_cred] =
+        peer.map(|r| r.unwrap_or(0));
+    let [task_signal, signal_thread_head, task_thread_node] = threads.map(|r| r.unwrap_or(0));
     Ok(KernelOffsets {
+        sock_cookie,
+        sock_peer_pid,
+        sock_peer_cred,
+        pid_tasks,
+        task_pid_links,
+        task_real_cred,
+        peer_valid: u32::from(peer_valid),
+        task_signal,
+        signal_thread_head,
+        task_thread_node,
+        threads_valid: u32::from(threads_valid),
         task_pid: btf.member_offset("task_struct", "pid")?,
         task_tgid: btf.member_offset("task_struct", "tgid")?,
         task_real_parent: btf.member_offset("task_struct", "real_parent")?,

@@ -13,7 +13,7 @@ use aya::{
     programs::{links::FdLink, BtfTracePoint, Iter},
     Btf as AyaBtf, Ebpf,
 };
-use tether_common::{maps, programs, ExecEvent, FileKey, Measurement, ProcRecord, TraceFilter};
+use tether_common::{maps, programs, ExecEvent, FileKey, Measurement, PeerQuery, ProcRecord, TraceFilter};
 use tokio::io::unix::AsyncFd;
 
 use super::{map_err, program_err, EbpfError, Loaded};
@@ -37,7 +37,11 @@ pub struct Monitor {
     records: OwnedFd,
     measurements: HashMap<MapData, FileKey, Measurement>,
     events: Option<RingBuf<MapData>>,
-    _loaded: Option<Loaded>,
+    /// The object: its attached programs (from [`Monitor::start`]) and the `iter/unix`
+    /// program that answers [`Monitor::peer_creds`] (loaded, never attached).
+    loaded: Loaded,
+    /// PEER_QUERY, taken out of `loaded` at the first check.
+    query: Option<Array<MapData, PeerQuery>>,
 }
 
 /// The record-keeping programs and the tracepoint each one attaches to.
@@ -98,6 +102,7 @@ impl Monitor {
         let btf = AyaBtf::from_sys_fs()?;
         attach_process_programs(ebpf, &btf, None)?;
         seed(ebpf, &btf)?;
+        load_peer_check(ebpf, &btf)?;
 
         let records = match ebpf.map(maps::TASK_RECORDS) {
             Some(Map::Unsupported(data)) => data
@@ -112,7 +117,7 @@ impl Monitor {
                 .map_err(map_err(maps::MEASUREMENTS, "open"))?;
         let ring = RingBuf::try_from(ebpf.take_map(maps::EXEC_EVENTS).ok_or(EbpfError::Missing(maps::EXEC_EVENTS))?)
             .map_err(map_err(maps::EXEC_EVENTS, "open"))?;
-        Ok(Monitor { records, measurements, events: Some(ring), _loaded: Some(loaded) })
+        Ok(Monitor { records, measurements, events: Some(ring), loaded, query: None })
     }
 
     /// Reads the records kept by the pinned programs of an [`super::Enforcer`] started on
@@ -128,7 +133,11 @@ impl Monitor {
             .map_err(|source| EbpfError::Io { op: "duplicating the task storage fd", source })?;
         let measurements =
             HashMap::try_from(Map::HashMap(open(maps::MEASUREMENTS)?)).map_err(map_err(maps::MEASUREMENTS, "open"))?;
-        Ok(Monitor { records, measurements, events: None, _loaded: None })
+        // For the peer check only: its maps are the pinned ones (nothing new but the query
+        // slot and a ring buffer), and nothing of it is attached.
+        let mut loaded = super::load_with_pins(Some(&maps), &super::enforce::PINNED_MAPS)?;
+        load_peer_check(&mut loaded.ebpf, &AyaBtf::from_sys_fs()?)?;
+        Ok(Monitor { records, measurements, events: None, loaded, query: None })
     }
 
     /// The kernel's record of the process `pidfd` refers to. `None` when it has none: it
@@ -136,6 +145,31 @@ impl Monitor {
     /// recycled, so the answer is never about another process that reused the PID.
     pub fn lookup(&self, pidfd: BorrowedFd<'_>) -> Result<Option<ProcRecord>, EbpfError> {
         lookup_task_storage(self.records.as_fd(), pidfd)
+    }
+
+    /// Whether the process at the other end of `socket` (a Unix socket this process
+    /// accepted) still holds the credentials it connected with: one of
+    /// [`tether_common::peer_creds`]. Runs the `iter/unix` program once over the machine's
+    /// Unix sockets (it answers only for this one, found by its cookie).
+    pub fn peer_creds(&mut self, socket: BorrowedFd<'_>) -> Result<u32, EbpfError> {
+        let cookie = socket_cookie(socket).map_err(|source| EbpfError::Io { op: "SO_COOKIE", source })?;
+        let ebpf = &mut self.loaded.ebpf;
+        let query_map = |ebpf: &mut Ebpf| -> Result<Array<MapData, PeerQuery>, EbpfError> {
+            let map = ebpf.take_map(maps::PEER_QUERY).ok_or(EbpfError::Missing(maps::PEER_QUERY))?;
+            Array::try_from(map).map_err(map_err(maps::PEER_QUERY, "open"))
+        };
+        let mut query = match self.query.take() {
+            Some(q) => q,
+            None => query_map(ebpf)?,
+        };
+        let result = (|| {
+            query.set(0, PeerQuery { cookie, verdict: 0, _pad: 0 }, 0).map_err(map_err(maps::PEER_QUERY, "set"))?;
+            run_iterator(ebpf, programs::PEER_CREDS)?;
+            let answer = query.get(&0, 0).map_err(map_err(maps::PEER_QUERY, "get"))?;
+            Ok(if answer.cookie == cookie { answer.verdict } else { 0 })
+        })();
+        self.query = Some(query);
+        result
     }
 
     /// Publishes a measurement so kernel hooks see it.
@@ -197,15 +231,50 @@ pub(super) fn seed(ebpf: &mut Ebpf, btf: &AyaBtf) -> Result<(), EbpfError> {
     let prog: &mut Iter =
         ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?.try_into().map_err(program_err(name, "type"))?;
     prog.load("task", btf).map_err(program_err(name, "load"))?;
+    run_iterator(ebpf, name)
+}
+
+/// Loads the `iter/unix` program of [`Monitor::peer_creds`].
+fn load_peer_check(ebpf: &mut Ebpf, btf: &AyaBtf) -> Result<(), EbpfError> {
+    let name = programs::PEER_CREDS;
+    let prog: &mut Iter =
+        ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?.try_into().map_err(program_err(name, "type"))?;
+    prog.load("unix", btf).map_err(program_err(name, "load"))
+}
+
+/// The socket's cookie (`SO_COOKIE`), what the kernel names it by.
+fn socket_cookie(socket: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len point to valid storage of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Runs a loaded iterator program once over everything it iterates (its own link, made and
+/// dropped here).
+fn run_iterator(ebpf: &mut Ebpf, name: &'static str) -> Result<(), EbpfError> {
+    let prog: &mut Iter =
+        ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?.try_into().map_err(program_err(name, "type"))?;
     let link_id = prog.attach().map_err(program_err(name, "attach"))?;
     let link = prog.take_link(link_id).map_err(program_err(name, "take link"))?;
-    let mut file = link.into_file().map_err(|e| EbpfError::Io {
-        op: "creating the task iterator",
-        source: std::io::Error::other(e.to_string()),
-    })?;
-    // The program writes nothing to the seq file; reading to EOF runs it over every task.
+    let mut file = link
+        .into_file()
+        .map_err(|e| EbpfError::Io { op: "creating an iterator", source: std::io::Error::other(e.to_string()) })?;
+    // The programs write nothing to the seq file; reading to EOF runs them over everything.
     let mut sink = Vec::new();
-    file.read_to_end(&mut sink).map_err(|source| EbpfError::Io { op: "running the task iterator", source })?;
+    file.read_to_end(&mut sink).map_err(|source| EbpfError::Io { op: "running an iterator", source })?;
     Ok(())
 }
 

@@ -111,6 +111,12 @@ impl Resolver {
         Ok(monitor.lookup(pidfd.as_fd())?.as_ref().map(Record::from))
     }
 
+    /// Whether the process at the other end of `socket` (a Unix socket accepted here) still
+    /// holds the credentials it connected with (see [`Monitor::peer_creds`]).
+    pub fn peer_creds(&self, socket: BorrowedFd<'_>) -> Result<u32, IdentityError> {
+        Ok(self.monitor.lock().unwrap_or_else(|p| p.into_inner()).peer_creds(socket)?)
+    }
+
     /// What kernel hooks currently see for `exe` in the measurement map.
     pub fn kernel_measurement(&self, exe: &FileId) -> Option<tether_common::Measurement> {
         self.monitor.lock().unwrap_or_else(|p| p.into_inner()).measurement(&exe.key())

@@ -27,6 +27,18 @@ fn main() {
             let _s = connect(&args[2]);
             std::thread::sleep(Duration::from_secs(600));
         }
+        // from a second thread with a credentials object of its own (prctl(PR_SET_KEEPCAPS)
+        // makes one for the calling thread only): connect, then hold until killed
+        Some("connect-thread-hold") => {
+            let path = args[2].clone();
+            std::thread::spawn(move || {
+                // SAFETY: a plain prctl on this thread's credentials.
+                assert_eq!(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) }, 0, "prctl");
+                let _s = connect(&path);
+                std::thread::sleep(Duration::from_secs(600));
+            });
+            std::thread::sleep(Duration::from_secs(600));
+        }
         // connect, then exec args[3..] keeping the connection open across the exec
         Some("connect-exec") => {
             let s = connect(&args[2]);
@@ -80,7 +92,7 @@ fn main() {
         Some("hold") => std::thread::sleep(Duration::from_secs(args[2].parse().expect("seconds"))),
         _ => {
             eprintln!(
-                "usage: tether-test-client connect-exit|connect-hold|connect-exec|fork-hold|fetch SOCKET [PROGRAM ARGS]\n       tether-test-client fork-exec SOCKET fetch|stream PROGRAM [ARGS]\n       tether-test-client flood SOCKET N\n       tether-test-client hold SECONDS"
+                "usage: tether-test-client connect-exit|connect-hold|connect-thread-hold|connect-exec|fork-hold|fetch SOCKET [PROGRAM ARGS]\n       tether-test-client fork-exec SOCKET fetch|stream PROGRAM [ARGS]\n       tether-test-client flood SOCKET N\n       tether-test-client hold SECONDS"
             );
             std::process::exit(2);
         }
