@@ -323,10 +323,24 @@ pub fn incoming<S: SelectorSource>(
     source: Arc<S>,
     limits: Arc<ConnLimits>,
 ) -> impl Stream<Item = std::io::Result<Conn>> {
-    tokio_stream::StreamExt::filter_map(tokio_stream::wrappers::UnixListenerStream::new(listener), move |r| match r {
-        Ok(stream) => Conn::accept(stream, &*source, &limits).map(Ok),
-        Err(e) => Some(Err(e)),
-    })
+    let accepted = tokio_stream::StreamExt::then(tokio_stream::wrappers::UnixListenerStream::new(listener), move |r| {
+        let (source, limits) = (source.clone(), limits.clone());
+        async move {
+            match r {
+                // Fixing the peer reads kernel state (a BPF iterator walks the machine's
+                // Unix sockets): on a blocking thread, not the runtime's.
+                Ok(stream) => tokio::task::spawn_blocking(move || Conn::accept(stream, &*source, &limits))
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!("identifying a Workload API caller failed: {e}");
+                        None
+                    })
+                    .map(Ok),
+                Err(e) => Some(Err(e)),
+            }
+        }
+    });
+    tokio_stream::StreamExt::filter_map(accepted, |c| c)
 }
 
 pub struct WorkloadApi<S> {
