@@ -155,6 +155,16 @@ pub struct EnforcementConfig {
     /// kernel's exec table; past it, only that cgroup's new sockets fail (audited as
     /// `map_full`). Default: the table's size shared evenly.
     pub socket_processes_per_cgroup: Option<u64>,
+    /// How often the protected cgroups are scanned, identities published and the lease
+    /// renewed, in milliseconds. An exec in a protected cgroup also starts a scan at once (at
+    /// most every 20 ms), so a new process's identity does not wait for this. Default 500;
+    /// 50 to a third of the lease.
+    #[serde(default = "default_scan_interval")]
+    pub scan_interval_ms: u64,
+}
+
+fn default_scan_interval() -> u64 {
+    500
 }
 
 fn default_pin_dir() -> PathBuf {
@@ -335,6 +345,19 @@ impl AgentConfig {
             if e.protected_cgroups.iter().any(|p| p.as_os_str().is_empty() || p == Path::new("/")) {
                 return Err(invalid("enforcement.protected_cgroups", "never the root cgroup".into()));
             }
+            // The lease is renewed by the scan: three chances before it runs out.
+            if e.scan_interval_ms < 50
+                || e.scan_interval_ms.saturating_mul(3) > e.node_lease_seconds.saturating_mul(1000)
+            {
+                return Err(invalid(
+                    "enforcement.scan_interval_ms",
+                    format!(
+                        "{} is out of range: at least 50, at most a third of node_lease_seconds ({} ms)",
+                        e.scan_interval_ms,
+                        e.node_lease_seconds.saturating_mul(1000) / 3
+                    ),
+                ));
+            }
         }
         c.selectors.validate().map_err(|m| invalid("selectors", m))?;
         let server_id = c.server_id().map_err(|e| invalid("server_spiffe_id", e.to_string()))?;
@@ -413,6 +436,14 @@ mod tests {
         .unwrap();
         let e = ok.enforcement.unwrap();
         assert_eq!((e.pin_dir.to_str(), e.audit_interval_ms), (Some("/sys/fs/bpf/tether/agent"), 1000));
+        assert_eq!(e.scan_interval_ms, 500);
+        for bad in ["10", "20000"] {
+            let text = format!(
+                "{base}[enforcement]\nprotected_cgroups = [\"app\"]\npolicy = \"/p.toml\"\nscan_interval_ms = {bad}\n"
+            );
+            let e = AgentConfig::parse(&text, p).unwrap_err().to_string();
+            assert!(e.contains("key `enforcement.scan_interval_ms`") && e.contains("out of range"), "{bad}: {e}");
+        }
         for bad in ["[]", "[\"/\"]", "[\"\"]"] {
             let text = format!("{base}[enforcement]\nprotected_cgroups = {bad}\npolicy = \"/p.toml\"\n");
             let e = AgentConfig::parse(&text, p).unwrap_err().to_string();

@@ -200,6 +200,9 @@ pub struct Enforcement {
     /// Policies this agent has loaded into the kernel (a metric tests and operators watch).
     policy_loads: u64,
     mesh: Option<mesh::EnforcementEnds>,
+    /// The cgroups (ids) of the protected subtrees as of the last scan: an exec in one of them
+    /// starts a scan at once.
+    protected_ids: std::collections::HashSet<u64>,
 }
 
 /// What one pass over the protected cgroups found.
@@ -216,6 +219,8 @@ struct Scan {
     namespaces: BTreeMap<u64, crate::netns::Netns>,
     /// Their TCP listeners (only looked for when a tunnel runs).
     services: Vec<LocalService>,
+    /// Every cgroup (id) of the protected subtrees.
+    cgroup_ids: std::collections::HashSet<u64>,
 }
 
 fn key_of(id: &ProcessIdentity) -> Option<IdentityKey> {
@@ -289,6 +294,7 @@ impl Enforcement {
             audit,
             metrics: data_dir.join("metrics.prom"),
             policy_loads: 0,
+            protected_ids: Default::default(),
             mesh: None,
         })
     }
@@ -353,6 +359,10 @@ impl Enforcement {
             while let Some(dir) = dirs.pop() {
                 if let Ok(rd) = std::fs::read_dir(&dir) {
                     dirs.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+                }
+                // A cgroup v2 directory's inode number is the cgroup's id.
+                if let Ok(m) = std::fs::metadata(&dir) {
+                    scan.cgroup_ids.insert(std::os::unix::fs::MetadataExt::ino(&m));
                 }
                 let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else { continue };
                 for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
@@ -565,7 +575,8 @@ impl Enforcement {
             }
             self.pushed.compiled_from = Some(inputs);
         }
-        let scan = self.scan(snapshot, resolver);
+        let mut scan = self.scan(snapshot, resolver);
+        self.protected_ids = std::mem::take(&mut scan.cgroup_ids);
         if self.pushed.addrs_at.is_none_or(|at| at.elapsed() >= ADDRS_EVERY) {
             let addrs = self.node_addresses(&scan.namespaces);
             if self.enforcer.set_local_addrs(&addrs)? {
@@ -735,6 +746,9 @@ impl Enforcement {
 
 /// Runs enforcement next to the identity plane: syncs every `every` and whenever the
 /// snapshot changes, and writes the audit log as drops arrive.
+/// The least time between two scans started by execs (a burst of execs is one scan).
+const EXEC_SCAN_GAP: Duration = Duration::from_millis(20);
+
 pub async fn run(
     mut enforcement: Enforcement,
     resolver: Arc<Resolver>,
@@ -748,12 +762,40 @@ pub async fn run(
             None
         }
     };
+    // An exec in a protected cgroup scans at once (at most every EXEC_SCAN_GAP), so a new
+    // process's identity is published within milliseconds, not a scan interval.
+    let mut execs = match enforcement.enforcer.take_exec_events() {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::warn!("no exec events (new processes are identified at the next scan): {e}");
+            None
+        }
+    };
+    let mut last_sync = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(every);
     let mut remote = enforcement.mesh.as_ref().map(|m| m.remote.clone());
     let mut measured = resolver.measurer().finished();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            batch = async {
+                match &mut execs {
+                    Some(e) => e.next_batch().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match batch {
+                    Ok(events) if events.iter().any(|(r, _)| enforcement.protected_ids.contains(&r.cgroup_id)) => {
+                        tokio::time::sleep_until(last_sync + EXEC_SCAN_GAP).await;
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!("reading exec events (new processes are identified at the next scan): {e}");
+                        execs = None;
+                        continue;
+                    }
+                }
+            }
             changed = snapshots.changed() => if changed.is_err() { return },
             changed = async {
                 match &mut remote {
@@ -779,6 +821,7 @@ pub async fn run(
         let snapshot = snapshots.borrow_and_update().clone();
         // Identification reads /proc and hashes binaries: not on the async workers.
         let result = tokio::task::block_in_place(|| enforcement.sync(&snapshot, &resolver));
+        last_sync = tokio::time::Instant::now();
         if let Err(e) = result {
             tracing::error!("enforcement sync failed (the kernel keeps the previous tables): {e}");
         }

@@ -524,7 +524,7 @@ async fn run_agent(config_path: &Path) -> Result<()> {
         }
     };
     if let Some(e) = enforcement {
-        let every = std::time::Duration::from_millis(500);
+        let every = std::time::Duration::from_millis(config.enforcement.as_ref().map_or(500, |c| c.scan_interval_ms));
         tokio::spawn(tether_agent::enforcement::run(e, resolver.clone(), manager.subscribe(), every));
     }
     let _tunnel = match (&config.tunnel, &config.enforcement) {

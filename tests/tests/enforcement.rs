@@ -6,7 +6,7 @@ use std::{process::Command, time::Duration};
 
 use sandbox::CgroupGuard;
 use tether_tests::{
-    hosts::{world, Host, WebDb, Workload, A_ADDR, B_ADDR},
+    hosts::{world, world_with, Host, HostOptions, WebDb, Workload, A_ADDR, B_ADDR},
     wait_for,
 };
 
@@ -292,4 +292,27 @@ fn a_listener_made_before_its_identity_serves_once_it_has_one() {
     std::thread::sleep(Duration::from_millis(300));
     let got: Vec<String> = listener.lines().into_iter().filter(|l| l.starts_with("data ")).collect();
     assert_eq!(got, vec!["data web-late"]);
+}
+
+/// A process's identity is published when it execs, not at the agent's next scan: with scans
+/// 10 s apart, a new web process that connects 300 ms after it started is allowed (at the
+/// next scan it would have been refused, `no_identity`).
+#[test]
+fn a_new_process_is_identified_when_it_execs() {
+    let mut w = world_with(HostOptions { enforcement: "scan_interval_ms = 10000\n".into(), ..Default::default() });
+    let (web, db) = (w.a.root.child("web").unwrap(), w.a.root.child("db").unwrap());
+    w.register(&w.a, &web, "spiffe://example.org/web");
+    w.register(&w.a, &db, "spiffe://example.org/db");
+    w.a.policy(POLICY_A);
+    w.a.start_agent();
+    // Let the agent's first scan (at start) pass, so only an exec can start the next one soon.
+    std::thread::sleep(Duration::from_secs(1));
+    let server = w.a.spawn(&db, &["serve", "5432"]);
+    server.wait_line("listening");
+    w.a.wait_identity("spiffe://example.org/db");
+    let started = std::time::Instant::now();
+    let out = w.a.run(&web, &["send-after", "300", "127.0.0.1", "5432", "fresh-web"]);
+    assert!(out.contains("sent"), "a new web process was refused 300 ms after it started: {out}\n{}", w.a.log());
+    server.wait_line("data fresh-web");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 }

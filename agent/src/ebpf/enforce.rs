@@ -46,7 +46,7 @@ use aya::{
 };
 use tether_common::{
     drop_reason, maps, programs, CidrKey, DropEvent, EnforceConfig, ExecGen, FlowKey, IdentityKey, IdentityVal,
-    ProtectedRoot, Quota, RuleRef, ServiceKey, ServiceVal, SockState, TunnelConfig, MAX_PROTECTED_ROOTS,
+    ProtectedRoot, Quota, RuleRef, ServiceKey, ServiceVal, SockState, TraceFilter, TunnelConfig, MAX_PROTECTED_ROOTS,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -568,6 +568,26 @@ impl Enforcer {
     }
 
     /// The drop event stream (once). Needs a tokio runtime.
+    /// The exec events of the process programs this enforcer attached (once): every exec
+    /// in the protected cgroup's subtree (with several protected cgroups, every exec on the
+    /// machine; the caller filters by cgroup). Needs a tokio runtime.
+    pub fn take_exec_events(&mut self) -> Result<monitor::ExecEvents, EbpfError> {
+        let filter = match self.protected.as_slice() {
+            [cg] => TraceFilter { ancestor_id: cg.id, level: cg.level, enabled: 1 },
+            _ => TraceFilter { enabled: 1, ..Default::default() },
+        };
+        let ebpf = &mut self._loaded.ebpf;
+        let mut map: Array<_, TraceFilter> =
+            Array::try_from(ebpf.map_mut(maps::TRACE_FILTER).ok_or(EbpfError::Missing(maps::TRACE_FILTER))?)
+                .map_err(map_err(maps::TRACE_FILTER, "open"))?;
+        map.set(0, filter, 0).map_err(map_err(maps::TRACE_FILTER, "set"))?;
+        let ring = RingBuf::try_from(
+            ebpf.take_map(maps::EXEC_EVENTS).ok_or(EbpfError::Missing("exec events (already taken)"))?,
+        )
+        .map_err(map_err(maps::EXEC_EVENTS, "open"))?;
+        monitor::ExecEvents::register(ring)
+    }
+
     pub fn take_drop_events(&mut self) -> Result<DropEvents, EbpfError> {
         let ring = self.drop_events.take().ok_or(EbpfError::Missing("drop events (already taken)"))?;
         if tokio::runtime::Handle::try_current().is_err() {

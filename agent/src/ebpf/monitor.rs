@@ -185,6 +185,13 @@ impl Monitor {
     /// The exec event stream (once). Needs a tokio runtime.
     pub fn take_events(&mut self) -> Result<ExecEvents, EbpfError> {
         let ring = self.events.take().ok_or(EbpfError::Missing("exec events (already taken, or a pinned monitor)"))?;
+        ExecEvents::register(ring)
+    }
+}
+
+impl ExecEvents {
+    /// Awaits `ring` (EXEC_EVENTS) on the current tokio runtime.
+    pub(super) fn register(ring: RingBuf<MapData>) -> Result<Self, EbpfError> {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(EbpfError::Io {
                 op: "exec events need a tokio runtime",
@@ -196,9 +203,7 @@ impl Monitor {
             .map_err(|e| EbpfError::Io { op: "registering the exec ring buffer with tokio", source: e.into() })?;
         Ok(ExecEvents { ring })
     }
-}
 
-impl ExecEvents {
     /// Waits for the next batch of exec events (in the [`TraceScope`] given at start): the
     /// record written at each exec, and the exec'ing thread's id.
     pub async fn next_batch(&mut self) -> Result<Vec<(ProcRecord, u32)>, EbpfError> {

@@ -8,6 +8,8 @@
 //! - `send ADDR PORT TAG COUNT INTERVAL_MS`: connects (2 s timeout): `connected` or
 //!   `connect-error ERRNO`; then COUNT lines (`TAG`, or `TAG-i` when COUNT > 1), `sent` after
 //!   each, `write-error ERRNO` if one fails.
+//! - `send-after MS ADDR PORT TAG`: sleeps MS milliseconds from its start, then as `send`
+//!   with one line.
 //! - `churn ADDR PORT MILLIS`: new connections (1 s timeout) with one line each, for MILLIS;
 //!   `done ok N fail M`.
 //! - `exec-after-connect ADDR PORT PROGRAM ARGS...`: connects, sends `before-exec`, then execs
@@ -494,6 +496,10 @@ fn main() {
         "serve" => serve(a(1)),
         "serve-unbound" => serve_unbound(),
         "send" => send(a(1), a(2), a(3), n(4), Duration::from_millis(n(5))),
+        "send-after" => {
+            std::thread::sleep(Duration::from_millis(n(1)));
+            send(a(2), a(3), a(4), 1, Duration::ZERO)
+        }
         "churn" => churn(a(1), a(2), n(3)),
         "exec-after-connect" => exec_after_connect(a(1), a(2), args.get(3..).unwrap_or_default()),
         "socket" => socket(a(1)),
