@@ -388,7 +388,7 @@ fn current_state() -> SockState {
 
 /// The protected root the current process is under (0 if none is known).
 #[inline(always)]
-fn current_root() -> u64 {
+pub(crate) fn current_root() -> u64 {
     for i in 0..MAX_PROTECTED_ROOTS {
         let Some(root) = PROTECTED_ROOTS.get(i) else {
             return 0;
@@ -1370,11 +1370,11 @@ fn try_ingress(ctx: &SkBuffContext, cfg: &EnforceConfig) -> Result<(), Denial> {
         d.tuple = tuple;
         let own = identity_cached(state, cfg);
         d.dst = own;
+        // As a connected socket takes what its peer sends, whatever namespace that peer is in
+        // (a TCP or connected UDP flow to another namespace of this node, allowed by an address
+        // rule, gets its replies): the source must be a destination this socket may reach.
         let verdict = if own == 0 {
             Err((drop_reason::NO_IDENTITY, 0))
-        } else if is_local(tuple.saddr) && !via_loopback {
-            // Another namespace of this node: its processes are not identified by address.
-            Err((drop_reason::UNAUTHENTICATED_PEER, 0))
         } else {
             judge_outbound(ctx.skb.skb as *mut c_void, cfg, own, tuple.proto, tuple.saddr, tuple.sport)
         };

@@ -247,9 +247,9 @@ fn try_exec(ctx: &BtfTracePointContext) -> Result<(), ()> {
         if let Some(mut entry) = EXEC_EVENTS.reserve::<ExecEvent>(0) {
             entry.write(ExecEvent { record, pid: bpf_get_current_pid_tgid() as u32, _pad: 0 });
             entry.submit(0);
-        } else {
-            warn!(ctx, "exec event dropped: ring buffer full");
         }
+        // A full ring: nobody is reading (e.g. the agent died and its pinned links stay).
+        // Records are kept regardless; the reader rescans when it returns.
     }
     Ok(())
 }
@@ -260,6 +260,9 @@ fn in_trace_scope() -> bool {
     };
     if f.enabled == 0 {
         return false;
+    }
+    if f.enabled == tether_common::TRACE_PROTECTED_ROOTS {
+        return crate::enforce::current_root() != 0;
     }
     if f.ancestor_id == 0 {
         return true;
@@ -433,6 +436,14 @@ pub extern "C" fn check_peer_creds(ctx: *mut c_void) -> i32 {
     0
 }
 
+/// The task's credentials are `cred`: its own (`real_cred`) or the ones it acts with now
+/// (`cred`, what connect() recorded; the two differ only while the kernel acts for it under
+/// other credentials).
+#[inline(always)]
+fn holds(task: *const u8, cred: *const u8, off: &KernelOffsets) -> bool {
+    read::<*const u8>(task, off.task_real_cred) == Some(cred) || read::<*const u8>(task, off.task_cred) == Some(cred)
+}
+
 #[inline(always)]
 fn peer_verdict(sk: *const u8, off: &KernelOffsets) -> u32 {
     let (Some(cred), Some(pid)) = (read::<*const u8>(sk, off.sock_peer_cred), read::<*const u8>(sk, off.sock_peer_pid))
@@ -449,7 +460,7 @@ fn peer_verdict(sk: *const u8, off: &KernelOffsets) -> u32 {
         return peer_creds::EXITED;
     }
     let leader = first.wrapping_sub((off.task_pid_links + 16 * PIDTYPE_TGID) as usize);
-    if read::<*const u8>(leader, off.task_real_cred) == Some(cred) {
+    if holds(leader, cred, off) {
         return peer_creds::HELD;
     }
     if off.threads_valid == 0 {
@@ -469,7 +480,7 @@ fn peer_verdict(sk: *const u8, off: &KernelOffsets) -> u32 {
             return peer_creds::CHANGED;
         }
         let thread = node.wrapping_sub(off.task_thread_node as usize);
-        if read::<*const u8>(thread, off.task_real_cred) == Some(cred) {
+        if holds(thread, cred, off) {
             return peer_creds::HELD;
         }
         match read::<*const u8>(node, 0) {

@@ -157,8 +157,8 @@ pub struct EnforcementConfig {
     pub socket_processes_per_cgroup: Option<u64>,
     /// How often the protected cgroups are scanned, identities published and the lease
     /// renewed, in milliseconds. An exec in a protected cgroup also starts a scan at once (at
-    /// most every 20 ms), so a new process's identity does not wait for this. Default 500;
-    /// 50 to a third of the lease.
+    /// most every 100 ms), so a new process's identity does not wait for this. Default 500;
+    /// 50 to half the lease.
     #[serde(default = "default_scan_interval")]
     pub scan_interval_ms: u64,
 }
@@ -345,16 +345,16 @@ impl AgentConfig {
             if e.protected_cgroups.iter().any(|p| p.as_os_str().is_empty() || p == Path::new("/")) {
                 return Err(invalid("enforcement.protected_cgroups", "never the root cgroup".into()));
             }
-            // The lease is renewed by the scan: three chances before it runs out.
+            // The lease is renewed by the scan: at least two chances before it runs out.
             if e.scan_interval_ms < 50
-                || e.scan_interval_ms.saturating_mul(3) > e.node_lease_seconds.saturating_mul(1000)
+                || e.scan_interval_ms.saturating_mul(2) > e.node_lease_seconds.saturating_mul(1000)
             {
                 return Err(invalid(
                     "enforcement.scan_interval_ms",
                     format!(
-                        "{} is out of range: at least 50, at most a third of node_lease_seconds ({} ms)",
+                        "{} is out of range: at least 50, at most half of node_lease_seconds ({} ms)",
                         e.scan_interval_ms,
-                        e.node_lease_seconds.saturating_mul(1000) / 3
+                        e.node_lease_seconds.saturating_mul(1000) / 2
                     ),
                 ));
             }

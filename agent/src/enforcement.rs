@@ -177,6 +177,9 @@ struct Pushed {
     addrs_at: Option<std::time::Instant>,
     /// Sockets made before enforcement were looked for (once, after the first identities).
     preexisting_done: bool,
+    /// When each published record key was first published: its processes' listeners are
+    /// looked at for [`LATE_LISTENERS_FOR`] after.
+    published_at: HashMap<IdentityKey, std::time::Instant>,
     /// What `tables` was compiled from (identities, the policy file's stamp, attestation):
     /// the policy is compiled again only when one of them changes.
     compiled_from: Option<(Vec<policy::IdentityInfo>, Option<SystemTime>, bool)>,
@@ -200,9 +203,9 @@ pub struct Enforcement {
     /// Policies this agent has loaded into the kernel (a metric tests and operators watch).
     policy_loads: u64,
     mesh: Option<mesh::EnforcementEnds>,
-    /// The cgroups (ids) of the protected subtrees as of the last scan: an exec in one of them
-    /// starts a scan at once.
-    protected_ids: std::collections::HashSet<u64>,
+    /// Identities published because their process was seen, with when it was last seen:
+    /// kept through a short absence (see [`KEEP_ABSENT`]).
+    seen: HashMap<IdentityKey, (u32, String, std::time::Instant)>,
 }
 
 /// What one pass over the protected cgroups found.
@@ -212,15 +215,17 @@ struct Scan {
     /// The protected processes, with the pidfd they were identified through and the
     /// protected cgroup they are under (first scan only).
     processes: Vec<(u32, PidFd, crate::process::Record, u64)>,
-    /// Later scans: the processes whose identity is published by this round (not yet in the
-    /// kernel), as `processes`.
+    /// Later scans: the processes whose identity is published by this round, or was first
+    /// published less than [`LATE_LISTENERS_FOR`] ago, as `processes`.
     newly_identified: Vec<(u32, PidFd, crate::process::Record, u64)>,
     /// Their network namespaces.
     namespaces: BTreeMap<u64, crate::netns::Netns>,
     /// Their TCP listeners (only looked for when a tunnel runs).
     services: Vec<LocalService>,
-    /// Every cgroup (id) of the protected subtrees.
-    cgroup_ids: std::collections::HashSet<u64>,
+    /// The record keys of every process identified (an entry matched or not), and the
+    /// SPIFFE ID of each that matched.
+    present: std::collections::HashSet<IdentityKey>,
+    matched: HashMap<IdentityKey, String>,
 }
 
 fn key_of(id: &ProcessIdentity) -> Option<IdentityKey> {
@@ -294,7 +299,7 @@ impl Enforcement {
             audit,
             metrics: data_dir.join("metrics.prom"),
             policy_loads: 0,
-            protected_ids: Default::default(),
+            seen: HashMap::new(),
             mesh: None,
         })
     }
@@ -360,10 +365,6 @@ impl Enforcement {
                 if let Ok(rd) = std::fs::read_dir(&dir) {
                     dirs.extend(rd.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
                 }
-                // A cgroup v2 directory's inode number is the cgroup's id.
-                if let Ok(m) = std::fs::metadata(&dir) {
-                    scan.cgroup_ids.insert(std::os::unix::fs::MetadataExt::ino(&m));
-                }
                 let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else { continue };
                 for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
                     let netns = crate::netns::of_process(pid);
@@ -388,10 +389,13 @@ impl Enforcement {
                     }
                     let Ok(id) = identified else { continue };
                     let Some(key) = key_of(&id) else { continue };
+                    scan.present.insert(key);
                     let Some(entry) = snapshot.matching(&id.selectors).into_iter().next() else { continue };
                     let number = identity_number(&entry.spiffe_id.to_string(), self.golden(&id));
                     out.insert(key, number);
-                    if let Some(pidfd) = pidfd.filter(|_| !self.pushed.identities.iter().any(|(k, _)| *k == key)) {
+                    scan.matched.insert(key, entry.spiffe_id.to_string());
+                    let recent = self.pushed.published_at.get(&key).is_none_or(|t| t.elapsed() < LATE_LISTENERS_FOR);
+                    if let Some(pidfd) = pidfd.filter(|_| recent) {
                         scan.newly_identified.push((pid, pidfd, id.record.clone(), cg.id));
                     }
                     if self.mesh.is_some() {
@@ -453,6 +457,32 @@ impl Enforcement {
         addrs.sort();
         addrs.dedup();
         addrs
+    }
+
+    /// Keeps in `scan.identities` what was published for a record key whose processes were
+    /// all absent from this scan, for [`KEEP_ABSENT`] after one was last seen, while an entry
+    /// with that SPIFFE ID still exists; remembers when each matched key was seen.
+    fn keep_briefly_absent(&mut self, scan: &mut Scan, snapshot: &Snapshot) {
+        let now = std::time::Instant::now();
+        for (key, number) in &scan.identities {
+            if let Some(id) = scan.matched.get(key) {
+                self.seen.insert(*key, (*number, id.clone(), now));
+            }
+        }
+        let entry_exists = |id: &str| snapshot.entries.iter().any(|e| e.spiffe_id.to_string() == id);
+        self.seen.retain(|key, (number, id, at)| {
+            if scan.matched.contains_key(key) {
+                return true;
+            }
+            if scan.present.contains(key) || now.duration_since(*at) >= KEEP_ABSENT || !entry_exists(id) {
+                return false;
+            }
+            scan.identities.push((*key, *number));
+            true
+        });
+        scan.identities.sort_by_key(|(k, _)| {
+            (k.cgroup_id, k.exe.ino, k.exe.ctime_sec, k.exe.ctime_nsec, k.exe.dev, k.euid, k.egid)
+        });
     }
 
     /// Sockets the protected processes held before enforcement was attached carry no state,
@@ -576,7 +606,7 @@ impl Enforcement {
             self.pushed.compiled_from = Some(inputs);
         }
         let mut scan = self.scan(snapshot, resolver);
-        self.protected_ids = std::mem::take(&mut scan.cgroup_ids);
+        self.keep_briefly_absent(&mut scan, snapshot);
         if self.pushed.addrs_at.is_none_or(|at| at.elapsed() >= ADDRS_EVERY) {
             let addrs = self.node_addresses(&scan.namespaces);
             if self.enforcer.set_local_addrs(&addrs)? {
@@ -595,6 +625,11 @@ impl Enforcement {
                     identity = %self.names.get(id).map(String::as_str).unwrap_or("?"),
                     "enforcement identity published"
                 );
+            }
+            let now = std::time::Instant::now();
+            self.pushed.published_at.retain(|k, _| ids.iter().any(|(key, _)| key == k));
+            for (key, _) in &ids {
+                self.pushed.published_at.entry(*key).or_insert(now);
             }
             self.pushed.identities = ids;
         }
@@ -746,8 +781,21 @@ impl Enforcement {
 
 /// Runs enforcement next to the identity plane: syncs every `every` and whenever the
 /// snapshot changes, and writes the audit log as drops arrive.
-/// The least time between two scans started by execs (a burst of execs is one scan).
-const EXEC_SCAN_GAP: Duration = Duration::from_millis(20);
+/// The least time between two scans started by execs (a burst of execs is one scan, and a
+/// workload exec'ing in a loop costs at most ten scans a second).
+const EXEC_SCAN_GAP: Duration = Duration::from_millis(100);
+
+/// How long an identity stays published after the last process with its record key was
+/// seen, while its entry still exists: a workload restarting (its old process gone, the new
+/// one between a wrapper's exec and its own) keeps its identity instead of flapping, now
+/// that execs start scans at exactly those moments. An entry deleted, or a process seen
+/// that no longer matches, withdraws it at once.
+const KEEP_ABSENT: Duration = Duration::from_secs(2);
+
+/// For how long after an identity is first published its processes' listeners are looked
+/// at (and stamped if no hook could): a listener made by `socket()` before the publication
+/// and `listen()` after it (no bind), or one whose stamping failed, is caught meanwhile.
+const LATE_LISTENERS_FOR: Duration = Duration::from_secs(10);
 
 pub async fn run(
     mut enforcement: Enforcement,
@@ -785,10 +833,8 @@ pub async fn run(
                 }
             } => {
                 match batch {
-                    Ok(events) if events.iter().any(|(r, _)| enforcement.protected_ids.contains(&r.cgroup_id)) => {
-                        tokio::time::sleep_until(last_sync + EXEC_SCAN_GAP).await;
-                    }
-                    Ok(_) => continue,
+                    // Only execs under a protected cgroup are sent (the programs filter).
+                    Ok(_) => tokio::time::sleep_until(last_sync + EXEC_SCAN_GAP).await,
                     Err(e) => {
                         tracing::warn!("reading exec events (new processes are identified at the next scan): {e}");
                         execs = None;

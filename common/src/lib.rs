@@ -157,7 +157,7 @@ pub struct KernelOffsets {
     /// 1 when the six offsets above were found.
     pub peer_valid: u32,
     // The thread list: `task_struct.signal`, `signal_struct.thread_head`,
-    // `task_struct.thread_node` (Linux 6.7+).
+    // `task_struct.thread_node`.
     pub task_signal: u32,
     pub signal_thread_head: u32,
     pub task_thread_node: u32,
@@ -266,8 +266,13 @@ pub mod measurement_state {
 pub struct TraceFilter {
     pub ancestor_id: u64,
     pub level: u32,
+    /// 0: no events; 1: execs under `ancestor_id` (everywhere when 0);
+    /// [`TRACE_PROTECTED_ROOTS`]: execs under any protected root of the enforcement programs.
     pub enabled: u32,
 }
+
+/// [`TraceFilter::enabled`]: execs under any cgroup in the enforcement's `PROTECTED_ROOTS`.
+pub const TRACE_PROTECTED_ROOTS: u32 = 2;
 
 /// One exec as the kernel saw it, sent from `tp_btf/sched_process_exec` for processes in
 /// the traced scope: the record it wrote, and the thread that exec'd.

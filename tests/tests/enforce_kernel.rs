@@ -541,6 +541,27 @@ async fn ingress_from_unprotected_peers() {
     e.set_local_addrs(&["10.78.0.2".parse().unwrap()]).unwrap();
     assert!(from_remote(r.port).is_err(), "an address of this node was admitted by a range");
     assert_eq!(r.accepts(Duration::from_millis(200)), 1);
+    // An unbound UDP client's replies from another namespace of this node are taken when its
+    // egress rules allow that source (as a connected socket's replies would be), and not from
+    // another port of that address.
+    let sink = remote.run_in(|| UdpSocket::bind("10.78.0.2:0")).unwrap().unwrap();
+    let intruder = remote.run_in(|| UdpSocket::bind("10.78.0.2:0")).unwrap().unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let sink_port = sink.local_addr().unwrap().port();
+    e.load_policy(&[], &[cidr(CLIENT_NET, UDP, sink_port, [10, 78, 0, 2], 32)], &[]).unwrap();
+    let mut cmd = node.command(NET);
+    cmd.args(["udp-ask", &sink_port.to_string(), "query", "1500", "10.78.0.2"]).stdout(Stdio::piped());
+    w.client.place(&mut cmd).unwrap();
+    let mut asker = KillOnDrop(cmd.spawn().unwrap());
+    let mut buf = [0u8; 16];
+    let (n, asker_addr) = sink.recv_from(&mut buf).expect("the query reached the other namespace");
+    assert_eq!(&buf[..n], b"query");
+    intruder.send_to(b"forged", asker_addr).unwrap();
+    sink.send_to(b"answer", asker_addr).unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(asker.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(out.contains(&format!("reply {sink_port} answer")), "the reply from another namespace was dropped: {out}");
+    assert!(!out.contains("forged"), "a datagram from a port the client may not reach was received: {out}");
     e.set_local_addrs(&[]).unwrap();
     drop(r);
 

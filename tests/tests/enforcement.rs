@@ -296,7 +296,8 @@ fn a_listener_made_before_its_identity_serves_once_it_has_one() {
 
 /// A process's identity is published when it execs, not at the agent's next scan: with scans
 /// 10 s apart, a new web process that connects 300 ms after it started is allowed (at the
-/// next scan it would have been refused, `no_identity`).
+/// next scan it would have been refused, `no_identity`) — in a cgroup made after the agent's
+/// last scan, as a new container's would be.
 #[test]
 fn a_new_process_is_identified_when_it_execs() {
     let mut w = world_with(HostOptions { enforcement: "scan_interval_ms = 10000\n".into(), ..Default::default() });
@@ -310,6 +311,10 @@ fn a_new_process_is_identified_when_it_execs() {
     let server = w.a.spawn(&db, &["serve", "5432"]);
     server.wait_line("listening");
     w.a.wait_identity("spiffe://example.org/db");
+    // web's cgroup is made anew (same path, so the entry still selects it; a new cgroup id no
+    // scan has seen).
+    drop(web);
+    let web = w.a.root.child("web").unwrap();
     let started = std::time::Instant::now();
     let out = w.a.run(&web, &["send-after", "300", "127.0.0.1", "5432", "fresh-web"]);
     assert!(out.contains("sent"), "a new web process was refused 300 ms after it started: {out}\n{}", w.a.log());

@@ -569,13 +569,10 @@ impl Enforcer {
 
     /// The drop event stream (once). Needs a tokio runtime.
     /// The exec events of the process programs this enforcer attached (once): every exec
-    /// in the protected cgroup's subtree (with several protected cgroups, every exec on the
-    /// machine; the caller filters by cgroup). Needs a tokio runtime.
+    /// under a protected cgroup (the programs check PROTECTED_ROOTS, so a cgroup made after
+    /// the last scan counts too). Needs a tokio runtime.
     pub fn take_exec_events(&mut self) -> Result<monitor::ExecEvents, EbpfError> {
-        let filter = match self.protected.as_slice() {
-            [cg] => TraceFilter { ancestor_id: cg.id, level: cg.level, enabled: 1 },
-            _ => TraceFilter { enabled: 1, ..Default::default() },
-        };
+        let filter = TraceFilter { enabled: tether_common::TRACE_PROTECTED_ROOTS, ..Default::default() };
         let ebpf = &mut self._loaded.ebpf;
         let mut map: Array<_, TraceFilter> =
             Array::try_from(ebpf.map_mut(maps::TRACE_FILTER).ok_or(EbpfError::Missing(maps::TRACE_FILTER))?)

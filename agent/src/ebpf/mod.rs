@@ -16,7 +16,7 @@ use thiserror::Error;
 pub use btf::{Btf, BtfError};
 pub use enforce::{DropEvents, Enforcer, PinnedLinkStatus, EXEC_TABLE};
 pub use floor::Floor;
-pub use monitor::{ExecEvents, Monitor, TraceScope};
+pub use monitor::{ExecEvents, Monitor, PeerCheck, TraceScope};
 pub use probe::{probe_kernel, EnforcementPath, KernelSupport};
 pub use tunnel::TunnelMaps;
 
@@ -140,6 +140,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
 /// log records. Both live as long as whatever is built from it.
 pub struct Loaded {
     pub(crate) ebpf: Ebpf,
+    /// The offsets the programs were loaded with.
+    pub(crate) offsets: KernelOffsets,
     _logs: Option<LogForwarder>,
 }
 
@@ -167,7 +169,7 @@ pub(crate) fn load_with_pins(pin_dir: Option<&std::path::Path>, pinned: &[&'stat
     }
     let mut ebpf = loader.load(OBJECT).map_err(|e| EbpfError::Load(Box::new(e)))?;
     let logs = LogForwarder::start(&mut ebpf);
-    Ok(Loaded { ebpf, _logs: logs })
+    Ok(Loaded { ebpf, offsets, _logs: logs })
 }
 
 /// aya-log records arrive through a ring buffer; aya-log hands them to the `log` crate,

@@ -37,11 +37,10 @@ pub struct Monitor {
     records: OwnedFd,
     measurements: HashMap<MapData, FileKey, Measurement>,
     events: Option<RingBuf<MapData>>,
-    /// The object: its attached programs (from [`Monitor::start`]) and the `iter/unix`
-    /// program that answers [`Monitor::peer_creds`] (loaded, never attached).
-    loaded: Loaded,
-    /// PEER_QUERY, taken out of `loaded` at the first check.
-    query: Option<Array<MapData, PeerQuery>>,
+    /// The object with its attached programs (from [`Monitor::start`]).
+    _loaded: Option<Loaded>,
+    /// The caller check, until [`Monitor::take_peer_check`] (None if it could not be set up).
+    peer: Option<PeerCheck>,
 }
 
 /// The record-keeping programs and the tracepoint each one attaches to.
@@ -102,7 +101,8 @@ impl Monitor {
         let btf = AyaBtf::from_sys_fs()?;
         attach_process_programs(ebpf, &btf, None)?;
         seed(ebpf, &btf)?;
-        load_peer_check(ebpf, &btf)?;
+        let peer = PeerCheck::start(&mut loaded, &btf);
+        let ebpf = &mut loaded.ebpf;
 
         let records = match ebpf.map(maps::TASK_RECORDS) {
             Some(Map::Unsupported(data)) => data
@@ -117,7 +117,7 @@ impl Monitor {
                 .map_err(map_err(maps::MEASUREMENTS, "open"))?;
         let ring = RingBuf::try_from(ebpf.take_map(maps::EXEC_EVENTS).ok_or(EbpfError::Missing(maps::EXEC_EVENTS))?)
             .map_err(map_err(maps::EXEC_EVENTS, "open"))?;
-        Ok(Monitor { records, measurements, events: Some(ring), loaded, query: None })
+        Ok(Monitor { records, measurements, events: Some(ring), _loaded: Some(loaded), peer })
     }
 
     /// Reads the records kept by the pinned programs of an [`super::Enforcer`] started on
@@ -136,8 +136,8 @@ impl Monitor {
         // For the peer check only: its maps are the pinned ones (nothing new but the query
         // slot and a ring buffer), and nothing of it is attached.
         let mut loaded = super::load_with_pins(Some(&maps), &super::enforce::PINNED_MAPS)?;
-        load_peer_check(&mut loaded.ebpf, &AyaBtf::from_sys_fs()?)?;
-        Ok(Monitor { records, measurements, events: None, loaded, query: None })
+        let peer = PeerCheck::start(&mut loaded, &AyaBtf::from_sys_fs()?);
+        Ok(Monitor { records, measurements, events: None, _loaded: None, peer })
     }
 
     /// The kernel's record of the process `pidfd` refers to. `None` when it has none: it
@@ -147,29 +147,10 @@ impl Monitor {
         lookup_task_storage(self.records.as_fd(), pidfd)
     }
 
-    /// Whether the process at the other end of `socket` (a Unix socket this process
-    /// accepted) still holds the credentials it connected with: one of
-    /// [`tether_common::peer_creds`]. Runs the `iter/unix` program once over the machine's
-    /// Unix sockets (it answers only for this one, found by its cookie).
-    pub fn peer_creds(&mut self, socket: BorrowedFd<'_>) -> Result<u32, EbpfError> {
-        let cookie = socket_cookie(socket).map_err(|source| EbpfError::Io { op: "SO_COOKIE", source })?;
-        let ebpf = &mut self.loaded.ebpf;
-        let query_map = |ebpf: &mut Ebpf| -> Result<Array<MapData, PeerQuery>, EbpfError> {
-            let map = ebpf.take_map(maps::PEER_QUERY).ok_or(EbpfError::Missing(maps::PEER_QUERY))?;
-            Array::try_from(map).map_err(map_err(maps::PEER_QUERY, "open"))
-        };
-        let mut query = match self.query.take() {
-            Some(q) => q,
-            None => query_map(ebpf)?,
-        };
-        let result = (|| {
-            query.set(0, PeerQuery { cookie, verdict: 0, _pad: 0 }, 0).map_err(map_err(maps::PEER_QUERY, "set"))?;
-            run_iterator(ebpf, programs::PEER_CREDS)?;
-            let answer = query.get(&0, 0).map_err(map_err(maps::PEER_QUERY, "get"))?;
-            Ok(if answer.cookie == cookie { answer.verdict } else { 0 })
-        })();
-        self.query = Some(query);
-        result
+    /// The caller check (once), to be used under a lock of its own: a check walks every
+    /// Unix socket, and record lookups should not wait for it.
+    pub fn take_peer_check(&mut self) -> Option<PeerCheck> {
+        self.peer.take()
     }
 
     /// Publishes a measurement so kernel hooks see it.
@@ -239,12 +220,103 @@ pub(super) fn seed(ebpf: &mut Ebpf, btf: &AyaBtf) -> Result<(), EbpfError> {
     run_iterator(ebpf, name)
 }
 
-/// Loads the `iter/unix` program of [`Monitor::peer_creds`].
-fn load_peer_check(ebpf: &mut Ebpf, btf: &AyaBtf) -> Result<(), EbpfError> {
-    let name = programs::PEER_CREDS;
-    let prog: &mut Iter =
-        ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?.try_into().map_err(program_err(name, "type"))?;
-    prog.load("unix", btf).map_err(program_err(name, "load"))
+/// Whether the process at the other end of an accepted Unix socket still holds the
+/// credentials it connected with: the `iter/unix` program, attached once (its link kept, so
+/// the program outlives the object it came from), and its query slot.
+pub struct PeerCheck {
+    link: OwnedFd,
+    query: Array<MapData, PeerQuery>,
+}
+
+impl PeerCheck {
+    /// Sets the check up from `loaded`; None (logged: every Workload API caller is then
+    /// refused, fail closed) when this kernel cannot run it.
+    fn start(loaded: &mut Loaded, btf: &AyaBtf) -> Option<Self> {
+        match Self::load(loaded, btf) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::error!("the Workload API caller check cannot run here; every caller will be refused: {e}");
+                None
+            }
+        }
+    }
+
+    fn load(loaded: &mut Loaded, btf: &AyaBtf) -> Result<Self, EbpfError> {
+        if loaded.offsets.peer_valid == 0 {
+            return Err(EbpfError::Missing(
+                "kernel struct offsets for the caller check (sock.sk_peer_cred, pid.tasks, ...)",
+            ));
+        }
+        let name = programs::PEER_CREDS;
+        let ebpf = &mut loaded.ebpf;
+        let prog: &mut Iter =
+            ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?.try_into().map_err(program_err(name, "type"))?;
+        prog.load("unix", btf).map_err(program_err(name, "load"))?;
+        let prog_fd = prog
+            .fd()
+            .map_err(program_err(name, "fd"))?
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| EbpfError::Io { op: "duplicating the caller check's program fd", source })?;
+        let link = iter_link(prog_fd.as_fd())
+            .map_err(|source| EbpfError::Io { op: "attaching the caller check (BPF_LINK_CREATE)", source })?;
+        let map = ebpf.take_map(maps::PEER_QUERY).ok_or(EbpfError::Missing(maps::PEER_QUERY))?;
+        let query = Array::try_from(map).map_err(map_err(maps::PEER_QUERY, "open"))?;
+        Ok(PeerCheck { link, query })
+    }
+
+    /// One of [`tether_common::peer_creds`] for the peer of `socket` (a Unix socket this
+    /// process accepted); 0 if the socket was not found. Runs the program once over the
+    /// machine's Unix sockets (it answers only for this one, found by its cookie).
+    pub fn check(&mut self, socket: BorrowedFd<'_>) -> Result<u32, EbpfError> {
+        let cookie = socket_cookie(socket).map_err(|source| EbpfError::Io { op: "SO_COOKIE", source })?;
+        self.query.set(0, PeerQuery { cookie, verdict: 0, _pad: 0 }, 0).map_err(map_err(maps::PEER_QUERY, "set"))?;
+        let iter = iter_create(self.link.as_fd())
+            .map_err(|source| EbpfError::Io { op: "creating the caller check's iterator", source })?;
+        let mut sink = Vec::new();
+        std::fs::File::from(iter)
+            .read_to_end(&mut sink)
+            .map_err(|source| EbpfError::Io { op: "running the caller check", source })?;
+        let answer = self.query.get(&0, 0).map_err(map_err(maps::PEER_QUERY, "get"))?;
+        Ok(if answer.cookie == cookie { answer.verdict } else { 0 })
+    }
+}
+
+/// `BPF_LINK_CREATE` for an iterator program (aya keeps a link's fd to itself).
+fn iter_link(prog: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    #[repr(C)]
+    struct LinkCreateAttr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_TRACE_ITER: u32 = 28;
+    let attr = LinkCreateAttr { prog_fd: prog.as_raw_fd() as u32, target_fd: 0, attach_type: BPF_TRACE_ITER, flags: 0 };
+    raw_fd(BPF_LINK_CREATE, &attr)
+}
+
+/// `BPF_ITER_CREATE`: a new run of the iterator behind `link`, read to run it.
+fn iter_create(link: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    #[repr(C)]
+    struct IterCreateAttr {
+        link_fd: u32,
+        flags: u32,
+    }
+    const BPF_ITER_CREATE: libc::c_long = 33;
+    raw_fd(BPF_ITER_CREATE, &IterCreateAttr { link_fd: link.as_raw_fd() as u32, flags: 0 })
+}
+
+/// A bpf(2) command that returns a new fd.
+fn raw_fd<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<OwnedFd> {
+    // SAFETY: attr is a valid attribute struct of its size for this command.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; it is ours.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(rc as i32) })
 }
 
 /// The socket's cookie (`SO_COOKIE`), what the kernel names it by.

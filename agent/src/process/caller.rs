@@ -67,6 +67,9 @@ pub trait CallerAttestor: Send + Sync {
 /// Resolves processes against a running [`Monitor`].
 pub struct Resolver {
     monitor: Mutex<Monitor>,
+    /// The Workload API's caller check, under its own lock (a check walks every Unix socket:
+    /// record lookups do not wait for it).
+    peer_check: Mutex<Option<crate::ebpf::PeerCheck>>,
     measurer: Measurer,
     cgroup_root: PathBuf,
     selector_config: SelectorConfig,
@@ -94,7 +97,16 @@ impl Resolver {
         cgroup_root: PathBuf,
         selector_config: SelectorConfig,
     ) -> Self {
-        Resolver { monitor: Mutex::new(monitor), measurer, cgroup_root, selector_config, recent: Mutex::default() }
+        let mut monitor = monitor;
+        let peer_check = Mutex::new(monitor.take_peer_check());
+        Resolver {
+            monitor: Mutex::new(monitor),
+            peer_check,
+            measurer,
+            cgroup_root,
+            selector_config,
+            recent: Mutex::default(),
+        }
     }
 
     pub fn measurer(&self) -> &Measurer {
@@ -114,7 +126,9 @@ impl Resolver {
     /// Whether the process at the other end of `socket` (a Unix socket accepted here) still
     /// holds the credentials it connected with (see [`Monitor::peer_creds`]).
     pub fn peer_creds(&self, socket: BorrowedFd<'_>) -> Result<u32, IdentityError> {
-        Ok(self.monitor.lock().unwrap_or_else(|p| p.into_inner()).peer_creds(socket)?)
+        let mut check = self.peer_check.lock().unwrap_or_else(|p| p.into_inner());
+        let check = check.as_mut().ok_or(EbpfError::Missing("the Workload API caller check (see the start-up log)"))?;
+        Ok(check.check(socket)?)
     }
 
     /// What kernel hooks currently see for `exe` in the measurement map.

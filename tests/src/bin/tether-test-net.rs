@@ -8,9 +8,9 @@
 //!   kernel picks the port; no bind hook runs).
 //! - `udp-send <port> <text>`: one unconnected `sendto` (never bound first, so no bind hook
 //!   runs) to 127.0.0.1; prints `sent` or `error <errno>`.
-//! - `udp-ask <port> <text> <ms>`: as `udp-send`, then prints `reply <port> <text>` for each
-//!   datagram the same socket receives within `ms` milliseconds (the sender's port), then
-//!   `done`.
+//! - `udp-ask <port> <text> <ms> [<addr>]`: as `udp-send` (to `addr`, default 127.0.0.1),
+//!   then prints `reply <port> <text>` for each datagram the same socket receives within `ms`
+//!   milliseconds (the sender's port), then `done`.
 //! - `connect-when-told <port>`: makes a TCP socket and prints `socket`; then for each line
 //!   on stdin connects it to 127.0.0.1:port, printing `connected` (and exiting) or
 //!   `connect-error <errno>`.
@@ -143,8 +143,9 @@ fn serve(listener: TcpListener) {
     }
 }
 
-/// Sends `text` from a new unconnected UDP socket that never bound; returns the socket.
-fn udp_send(port: u16, text: &str) -> i32 {
+/// Sends `text` to `addr:port` from a new unconnected UDP socket that never bound; returns
+/// the socket.
+fn udp_send(to: std::net::Ipv4Addr, port: u16, text: &str) -> i32 {
     // SAFETY: plain socket calls on a sockaddr_in built here.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
     // SAFETY: as above.
@@ -152,7 +153,8 @@ fn udp_send(port: u16, text: &str) -> i32 {
         if fd < 0 {
             -1
         } else {
-            let addr = loopback(port);
+            let mut addr = loopback(port);
+            addr.sin_addr.s_addr = u32::from_ne_bytes(to.octets());
             libc::sendto(
                 fd,
                 text.as_ptr().cast(),
@@ -171,8 +173,8 @@ fn udp_send(port: u16, text: &str) -> i32 {
     fd
 }
 
-fn udp_ask(port: u16, text: &str, ms: u64) {
-    let fd = udp_send(port, text);
+fn udp_ask(addr: std::net::Ipv4Addr, port: u16, text: &str, ms: u64) {
+    let fd = udp_send(addr, port, text);
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms);
     let timeout = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
     // SAFETY: a timeval built here for the socket made above.
@@ -214,9 +216,10 @@ fn main() {
     match (args.get(1).map(String::as_str), port(2)) {
         (Some("listen"), Some(p)) => listen(p, args.get(3).map(String::as_str).unwrap_or("127.0.0.1")),
         (Some("udp-send"), Some(p)) => {
-            udp_send(p, args.get(3).map(String::as_str).unwrap_or("x"));
+            udp_send(std::net::Ipv4Addr::LOCALHOST, p, args.get(3).map(String::as_str).unwrap_or("x"));
         }
         (Some("udp-ask"), Some(p)) => udp_ask(
+            args.get(5).and_then(|a| a.parse().ok()).unwrap_or(std::net::Ipv4Addr::LOCALHOST),
             p,
             args.get(3).map(String::as_str).unwrap_or("x"),
             args.get(4).and_then(|m| m.parse().ok()).unwrap_or(1000),
@@ -229,7 +232,7 @@ fn main() {
         _ => {
             eprintln!(
                 "usage: tether-test-net listen <port> [<addr>] | listen-unbound | udp-send <port> <text> | \
-                 udp-ask <port> <text> <ms> | \
+                 udp-ask <port> <text> <ms> [<addr>] | \
                  connect-when-told <port> | connect-from-child <port> [creator-exits]"
             );
             std::process::exit(2);
