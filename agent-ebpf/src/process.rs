@@ -15,7 +15,7 @@ use aya_ebpf::{
         generated::{bpf_task_storage_delete, bpf_task_storage_get},
     },
     macros::{btf_map, btf_tracepoint, map},
-    maps::{Array, HashMap, RingBuf},
+    maps::{Array, HashMap, RingBuf, SockMap},
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::warn;
@@ -145,6 +145,11 @@ static TRACE_FILTER: Array<TraceFilter> = Array::with_max_entries(1, 0);
 /// The agent's question to [`check_peer_creds`], and its answer.
 #[map]
 static PEER_QUERY: Array<PeerQuery> = Array::with_max_entries(1, 0);
+
+/// The one accepted socket [`check_peer_creds`] looks at (the agent puts it in, runs the
+/// iterator, takes it out).
+#[map]
+static PEER_SOCK: SockMap = SockMap::with_max_entries(1, 0);
 
 #[inline(always)]
 fn offsets() -> KernelOffsets {
@@ -401,19 +406,20 @@ const PIDTYPE_TGID: u32 = 1;
 /// Threads compared before the answer is UNKNOWN (fail closed).
 const MAX_THREADS: u32 = 512;
 
-/// `iter/unix`, run by the agent for one of its accepted Workload API sockets (named by its
-/// cookie in PEER_QUERY): does a live thread of the process that connected still hold the
-/// credentials object it connected with? The socket keeps a reference to that object
-/// (`sk_peer_cred`, taken at connect), so its address is not reused while the socket lives;
-/// an exec always installs a new one (and kills every other thread), so after an exec no
-/// thread holds it. This is what tells "exec'd after connect()" from "exec'd before" when
-/// the agent's accept comes after both.
+/// `iter/sockmap` over PEER_SOCK, run by the agent for one of its accepted Workload API
+/// sockets (put alone in the map; its cookie in PEER_QUERY): does a live thread of the
+/// process that connected still hold the credentials object it connected with? The socket
+/// keeps a reference to that object (`sk_peer_cred`, taken at connect), so its address is
+/// not reused while the socket lives; an exec always installs a new one (and kills every
+/// other thread), so after an exec no thread holds it. This is what tells "exec'd after
+/// connect()" from "exec'd before" when the agent's accept comes after both.
 #[unsafe(no_mangle)]
-#[unsafe(link_section = "iter/unix")]
+#[unsafe(link_section = "iter/sockmap")]
 pub extern "C" fn check_peer_creds(ctx: *mut c_void) -> i32 {
-    // struct bpf_iter__unix { struct bpf_iter_meta *meta; struct unix_sock *unix_sk; uid_t uid; }
+    // struct bpf_iter__sockmap { struct bpf_iter_meta *meta; struct bpf_map *map; void *key;
+    // struct sock *sk; }
     // SAFETY: the iterator context has this layout; the verifier checks the access.
-    let sk: *const u8 = unsafe { *(ctx as *const *const u8).add(1) };
+    let sk: *const u8 = unsafe { *(ctx as *const *const u8).add(3) };
     if sk.is_null() {
         return 0;
     }
@@ -426,7 +432,7 @@ pub extern "C" fn check_peer_creds(ctx: *mut c_void) -> i32 {
     if want == 0 || off.peer_valid == 0 {
         return 0;
     }
-    // `struct unix_sock` starts with its `struct sock`, which starts with `sock_common`.
+    // `struct sock` starts with `sock_common`: the socket must be the one asked about.
     if read::<u64>(sk, off.sock_cookie) != Some(want) {
         return 0;
     }

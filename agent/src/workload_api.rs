@@ -327,8 +327,8 @@ pub fn incoming<S: SelectorSource>(
         let (source, limits) = (source.clone(), limits.clone());
         async move {
             match r {
-                // Fixing the peer reads kernel state (a BPF iterator walks the machine's
-                // Unix sockets): on a blocking thread, not the runtime's.
+                // Fixing the peer reads kernel state (records, a BPF iterator run): on a
+                // blocking thread, not the runtime's.
                 Ok(stream) => tokio::task::spawn_blocking(move || Conn::accept(stream, &*source, &limits))
                     .await
                     .unwrap_or_else(|e| {

@@ -9,8 +9,10 @@ pub const COMM_LEN: usize = 16;
 
 /// Names of the maps in the eBPF object, as the agent looks them up.
 pub mod maps {
-    /// Array with one [`super::PeerQuery`] at index 0 (the `iter/unix` program's question).
+    /// Array with one [`super::PeerQuery`] at index 0 (the caller check's answer).
     pub const PEER_QUERY: &str = "PEER_QUERY";
+    /// SOCKMAP with one slot: the accepted socket the caller check looks at.
+    pub const PEER_SOCK: &str = "PEER_SOCK";
     /// RingBuf of [`super::ExecEvent`].
     pub const EXEC_EVENTS: &str = "EXEC_EVENTS";
     /// Array with one [`super::TraceFilter`] at index 0.
@@ -93,7 +95,7 @@ pub mod programs {
     pub const CGROUP_ATTACH: &str = "cgroup_attach_task";
     /// `iter/task`: seeds records of processes that predate the programs.
     pub const SEED_TASKS: &str = "seed_tasks";
-    /// `iter/unix`: answers a [`super::PeerQuery`].
+    /// `iter/sockmap` over PEER_SOCK: answers a [`super::PeerQuery`].
     pub const PEER_CREDS: &str = "check_peer_creds";
     // Enforcement programs, attached to protected cgroups.
     pub const SOCK_CREATE: &str = "enforce_sock_create";
@@ -146,7 +148,7 @@ pub struct KernelOffsets {
     /// 1 when every offset above was found.
     pub valid: u32,
     // For the Workload API's check that a caller still holds the credentials it connected
-    // with (the `iter/unix` program): `sock_common.skc_cookie`, `sock.sk_peer_pid`,
+    // with (the `iter/sockmap` program): `sock_common.skc_cookie`, `sock.sk_peer_pid`,
     // `sock.sk_peer_cred`, `pid.tasks`, `task_struct.pid_links`, `task_struct.real_cred`.
     pub sock_cookie: u32,
     pub sock_peer_pid: u32,
@@ -166,7 +168,7 @@ pub struct KernelOffsets {
     pub threads_valid: u32,
 }
 
-/// The question the agent puts to the `iter/unix` program about one of its accepted Unix
+/// The question the agent puts to the `iter/sockmap` program about one of its accepted Unix
 /// sockets (by socket cookie), and the answer it writes back.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, RingBuf},
+    maps::{Array, HashMap, Map, MapData, RingBuf, SockMap},
     programs::{links::FdLink, BtfTracePoint, Iter},
     Btf as AyaBtf, Ebpf,
 };
@@ -221,10 +221,13 @@ pub(super) fn seed(ebpf: &mut Ebpf, btf: &AyaBtf) -> Result<(), EbpfError> {
 }
 
 /// Whether the process at the other end of an accepted Unix socket still holds the
-/// credentials it connected with: the `iter/unix` program, attached once (its link kept, so
-/// the program outlives the object it came from), and its query slot.
+/// credentials it connected with: the `iter/sockmap` program, attached once to a one-slot
+/// sockmap (its link kept, so the program outlives the object it came from), the map and
+/// the answer slot. A check puts the socket in the map, runs the iterator (one element: the
+/// cost does not grow with the machine's sockets) and takes it out.
 pub struct PeerCheck {
     link: OwnedFd,
+    sockets: SockMap<MapData>,
     query: Array<MapData, PeerQuery>,
 }
 
@@ -251,49 +254,72 @@ impl PeerCheck {
         let ebpf = &mut loaded.ebpf;
         let prog: &mut Iter =
             ebpf.program_mut(name).ok_or(EbpfError::Missing(name))?.try_into().map_err(program_err(name, "type"))?;
-        prog.load("unix", btf).map_err(program_err(name, "load"))?;
+        prog.load("sockmap", btf).map_err(program_err(name, "load"))?;
         let prog_fd = prog
             .fd()
             .map_err(program_err(name, "fd"))?
             .as_fd()
             .try_clone_to_owned()
             .map_err(|source| EbpfError::Io { op: "duplicating the caller check's program fd", source })?;
-        let link = iter_link(prog_fd.as_fd())
+        let map = ebpf.take_map(maps::PEER_SOCK).ok_or(EbpfError::Missing(maps::PEER_SOCK))?;
+        let sockets = SockMap::try_from(map).map_err(map_err(maps::PEER_SOCK, "open"))?;
+        let link = iter_link(prog_fd.as_fd(), sockets.fd().as_fd())
             .map_err(|source| EbpfError::Io { op: "attaching the caller check (BPF_LINK_CREATE)", source })?;
         let map = ebpf.take_map(maps::PEER_QUERY).ok_or(EbpfError::Missing(maps::PEER_QUERY))?;
         let query = Array::try_from(map).map_err(map_err(maps::PEER_QUERY, "open"))?;
-        Ok(PeerCheck { link, query })
+        Ok(PeerCheck { link, sockets, query })
     }
 
-    /// One of [`tether_common::peer_creds`] for the peer of `socket` (a Unix socket this
-    /// process accepted); 0 if the socket was not found. Runs the program once over the
-    /// machine's Unix sockets (it answers only for this one, found by its cookie).
+    /// One of [`tether_common::peer_creds`] for the peer of `socket` (a connected Unix
+    /// stream socket this process accepted); 0 if the program did not see it.
     pub fn check(&mut self, socket: BorrowedFd<'_>) -> Result<u32, EbpfError> {
         let cookie = socket_cookie(socket).map_err(|source| EbpfError::Io { op: "SO_COOKIE", source })?;
         self.query.set(0, PeerQuery { cookie, verdict: 0, _pad: 0 }, 0).map_err(map_err(maps::PEER_QUERY, "set"))?;
-        let iter = iter_create(self.link.as_fd())
-            .map_err(|source| EbpfError::Io { op: "creating the caller check's iterator", source })?;
-        let mut sink = Vec::new();
-        std::fs::File::from(iter)
-            .read_to_end(&mut sink)
-            .map_err(|source| EbpfError::Io { op: "running the caller check", source })?;
+        self.sockets.set(0, &socket.as_raw_fd(), 0).map_err(map_err(maps::PEER_SOCK, "set"))?;
+        let ran = iter_create(self.link.as_fd())
+            .map_err(|source| EbpfError::Io { op: "creating the caller check's iterator", source })
+            .and_then(|iter| {
+                let mut sink = Vec::new();
+                std::fs::File::from(iter)
+                    .read_to_end(&mut sink)
+                    .map_err(|source| EbpfError::Io { op: "running the caller check", source })
+            });
+        // Out of the map again before anything else reads the socket.
+        let cleared = self.sockets.clear_index(&0).map_err(map_err(maps::PEER_SOCK, "clear"));
+        ran?;
+        cleared?;
         let answer = self.query.get(&0, 0).map_err(map_err(maps::PEER_QUERY, "get"))?;
         Ok(if answer.cookie == cookie { answer.verdict } else { 0 })
     }
 }
 
-/// `BPF_LINK_CREATE` for an iterator program (aya keeps a link's fd to itself).
-fn iter_link(prog: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+/// `BPF_LINK_CREATE` for a map iterator program over `map` (aya keeps a link's fd to itself).
+fn iter_link(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
     #[repr(C)]
     struct LinkCreateAttr {
         prog_fd: u32,
         target_fd: u32,
         attach_type: u32,
         flags: u32,
+        iter_info: u64,
+        iter_info_len: u32,
+    }
+    /// `union bpf_iter_link_info`'s `map` member.
+    #[repr(C)]
+    struct IterLinkInfo {
+        map_fd: u32,
     }
     const BPF_LINK_CREATE: libc::c_long = 28;
     const BPF_TRACE_ITER: u32 = 28;
-    let attr = LinkCreateAttr { prog_fd: prog.as_raw_fd() as u32, target_fd: 0, attach_type: BPF_TRACE_ITER, flags: 0 };
+    let info = IterLinkInfo { map_fd: map.as_raw_fd() as u32 };
+    let attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: 0,
+        attach_type: BPF_TRACE_ITER,
+        flags: 0,
+        iter_info: &info as *const IterLinkInfo as u64,
+        iter_info_len: size_of::<IterLinkInfo>() as u32,
+    };
     raw_fd(BPF_LINK_CREATE, &attr)
 }
 

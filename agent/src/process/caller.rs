@@ -67,7 +67,7 @@ pub trait CallerAttestor: Send + Sync {
 /// Resolves processes against a running [`Monitor`].
 pub struct Resolver {
     monitor: Mutex<Monitor>,
-    /// The Workload API's caller check, under its own lock (a check walks every Unix socket:
+    /// The Workload API's caller check, under its own lock (a check runs a BPF iterator:
     /// record lookups do not wait for it).
     peer_check: Mutex<Option<crate::ebpf::PeerCheck>>,
     measurer: Measurer,
