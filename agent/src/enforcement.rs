@@ -419,10 +419,8 @@ impl Enforcement {
                 }
             }
         }
-        let mut v: Vec<(IdentityKey, u32)> = out.into_iter().collect();
-        // A stable order, so "changed" means changed.
-        v.sort_by_key(|(k, _)| (k.cgroup_id, k.exe.ino, k.exe.ctime_sec, k.exe.ctime_nsec, k.exe.dev, k.euid, k.egid));
-        scan.identities = v;
+        // Ordered by keep_briefly_absent, which adds to them.
+        scan.identities = out.into_iter().collect();
         scan.services.sort();
         scan.services.dedup();
         scan
@@ -461,7 +459,8 @@ impl Enforcement {
 
     /// Keeps in `scan.identities` what was published for a record key whose processes were
     /// all absent from this scan, for [`KEEP_ABSENT`] after one was last seen, while an entry
-    /// with that SPIFFE ID still exists; remembers when each matched key was seen.
+    /// with that SPIFFE ID still exists; remembers when each matched key was seen, and puts
+    /// the identities in a stable order.
     fn keep_briefly_absent(&mut self, scan: &mut Scan, snapshot: &Snapshot) {
         let now = std::time::Instant::now();
         for (key, number) in &scan.identities {
@@ -480,6 +479,7 @@ impl Enforcement {
             scan.identities.push((*key, *number));
             true
         });
+        // A stable order, so "changed" means changed.
         scan.identities.sort_by_key(|(k, _)| {
             (k.cgroup_id, k.exe.ino, k.exe.ctime_sec, k.exe.ctime_nsec, k.exe.dev, k.euid, k.egid)
         });
@@ -779,8 +779,6 @@ impl Enforcement {
     }
 }
 
-/// Runs enforcement next to the identity plane: syncs every `every` and whenever the
-/// snapshot changes, and writes the audit log as drops arrive.
 /// The least time between two scans started by execs (a burst of execs is one scan, and a
 /// workload exec'ing in a loop costs at most ten scans a second).
 const EXEC_SCAN_GAP: Duration = Duration::from_millis(100);
@@ -797,6 +795,8 @@ const KEEP_ABSENT: Duration = Duration::from_secs(2);
 /// and `listen()` after it (no bind), or one whose stamping failed, is caught meanwhile.
 const LATE_LISTENERS_FOR: Duration = Duration::from_secs(10);
 
+/// Runs enforcement next to the identity plane: syncs every `every` and whenever the
+/// snapshot changes, and writes the audit log as drops arrive.
 pub async fn run(
     mut enforcement: Enforcement,
     resolver: Arc<Resolver>,

@@ -25,6 +25,24 @@ pub fn bash_connect(port: u16) -> Command {
     cmd
 }
 
+/// A TCP listener made with listen() and no bind(): the kernel picks its port, and no bind
+/// hook runs (what the enforcement tests' unbound listeners are).
+pub fn listener_without_bind() -> std::io::Result<std::net::TcpListener> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket calls; the fd is owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: listen on our own socket.
+    if unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&fd), 16) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(std::net::TcpListener::from(fd))
+}
+
 /// A child process killed (by its PID, which we own) and reaped when dropped.
 pub struct KillOnDrop(pub std::process::Child);
 

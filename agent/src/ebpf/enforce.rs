@@ -567,7 +567,6 @@ impl Enforcer {
         Ok(out)
     }
 
-    /// The drop event stream (once). Needs a tokio runtime.
     /// The exec events of the process programs this enforcer attached (once): every exec
     /// under a protected cgroup (the programs check PROTECTED_ROOTS, so a cgroup made after
     /// the last scan counts too). Needs a tokio runtime.
@@ -585,6 +584,7 @@ impl Enforcer {
         monitor::ExecEvents::register(ring)
     }
 
+    /// The drop event stream (once). Needs a tokio runtime.
     pub fn take_drop_events(&mut self) -> Result<DropEvents, EbpfError> {
         let ring = self.drop_events.take().ok_or(EbpfError::Missing("drop events (already taken)"))?;
         if tokio::runtime::Handle::try_current().is_err() {
@@ -913,7 +913,7 @@ const BPF_F_REPLACE: u32 = 1 << 2;
 
 /// `attr` must have no implicit padding: the kernel checks that bytes past the command's
 /// last field are zero.
-fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
+pub(super) fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is a bpf_attr prefix for `cmd`, fully initialised, valid for the call.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>()) };
     if rc < 0 {

@@ -303,6 +303,7 @@ fn iter_link(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> std::io::Result<Owned
         flags: u32,
         iter_info: u64,
         iter_info_len: u32,
+        _pad: u32,
     }
     /// `union bpf_iter_link_info`'s `map` member.
     #[repr(C)]
@@ -319,6 +320,7 @@ fn iter_link(prog: BorrowedFd<'_>, map: BorrowedFd<'_>) -> std::io::Result<Owned
         flags: 0,
         iter_info: &info as *const IterLinkInfo as u64,
         iter_info_len: size_of::<IterLinkInfo>() as u32,
+        _pad: 0,
     };
     raw_fd(BPF_LINK_CREATE, &attr)
 }
@@ -336,11 +338,7 @@ fn iter_create(link: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
 
 /// A bpf(2) command that returns a new fd.
 fn raw_fd<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<OwnedFd> {
-    // SAFETY: attr is a valid attribute struct of its size for this command.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *const T, size_of::<T>()) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let rc = super::enforce::sys_bpf(cmd, attr)?;
     // SAFETY: the kernel just returned this descriptor; it is ours.
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(rc as i32) })
 }

@@ -92,12 +92,11 @@ impl Resolver {
 
     /// As [`Resolver::new`], with the runtimes' cgroup roots from the agent config.
     pub fn with_selectors(
-        monitor: Monitor,
+        mut monitor: Monitor,
         measurer: Measurer,
         cgroup_root: PathBuf,
         selector_config: SelectorConfig,
     ) -> Self {
-        let mut monitor = monitor;
         let peer_check = Mutex::new(monitor.take_peer_check());
         Resolver {
             monitor: Mutex::new(monitor),
@@ -124,7 +123,7 @@ impl Resolver {
     }
 
     /// Whether the process at the other end of `socket` (a Unix socket accepted here) still
-    /// holds the credentials it connected with (see [`Monitor::peer_creds`]).
+    /// holds the credentials it connected with (see [`crate::ebpf::PeerCheck`]).
     pub fn peer_creds(&self, socket: BorrowedFd<'_>) -> Result<u32, IdentityError> {
         let mut check = self.peer_check.lock().unwrap_or_else(|p| p.into_inner());
         let check = check.as_mut().ok_or(EbpfError::Missing("the Workload API caller check (see the start-up log)"))?;

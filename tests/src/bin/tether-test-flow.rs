@@ -83,17 +83,13 @@ fn serve(port: &str) {
 }
 
 fn serve_unbound() {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain socket calls; the fd is owned by the listener made from it.
-    let listener = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        if fd < 0 || libc::listen(fd, 16) != 0 {
-            return say(&format!("listen-error {}", errno(&std::io::Error::last_os_error())));
+    match tether_tests::listener_without_bind() {
+        Ok(listener) => {
+            say(&format!("listening {}", listener.local_addr().map(|a| a.port()).unwrap_or(0)));
+            accept_lines(listener);
         }
-        TcpListener::from_raw_fd(fd)
-    };
-    say(&format!("listening {}", listener.local_addr().map(|a| a.port()).unwrap_or(0)));
-    accept_lines(listener);
+        Err(e) => say(&format!("listen-error {}", errno(&e))),
+    }
 }
 
 fn accept_lines(listener: TcpListener) {

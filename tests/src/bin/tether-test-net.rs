@@ -35,16 +35,13 @@ fn listen(port: u16, addr: &str) {
 }
 
 fn listen_unbound() {
-    // SAFETY: plain socket calls; the fd is owned by the listener made from it.
-    let listener = unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        if fd < 0 || libc::listen(fd, 16) != 0 {
-            println!("listen-error {}", std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    match tether_tests::listener_without_bind() {
+        Ok(l) => serve(l),
+        Err(e) => {
+            println!("listen-error {}", e.raw_os_error().unwrap_or(0));
             std::process::exit(1);
         }
-        TcpListener::from_raw_fd(fd)
-    };
-    serve(listener)
+    }
 }
 
 fn connect_when_told(port: u16) {
@@ -143,68 +140,33 @@ fn serve(listener: TcpListener) {
     }
 }
 
-/// Sends `text` to `addr:port` from a new unconnected UDP socket that never bound; returns
-/// the socket.
-fn udp_send(to: std::net::Ipv4Addr, port: u16, text: &str) -> i32 {
-    // SAFETY: plain socket calls on a sockaddr_in built here.
+/// Sends `text` to `to:port` from a new unconnected UDP socket that never bound (std's
+/// `UdpSocket` binds first, so the socket is made here); returns the socket.
+fn udp_send(to: std::net::Ipv4Addr, port: u16, text: &str) -> std::net::UdpSocket {
+    // SAFETY: a plain socket call; the fd is owned by the UdpSocket made from it.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-    // SAFETY: as above.
-    let rc = unsafe {
-        if fd < 0 {
-            -1
-        } else {
-            let mut addr = loopback(port);
-            addr.sin_addr.s_addr = u32::from_ne_bytes(to.octets());
-            libc::sendto(
-                fd,
-                text.as_ptr().cast(),
-                text.len(),
-                0,
-                &addr as *const libc::sockaddr_in as *const libc::sockaddr,
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            ) as i32
-        }
-    };
-    if rc < 0 {
+    if fd < 0 {
         println!("error {}", std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
         std::process::exit(1);
     }
+    // SAFETY: a new fd nobody else owns.
+    let socket = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
+    if let Err(e) = socket.send_to(text.as_bytes(), (to, port)) {
+        println!("error {}", e.raw_os_error().unwrap_or(0));
+        std::process::exit(1);
+    }
     println!("sent");
-    fd
+    socket
 }
 
-fn udp_ask(addr: std::net::Ipv4Addr, port: u16, text: &str, ms: u64) {
-    let fd = udp_send(addr, port, text);
+fn udp_ask(to: std::net::Ipv4Addr, port: u16, text: &str, ms: u64) {
+    let socket = udp_send(to, port, text);
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms);
-    let timeout = libc::timeval { tv_sec: 0, tv_usec: 50_000 };
-    // SAFETY: a timeval built here for the socket made above.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        );
-    }
+    let _ = socket.set_read_timeout(Some(std::time::Duration::from_millis(50)));
     while std::time::Instant::now() < deadline {
         let mut buf = [0u8; 256];
-        // SAFETY: an all-zero sockaddr_in is valid; the buffers outlive the call.
-        let mut from: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        // SAFETY: as above.
-        let n = unsafe {
-            libc::recvfrom(
-                fd,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-                (&mut from as *mut libc::sockaddr_in).cast(),
-                &mut len,
-            )
-        };
-        if n > 0 {
-            println!("reply {} {}", u16::from_be(from.sin_port), String::from_utf8_lossy(&buf[..n as usize]));
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            println!("reply {} {}", from.port(), String::from_utf8_lossy(&buf[..n]));
         }
     }
     println!("done");
